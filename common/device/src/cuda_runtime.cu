@@ -6,6 +6,8 @@
 
 #include "cuda_runtime_internal.h"
 
+static_assert(__cplusplus >= 202002L, "our CUDA code is C++20: nvcc must get -std=c++20");
+
 namespace fleet::device::internal {
 namespace {
 
