@@ -1,0 +1,134 @@
+#include "block_util.h"
+
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/linear.h>
+
+#include <sstream>
+
+namespace fleet::models::internal {
+
+std::string ShapeString(at::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+StatusOr<at::Tensor> Find(const TensorMap& map, std::string_view kind, std::string_view name,
+                          std::initializer_list<int64_t> shape) {
+  auto it = map.find(name);
+  if (it == map.end() || !it->second.defined()) {
+    return InvalidArgumentError(std::string("missing ") + std::string(kind) + " '" +
+                                std::string(name) + "'");
+  }
+  const at::Tensor& t = it->second;
+  if (!at::isFloatingType(t.scalar_type())) {
+    return InvalidArgumentError(std::string(kind) + " '" + std::string(name) + "' has dtype " +
+                                std::string(DtypeName(t.scalar_type())) +
+                                ", expected a floating dtype");
+  }
+  if (shape.size() != 0) {
+    bool match = static_cast<size_t>(t.dim()) == shape.size();
+    size_t i = 0;
+    for (int64_t want : shape) {
+      if (!match) break;
+      if (want >= 0 && t.size(static_cast<int64_t>(i)) != want) match = false;
+      ++i;
+    }
+    if (!match) {
+      std::ostringstream want_text;
+      want_text << "[";
+      i = 0;
+      for (int64_t want : shape) {
+        want_text << (i++ ? ", " : "");
+        if (want < 0) {
+          want_text << "*";
+        } else {
+          want_text << want;
+        }
+      }
+      want_text << "]";
+      return InvalidArgumentError(std::string(kind) + " '" + std::string(name) + "' has shape " +
+                                  ShapeString(t.sizes()) + ", expected " + want_text.str());
+    }
+  }
+  return t;
+}
+
+StatusOr<nlohmann::json> ParseConfig(std::string_view family, std::string_view text) {
+  nlohmann::json config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded()) {
+    return InvalidArgumentError(std::string(family) + " config: not valid JSON: '" +
+                                std::string(text.substr(0, 200)) + "'");
+  }
+  if (!config.is_object()) {
+    return InvalidArgumentError(std::string(family) + " config: expected a JSON object");
+  }
+  return config;
+}
+
+StatusOr<int64_t> IntField(const nlohmann::json& config, std::string_view family,
+                           std::string_view key, int64_t min) {
+  auto it = config.find(std::string(key));
+  if (it == config.end()) {
+    return InvalidArgumentError(std::string(family) + " config: missing field '" +
+                                std::string(key) + "'");
+  }
+  if (!it->is_number_integer()) {
+    return InvalidArgumentError(std::string(family) + " config: field '" + std::string(key) +
+                                "' must be an integer, got " + it->dump());
+  }
+  int64_t v = it->get<int64_t>();
+  if (v < min) {
+    return InvalidArgumentError(std::string(family) + " config: field '" + std::string(key) +
+                                "' is " + std::to_string(v) + ", must be >= " +
+                                std::to_string(min));
+  }
+  return v;
+}
+
+std::string_view DtypeName(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return "float32";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kHalf:
+      return "float16";
+    case at::kDouble:
+      return "float64";
+    case at::kLong:
+      return "int64";
+    case at::kInt:
+      return "int32";
+    case at::kByte:
+      return "uint8";
+    case at::kChar:
+      return "int8";
+    case at::kBool:
+      return "bool";
+    default:
+      return c10::toString(dtype);
+  }
+}
+
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (x.scalar_type() == at::kHalf && x.device().is_cpu()) {
+    return at::linear(x.to(at::kFloat), weight.to(at::kFloat),
+                      bias.defined() ? bias.to(at::kFloat) : bias)
+        .to(at::kHalf);
+  }
+  return at::linear(x, weight, bias);
+}
+
+at::Tensor GeluTanh(const at::Tensor& x) {
+  return Fp16Safe(x, [](const at::Tensor& v) { return at::gelu(v, "tanh"); });
+}
+
+at::Tensor ConvertWeight(const at::Tensor& stored, at::ScalarType dtype) {
+  if (!at::isFloatingType(stored.scalar_type())) return stored;
+  return stored.to(dtype).contiguous();
+}
+
+}  // namespace fleet::models::internal
