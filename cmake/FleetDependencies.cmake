@@ -17,7 +17,7 @@ macro(fleet_require_zmq)
 endmacro()
 macro(fleet_require_flatbuffers)
   if(NOT TARGET flatbuffers::flatbuffers_shared AND NOT TARGET flatbuffers::flatbuffers)
-    find_package(flatbuffers CONFIG REQUIRED)
+    find_package(FlatBuffers CONFIG REQUIRED)  # Debian 2.0.8 ships FlatBuffersConfig.cmake
   endif()
 endmacro()
 macro(fleet_require_boost)
