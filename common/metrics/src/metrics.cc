@@ -1,0 +1,198 @@
+#include "fleet/metrics/metrics.h"
+
+#include <prometheus/exposer.h>
+#include <prometheus/text_serializer.h>
+
+#include <exception>
+
+namespace fleet::metrics {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+
+}  // namespace
+
+const prometheus::Histogram::BucketBoundaries& DurationBuckets() {
+  static const prometheus::Histogram::BucketBoundaries b = {
+      0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+      0.5,    1,     2.5,    5,     10,   30,    60,   120, 300};
+  return b;
+}
+
+const prometheus::Histogram::BucketBoundaries& LoadBuckets() {
+  static const prometheus::Histogram::BucketBoundaries b = {0.1, 0.25, 0.5, 1,   2.5, 5,   10,
+                                                            30,  60,   120, 300, 600, 1800};
+  return b;
+}
+
+const std::string& Version() {
+  static const std::string v = "0.1.0";
+  return v;
+}
+
+WorkerMetrics::WorkerMetrics(prometheus::Registry& r)
+    : info(BuildGauge().Name("fleet_worker_info").Help("Identity of this worker (always 1)").Register(r)),
+      capacity_bytes(BuildGauge()
+                         .Name("fleet_worker_capacity_bytes")
+                         .Help("Weight budget enforced by this worker")
+                         .Register(r)),
+      total_bytes(BuildGauge()
+                      .Name("fleet_worker_total_bytes")
+                      .Help("Physical memory of the device (what fractions refer to)")
+                      .Register(r)),
+      resident_bytes(BuildGauge()
+                         .Name("fleet_worker_resident_bytes")
+                         .Help("Bytes of model weights held, per model")
+                         .Register(r)),
+      blocks_resident(BuildGauge()
+                          .Name("fleet_worker_blocks_resident")
+                          .Help("Blocks held, per model")
+                          .Register(r)),
+      activation_bytes(BuildGauge()
+                           .Name("fleet_worker_activation_bytes")
+                           .Help("Bytes in the per-job tensor tables and the constant-input cache")
+                           .Register(r)),
+      shm_arena_bytes(BuildGauge()
+                          .Name("fleet_worker_shm_arena_bytes")
+                          .Help("Size of this worker's shared-memory arena")
+                          .Register(r)),
+      transfer_bytes(BuildCounter()
+                         .Name("fleet_worker_transfer_bytes_total")
+                         .Help("Bytes received by this worker, by source, destination and kind")
+                         .Register(r)),
+      transfer_duration(BuildHistogram()
+                            .Name("fleet_worker_transfer_duration_seconds")
+                            .Help("Time from request to the tensor being usable on dst")
+                            .Register(r)),
+      block_compute_duration(BuildHistogram()
+                                 .Name("fleet_worker_block_compute_duration_seconds")
+                                 .Help("One block forward on this device")
+                                 .Register(r)),
+      prefetch_stall(BuildCounter()
+                         .Name("fleet_worker_prefetch_stall_seconds_total")
+                         .Help("Time compute waited for streamed weights to arrive")
+                         .Register(r)),
+      block_loads(BuildCounter()
+                      .Name("fleet_worker_block_loads_total")
+                      .Help("Block loads by outcome (ok, refused, failed)")
+                      .Register(r)),
+      load_bytes(BuildCounter()
+                     .Name("fleet_worker_load_bytes_total")
+                     .Help("Bytes loaded into blocks, by source (file, wire)")
+                     .Register(r)),
+      requests(BuildCounter()
+                   .Name("fleet_worker_requests_total")
+                   .Help("Requests served by message type and outcome (ok, error, rejected)")
+                   .Register(r)) {}
+
+CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
+    : info(BuildGauge().Name("fleet_coordinator_info").Help("Identity (always 1)").Register(r)),
+      worker_up(BuildGauge()
+                    .Name("fleet_coordinator_worker_up")
+                    .Help("1 while the worker answers heartbeats, 0 once marked down")
+                    .Register(r)),
+      workers(BuildGauge().Name("fleet_coordinator_workers").Help("Registered workers").Register(r)),
+      queue_depth(BuildGauge()
+                      .Name("fleet_coordinator_queue_depth")
+                      .Help("Jobs waiting in the bounded queue")
+                      .Register(r)),
+      queue_capacity(BuildGauge()
+                         .Name("fleet_coordinator_queue_capacity")
+                         .Help("Size of the job queue")
+                         .Register(r)),
+      jobs(BuildCounter()
+               .Name("fleet_coordinator_jobs_total")
+               .Help("Jobs by type and outcome (ok, failed, rejected)")
+               .Register(r)),
+      step_duration(BuildHistogram()
+                        .Name("fleet_coordinator_step_duration_seconds")
+                        .Help("One Forward (a sampling step), end to end")
+                        .Register(r)),
+      prefetch_stall(BuildCounter()
+                         .Name("fleet_coordinator_prefetch_stall_seconds_total")
+                         .Help("Weight-stream stall time reported by compute workers")
+                         .Register(r)),
+      step_transfer_bytes(BuildCounter()
+                              .Name("fleet_coordinator_step_transfer_bytes_total")
+                              .Help("Bytes moved between workers for Forwards, by kind")
+                              .Register(r)),
+      model_load_duration(BuildHistogram()
+                              .Name("fleet_coordinator_model_load_duration_seconds")
+                              .Help("LoadModel from request to ready")
+                              .Register(r)),
+      model_loaded(BuildGauge()
+                       .Name("fleet_coordinator_model_loaded")
+                       .Help("1 while the model is ready")
+                       .Register(r)),
+      model_bytes(BuildGauge()
+                      .Name("fleet_coordinator_model_bytes")
+                      .Help("Planned bytes of the model on each device")
+                      .Register(r)),
+      plan_decisions(BuildCounter()
+                         .Name("fleet_coordinator_plan_decisions_total")
+                         .Help("Ranges placed per execution mode by plans")
+                         .Register(r)),
+      expected_bandwidth(BuildGauge()
+                             .Name("fleet_coordinator_expected_bandwidth_bytes_per_second")
+                             .Help("Link bandwidth measured by the coordinator")
+                             .Register(r)) {}
+
+namespace {
+template <typename T>
+std::pair<std::string, std::string> Entry(const prometheus::Family<T>& f) {
+  if constexpr (std::is_same_v<T, prometheus::Gauge>) return {f.GetName(), "gauge"};
+  if constexpr (std::is_same_v<T, prometheus::Counter>) return {f.GetName(), "counter"};
+  if constexpr (std::is_same_v<T, prometheus::Histogram>) return {f.GetName(), "histogram"};
+}
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> WorkerMetrics::Describe() const {
+  return {Entry(info),           Entry(capacity_bytes),         Entry(total_bytes),
+          Entry(resident_bytes), Entry(blocks_resident),        Entry(activation_bytes),
+          Entry(shm_arena_bytes), Entry(transfer_bytes),        Entry(transfer_duration),
+          Entry(block_compute_duration), Entry(prefetch_stall), Entry(block_loads),
+          Entry(load_bytes),     Entry(requests)};
+}
+
+std::vector<std::pair<std::string, std::string>> CoordinatorMetrics::Describe() const {
+  return {Entry(info),          Entry(worker_up),           Entry(workers),
+          Entry(queue_depth),   Entry(queue_capacity),      Entry(jobs),
+          Entry(step_duration), Entry(prefetch_stall),      Entry(step_transfer_bytes),
+          Entry(model_load_duration), Entry(model_loaded),  Entry(model_bytes),
+          Entry(plan_decisions), Entry(expected_bandwidth)};
+}
+
+struct MetricsServer::Impl {
+  prometheus::Exposer exposer;
+  explicit Impl(const std::string& listen) : exposer(listen, /*num_threads=*/1) {}
+};
+
+MetricsServer::MetricsServer(std::unique_ptr<Impl> impl, std::string address)
+    : impl_(std::move(impl)), address_(std::move(address)) {}
+
+MetricsServer::~MetricsServer() = default;
+
+StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
+    const std::string& listen, std::shared_ptr<prometheus::Registry> registry) {
+  std::unique_ptr<Impl> impl;
+  try {
+    impl = std::make_unique<Impl>(listen);
+  } catch (const std::exception& e) {
+    return UnavailableError("cannot serve /metrics on '" + listen + "': " + e.what());
+  }
+  impl->exposer.RegisterCollectable(registry);
+  const auto ports = impl->exposer.GetListeningPorts();
+  if (ports.empty()) return UnavailableError("/metrics server on '" + listen + "' has no port");
+  const auto colon = listen.rfind(':');
+  const std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
+  return std::make_unique<MetricsServer>(std::move(impl), host + ":" + std::to_string(ports[0]));
+}
+
+std::string Serialize(prometheus::Registry& registry) {
+  prometheus::TextSerializer serializer;
+  return serializer.Serialize(registry.Collect());
+}
+
+}  // namespace fleet::metrics

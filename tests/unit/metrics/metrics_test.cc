@@ -1,0 +1,77 @@
+// Every metric name of docs/metrics.md is declared, with its type; /metrics serves them.
+#include "fleet/metrics/metrics.h"
+
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <regex>
+#include <set>
+#include <sstream>
+
+namespace fleet::metrics {
+namespace {
+
+// Names and types from the tables of docs/metrics.md (the source of truth for dashboards).
+std::map<std::string, std::string> DocumentedMetrics() {
+  const char* src = std::getenv("FLEET_SOURCE_DIR");
+  std::ifstream in(std::string(src ? src : FLEET_SOURCE_DIR_DEFAULT) + "/docs/metrics.md");
+  std::map<std::string, std::string> out;
+  std::string line;
+  const std::regex row(R"(^\| `(fleet_[a-z_]+)` \| (gauge|counter|histogram))");
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (std::regex_search(line, m, row)) out[m[1]] = m[2];
+  }
+  return out;
+}
+
+TEST(Metrics, EveryDocumentedFamilyIsDeclaredWithItsType) {
+  auto documented = DocumentedMetrics();
+  ASSERT_GE(documented.size(), 25u) << "docs/metrics.md not found or changed format";
+  auto registry = std::make_shared<prometheus::Registry>();
+  WorkerMetrics worker(*registry);
+  CoordinatorMetrics coordinator(*registry);
+  std::map<std::string, std::string> declared;
+  for (const auto& [name, type] : worker.Describe()) declared[name] = type;
+  for (const auto& [name, type] : coordinator.Describe()) declared[name] = type;
+  for (const auto& [name, type] : documented) {
+    auto it = declared.find(name);
+    ASSERT_NE(it, declared.end()) << name << " is documented but not declared";
+    EXPECT_EQ(it->second, type) << name;
+  }
+  EXPECT_EQ(declared.size(), documented.size()) << "a declared family is not documented";
+}
+
+TEST(Metrics, ServerExposesTheRegistry) {
+  auto registry = std::make_shared<prometheus::Registry>();
+  WorkerMetrics m(*registry);
+  m.transfer_bytes.Add({{"src", "cuda:0"}, {"dst", "cuda:1"}, {"kind", "activations"}}).Increment(42);
+  auto server = MetricsServer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string addr = (*server)->address();
+  const int port = std::stoi(addr.substr(addr.rfind(':') + 1));
+  ASSERT_GT(port, 0);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
+  const std::string req = "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
+  ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+  std::string body;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
+  close(fd);
+  EXPECT_NE(body.find("fleet_worker_transfer_bytes_total{dst=\"cuda:1\",kind=\"activations\",src=\"cuda:0\"} 42"),
+            std::string::npos)
+      << body;
+  EXPECT_FALSE(MetricsServer::Start("256.0.0.1:0", registry).ok());
+}
+
+}  // namespace
+}  // namespace fleet::metrics
