@@ -1,0 +1,44 @@
+// GGUF dequantisation: ggml block formats to f32, f16 or bf16.
+//
+// Results are bit-identical to ggml's reference dequantisers (`dequantize_row_*` in
+// ggml-quants.c, `ggml_fp16_to_fp32_row`, `ggml_bf16_to_fp32_row`) followed, for f16/bf16
+// output, by ggml's own rounding (`ggml_fp32_to_fp16_row`, `ggml_fp32_to_bf16_row`: round to
+// nearest even, NaN kept NaN). Dequantize() picks an AVX2 path at run time when the CPU has
+// AVX2+FMA+F16C; it computes the same operations in the same order (no fused multiply-add), so
+// it is bit-identical to the scalar reference. tests/unit/formats checks both against
+// libggml-base.so for every type.
+//
+// Thread safety: pure functions; concurrent calls on distinct outputs are safe.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "fleet/formats/dtype.h"
+#include "fleet/status/status.h"
+
+namespace fleet::formats {
+
+enum class OutType { kF32, kF16, kBF16 };
+
+/// Dequantises `n` elements of `type` from `src` into `dst` (n elements of `out`).
+/// REQUIRES: dst holds n elements. InvalidArgument when n is not a multiple of the block size,
+/// src is not exactly n / block_size * type_size bytes, or the type is not supported (the
+/// message names it).
+Status Dequantize(GgmlType type, std::span<const uint8_t> src, int64_t n, OutType out,
+                  void* dst);
+
+/// The same with the portable scalar reference only (tests and the benchmark baseline).
+Status DequantizeReference(GgmlType type, std::span<const uint8_t> src, int64_t n, OutType out,
+                           void* dst);
+
+/// True when Dequantize() uses the AVX2 path on this CPU.
+bool DequantUsesAvx2();
+
+/// Bit-exact scalar conversions, as ggml does them.
+float Fp16ToFp32(uint16_t h);
+uint16_t Fp32ToFp16(float f);
+float Bf16ToFp32(uint16_t h);
+uint16_t Fp32ToBf16(float f);
+
+}  // namespace fleet::formats

@@ -1,0 +1,163 @@
+// libtorch views and loads over real files written by our writer: zero copy, lifetime, exact
+// fp8 upcasts, alignment fallback and dtype mapping.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/equal.h>
+#include <ATen/ops/isnan.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "fleet/formats/safetensors_writer.h"
+#include "fleet/tensor/torch_view.h"
+
+namespace fleet::tensor {
+namespace {
+
+using formats::DType;
+using formats::ModelFile;
+using ::testing::HasSubstr;
+
+class TorchViewTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "fleet-tensor-XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+template <typename T>
+std::span<const uint8_t> Bytes(const std::vector<T>& v) {
+  return {reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T)};
+}
+
+// e4m3fn decoded from its definition, independently of the library's table.
+double E4M3(uint8_t b) {
+  int s = b >> 7, e = (b >> 3) & 15, m = b & 7;
+  if (e == 15 && m == 7) return NAN;
+  double v = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return s ? -v : v;
+}
+double E5M2(uint8_t b) {
+  int s = b >> 7, e = (b >> 2) & 31, m = b & 3;
+  double v;
+  if (e == 31) v = m == 0 ? INFINITY : NAN;
+  else v = e == 0 ? std::ldexp(m / 4.0, -14) : std::ldexp(1.0 + m / 4.0, e - 15);
+  return s ? -v : v;
+}
+
+TEST_F(TorchViewTest, ZeroCopyViewOutlivesModelFile) {
+  std::vector<float> values = {1.5f, -2.0f, 3.25f, 0.0f, 7.0f, 8.5f};
+  formats::SafetensorsWriter w;
+  ASSERT_TRUE(w.Add("w", DType::kF32, {2, 3}, Bytes(values)).ok());
+  std::vector<int64_t> ints = {1, -2, 1ll << 40};
+  ASSERT_TRUE(w.Add("i", DType::kI64, {3}, Bytes(ints)).ok());
+  ASSERT_TRUE(w.Write(dir_ + "/m.safetensors").ok());
+  auto file = ModelFile::Open(dir_ + "/m.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  const auto* info = (*file)->Find("w");
+  auto view = View(**file, *info);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(view->data_ptr(), (*file)->Data(*info).data());  // no copy
+  EXPECT_EQ(view->sizes(), (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(view->scalar_type(), at::kFloat);
+  auto iv = View(**file, *(*file)->Find("i"));
+  ASSERT_TRUE(iv.ok());
+  EXPECT_EQ(iv->data_ptr<int64_t>()[2], 1ll << 40);
+  file.value().reset();  // drop the ModelFile: the view keeps the mapping
+  for (size_t k = 0; k < values.size(); ++k) EXPECT_EQ(view->data_ptr<float>()[k], values[k]);
+}
+
+TEST_F(TorchViewTest, LoadCastsAndCopies) {
+  std::vector<uint16_t> bf16 = {0x3f80, 0xc000, 0x4049};  // 1, -2, 3.140625
+  formats::SafetensorsWriter w;
+  ASSERT_TRUE(w.Add("b", DType::kBF16, {3}, Bytes(bf16)).ok());
+  ASSERT_TRUE(w.Write(dir_ + "/b.safetensors").ok());
+  auto file = ModelFile::Open(dir_ + "/b.safetensors");
+  ASSERT_TRUE(file.ok());
+  auto t = Load(**file, *(*file)->Find("b"), at::kFloat);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->data_ptr<float>()[0], 1.0f);
+  EXPECT_EQ(t->data_ptr<float>()[1], -2.0f);
+  EXPECT_EQ(t->data_ptr<float>()[2], 3.140625f);
+  auto same = Load(**file, *(*file)->Find("b"), at::kBFloat16);
+  ASSERT_TRUE(same.ok());
+  EXPECT_NE(same->data_ptr(), (*file)->Data(*(*file)->Find("b")).data());  // a private copy
+  same->mul_(2);                                                            // and writable
+}
+
+TEST_F(TorchViewTest, UnalignedDataNeedsLoad) {
+  std::vector<uint8_t> one = {9};
+  std::vector<float> f = {1.0f, 2.0f};
+  formats::SafetensorsWriter w;
+  ASSERT_TRUE(w.Add("a_byte", DType::kU8, {1}, one).ok());
+  ASSERT_TRUE(w.Add("b_f32", DType::kF32, {2}, Bytes(f)).ok());
+  ASSERT_TRUE(w.Write(dir_ + "/u.safetensors").ok());
+  auto file = ModelFile::Open(dir_ + "/u.safetensors");
+  ASSERT_TRUE(file.ok());
+  const auto* info = (*file)->Find("b_f32");
+  auto view = View(**file, *info);
+  ASSERT_FALSE(view.ok());
+  EXPECT_THAT(std::string(view.status().message()), HasSubstr("not aligned"));
+  auto t = Load(**file, *info, at::kFloat);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->data_ptr<float>()[1], 2.0f);
+}
+
+TEST_F(TorchViewTest, Fp8UpcastIsExactForEveryByte) {
+  std::vector<uint8_t> all(256);
+  for (int i = 0; i < 256; ++i) all[static_cast<size_t>(i)] = static_cast<uint8_t>(i);
+  formats::SafetensorsWriter w;
+  ASSERT_TRUE(w.Add("e4m3", DType::kF8E4M3, {16, 16}, all).ok());
+  ASSERT_TRUE(w.Add("e5m2", DType::kF8E5M2, {256}, all).ok());
+  ASSERT_TRUE(w.Write(dir_ + "/f8.safetensors").ok());
+  auto file = ModelFile::Open(dir_ + "/f8.safetensors");
+  ASSERT_TRUE(file.ok());
+  for (const char* name : {"e4m3", "e5m2"}) {
+    const auto* info = (*file)->Find(name);
+    auto bytes = View(**file, *info);
+    ASSERT_TRUE(bytes.ok());
+    EXPECT_EQ(bytes->scalar_type(), at::kByte);
+    for (auto st : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+      auto t = Load(**file, *info, st);
+      ASSERT_TRUE(t.ok()) << t.status();
+      EXPECT_EQ(t->scalar_type(), st);
+      at::Tensor d = t->to(at::kDouble).reshape({256});
+      for (int i = 0; i < 256; ++i) {
+        double want = std::string(name) == "e4m3" ? E4M3(static_cast<uint8_t>(i))
+                                                  : E5M2(static_cast<uint8_t>(i));
+        double got = d.data_ptr<double>()[i];
+        if (std::isnan(want)) {
+          EXPECT_TRUE(std::isnan(got)) << name << " byte " << i;
+        } else {
+          EXPECT_EQ(got, want) << name << " byte " << i << " as " << at::toString(st);
+        }
+      }
+    }
+  }
+  EXPECT_EQ(E4M3(0x7e), 448.0);
+  EXPECT_EQ(E5M2(0x7b), 57344.0);
+}
+
+TEST(DTypeMappingTest, RoundTripAndGaps) {
+  for (DType dt : {DType::kBool, DType::kU8, DType::kI8, DType::kI16, DType::kF16, DType::kBF16,
+                   DType::kI32, DType::kF32, DType::kF64, DType::kI64}) {
+    auto st = ToScalarType(dt);
+    ASSERT_TRUE(st.ok());
+    EXPECT_EQ(FromScalarType(*st), dt);
+  }
+  EXPECT_EQ(*ToScalarType(DType::kF8E4M3), at::kByte);
+  EXPECT_EQ(ToScalarType(DType::kU32).status().code(), StatusCode::kUnimplemented);
+  EXPECT_FALSE(FromScalarType(at::kComplexFloat).has_value());
+  auto bad = UpcastF8(at::Tensor(), F8Format::kE4M3, at::kFloat);
+  EXPECT_FALSE(bad.ok());
+}
+
+}  // namespace
+}  // namespace fleet::tensor
