@@ -160,3 +160,27 @@ def grafana_to_promql(expr):
     expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")
     expr = expr.replace("$__range", "1h")
     return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}?", ".*", expr)
+
+
+BINARY_OPTION_DEFS = {"fleet-coordinator": "coordinator", "fleet-worker": "worker"}
+
+
+def option_table(binary):
+    """(set of FLEET_* names of `binary`'s options, where they came from) or (None, reason).
+
+    From `<build>/bin/<binary> --dump-config=table` when the binary is built, else from the
+    names in its options.def in the source tree (the same X-macro table)."""
+    path = BUILD / "bin" / binary
+    if path.exists():
+        r = run([str(path), "--dump-config=table"], timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"{path} --dump-config=table exited {r.returncode}: {r.stderr.strip()}")
+        return {row["env"] for row in json.loads(r.stdout)}, f"{binary} --dump-config=table"
+    defs = sorted((ROOT / BINARY_OPTION_DEFS[binary]).glob("**/options.def"))
+    if not defs:
+        return None, f"{binary} is not built and has no options.def yet"
+    names = set()
+    for d in defs:
+        for m in re.finditer(r"^\s*FLEET_OPTION\(\s*[^,]+?\s*,\s*(\w+)\s*,", d.read_text(), re.M):
+            names.add("FLEET_" + m.group(1).upper())
+    return names, rel(defs[0])
