@@ -48,7 +48,8 @@ constexpr GgmlTypeTraits kGgmlTypes[] = {
     {GgmlType::kI64, "I64", 1, 8, false},        {GgmlType::kF64, "F64", 1, 8, false},
     {GgmlType::kIQ1_M, "IQ1_M", 256, 56, false}, {GgmlType::kBF16, "BF16", 1, 2, true},
     {GgmlType::kTQ1_0, "TQ1_0", 256, 54, false}, {GgmlType::kTQ2_0, "TQ2_0", 256, 66, false},
-    {GgmlType::kMXFP4, "MXFP4", 32, 17, false},
+    {GgmlType::kMXFP4, "MXFP4", 32, 17, false},  {GgmlType::kNVFP4, "NVFP4", 64, 36, false},
+    {GgmlType::kQ1_0, "Q1_0", 128, 18, false},   {GgmlType::kQ2_0, "Q2_0", 64, 18, false},
 };
 
 }  // namespace

@@ -77,6 +77,9 @@ enum class GgmlType : uint32_t {
   kTQ1_0 = 34,
   kTQ2_0 = 35,
   kMXFP4 = 39,
+  kNVFP4 = 40,
+  kQ1_0 = 41,
+  kQ2_0 = 42,
 };
 
 /// Storage traits of a ggml type.
@@ -89,7 +92,7 @@ struct GgmlTypeTraits {
 };
 
 /// \return the traits for an on-disk type id, or nullopt for ids ggml does not define
-/// (4, 5 and 31..33 were removed from ggml; anything past 39 is unknown).
+/// (4, 5, 31..33 and 36..38 were removed from ggml; anything past 42 is unknown).
 std::optional<GgmlTypeTraits> GgmlTypeInfo(uint32_t id);
 /// \return the traits for a type name such as "Q4_K", or nullopt.
 std::optional<GgmlTypeTraits> GgmlTypeByName(std::string_view name);
