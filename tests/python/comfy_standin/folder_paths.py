@@ -1,0 +1,30 @@
+"""Stand-in for ComfyUI's folder_paths.py: model folders by kind.
+
+Upstream: folder_paths.py (folder_names_and_paths, get_filename_list, get_full_path). Tests point
+folder_names_and_paths["diffusion_models"] at a temp folder.
+"""
+
+import os
+
+folder_names_and_paths = {"diffusion_models": ([], {".safetensors", ".sft", ".gguf"})}
+
+
+def get_filename_list(folder_name):
+    paths, exts = folder_names_and_paths[folder_name]
+    out = []
+    for base in paths:
+        for root, _, files in os.walk(base):
+            for f in files:
+                if os.path.splitext(f)[1] in exts:
+                    out.append(os.path.relpath(os.path.join(root, f), base))
+    return sorted(out)
+
+
+def get_full_path(folder_name, filename):
+    paths, _ = folder_names_and_paths.get(folder_name, ([], None))
+    filename = os.path.relpath(os.path.join("/", filename), "/")
+    for base in paths:
+        full = os.path.join(base, filename)
+        if os.path.isfile(full):
+            return full
+    return None

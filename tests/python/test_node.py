@@ -1,0 +1,242 @@
+"""The ComfyUI node package against the ComfyUI interfaces it uses (tests/python/comfy_standin,
+written from ComfyUI's source) and a JobPeer standing in for the far end of the wire."""
+
+import importlib.util
+import json
+import os
+import struct
+import sys
+import threading
+
+import pytest
+import torch
+
+from conftest_client import REPO, JobPeer, peer  # noqa: F401  (fixture)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "comfy_standin"))
+
+import comfy.model_base  # noqa: E402
+import comfy.model_management as mm  # noqa: E402
+import folder_paths  # noqa: E402
+
+
+def load_package():
+    """Imports comfyui/ the way ComfyUI's load_custom_node does (spec from the folder's
+    __init__.py under the folder's name), so relative imports are exercised as in ComfyUI."""
+    name = "tensorfleet_custom_node"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(REPO, "comfyui", "__init__.py")
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[os.path.dirname(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PKG = load_package()
+Loader = PKG.NODE_CLASS_MAPPINGS["UNETLoaderTensorfleet"]
+model_mod = sys.modules["tensorfleet_custom_node.tensorfleet_model"]
+# The node's own copy of the client (ComfyUI imports the package under the folder's name).
+tf = sys.modules["tensorfleet_custom_node.tensorfleet_client"]
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    for n in ("dev.safetensors", "schnell.safetensors", "slow.safetensors"):
+        (tmp_path / n).write_bytes(b"")
+    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(tmp_path)], {".safetensors"})
+    mm.interrupt_current_processing(False)
+    return tmp_path
+
+
+def load(peer, name="dev.safetensors", **kw):
+    return Loader().load_unet(name, coordinator=peer.endpoint, **kw)[0]
+
+
+def conds(batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 16, 4, 6, generator=g),
+            "context": torch.randn(batch, 5, 8, generator=g),
+            "y": torch.randn(batch, 12, generator=g)}
+
+
+# -------------------------------------------------------------------------- node surface
+
+def test_node_surface_mirrors_distorch2(models_dir):
+    assert PKG.NODE_DISPLAY_NAME_MAPPINGS == {
+        "UNETLoaderTensorfleet": "Load Diffusion Model (Tensorfleet)",
+        "TensorfleetPlan": "Tensorfleet Plan"}
+    for cls in PKG.NODE_CLASS_MAPPINGS.values():
+        assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY == "tensorfleet"
+    assert Loader.RETURN_TYPES == ("MODEL",)
+    types = Loader.INPUT_TYPES()
+    assert types["required"]["unet_name"][0] == ["dev.safetensors", "schnell.safetensors",
+                                                 "slow.safetensors"]
+    opt = types["optional"]
+    devices = opt["compute_device"][0]
+    assert devices[0] == "cpu" and devices[1] == "cuda:0"
+    assert opt["compute_device"][1]["default"] == "cuda:0"
+    assert opt["virtual_vram_gb"][0] == "FLOAT"
+    assert {k: opt["virtual_vram_gb"][1][k] for k in ("default", "min", "max", "step")} == \
+        {"default": 4.0, "min": 0.0, "max": 128.0, "step": 0.1}
+    assert opt["donor_device"][0] == devices and opt["donor_device"][1]["default"] == "cpu"
+    assert opt["expert_mode_allocations"][0] == "STRING"
+    assert opt["expert_mode_allocations"][1]["default"] == ""
+    assert opt["expert_mode_allocations"][1]["multiline"] is False
+    assert opt["eject_models"] == ("BOOLEAN", {"default": True})
+    assert opt["keep_loaded"][1]["default"] is True
+    assert opt["mode"][0] == ["auto", "stream", "pipeline"]
+    assert opt["coordinator"][1]["default"] == "tcp://127.0.0.1:7770"
+
+
+def test_bad_allocation_string_fails_when_the_node_runs(peer, models_dir):
+    with pytest.raises(tf.InvalidArgumentError) as e:
+        load(peer, expert_mode_allocations="cuda:0,1tb;cpu,*")
+    assert "unknown unit 'tb' in token 'cuda:0,1tb'" in str(e.value)
+    assert "Tensorfleet Plan of 'dev.safetensors'" in str(e.value)
+    assert [k for k, _ in peer.requests] == ["Hello", "Plan"]  # nothing was loaded
+
+
+def test_loader_sends_the_distorch_inputs(peer, models_dir):
+    load(peer, compute_device="cuda:1", virtual_vram_gb=7.5, donor_device="cuda:0",
+         eject_models=False, keep_loaded=False, mode="stream", compute_dtype="float32")
+    kinds = [k for k, _ in peer.requests]
+    assert kinds == ["Hello", "Plan", "LoadModel"]
+    assert peer.requests[1][1] == peer.requests[2][1]
+    assert peer.requests[2][1] == {"path": "dev.safetensors", "compute_device": "cuda:1",
+                                   "virtual_vram_gb": 7.5, "donor_device": "cuda:0",
+                                   "expert": "", "eject_models": False, "keep_loaded": False,
+                                   "mode": 1, "dtype": 1}
+
+
+# -------------------------------------------------------------------------- the MODEL
+
+@pytest.mark.parametrize("name,model_type,guidance", [
+    ("dev.safetensors", comfy.model_base.ModelType.FLUX, True),
+    ("schnell.safetensors", comfy.model_base.ModelType.FLOW, False)])
+def test_model_is_a_comfy_flux_whose_steps_run_remotely(peer, models_dir, name, model_type,
+                                                        guidance):
+    patcher = load(peer, name)
+    base = patcher.model
+    assert isinstance(base, comfy.model_base.Flux) and base.model_type == model_type
+    assert base.model_config.unet_config["guidance_embed"] is guidance
+    dm = base.diffusion_model
+    assert list(dm.parameters()) == [] and dm.dtype == torch.float32
+    assert patcher.model_size() == 0  # ComfyUI must not reserve VRAM for remote weights
+    sd = base.state_dict()
+    assert "diffusion_model.double_blocks.1.img_attn.qkv.weight" in sd
+    assert ("diffusion_model.guidance_in.in_layer.weight" in sd) is guidance
+
+    patcher.pre_run()
+    c = conds(batch=2)
+    consts = []
+    for step, sigma in enumerate([1.0, 0.75, 0.5]):
+        s = torch.full((2,), sigma)
+        den = base.apply_model(c["x"], s, c_crossattn=c["context"], y=c["y"],
+                               guidance=torch.full((2,), 3.5),
+                               transformer_options={"cond_or_uncond": [0, 1]})
+        # the peer's "model", summed as the peer does (numpy, float32)
+        out = c["x"] + c["context"].numpy().sum(dtype="float32") + \
+            c["y"].numpy().sum(dtype="float32")
+        assert torch.equal(den, c["x"] - out * s.view(2, 1, 1, 1))
+        fwd = peer.requests[-1][1]
+        consts.append(fwd["inputs"])
+        assert fwd["dtypes"]["timestep"] == 1  # always float32 on the wire
+    full = ["context", "guidance", "timestep", "x", "y"] if guidance else \
+        ["context", "timestep", "x", "y"]
+    assert consts == [full, ["timestep", "x"], ["timestep", "x"]]
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"control": {"input": [torch.zeros(1)]}}, "ControlNet residuals ('control'"),
+    ({"ref_latents": [torch.zeros(1, 16, 4, 6)]}, "reference latents ('ref_latents'"),
+    ({"attention_mask": torch.ones(1, 5)}, "attention masks ('attention_mask')"),
+    ({"transformer_options": {"patches": {"post_input": [lambda a: a]}}},
+     "transformer_options['patches']: post_input"),
+    ({"transformer_options": {"patches_replace": {"dit": {("double_block", 0): None}}}},
+     "transformer_options['patches_replace']: dit"),
+    ({"mystery_cond": torch.zeros(1)}, "conditioning 'mystery_cond'"),
+])
+def test_unsupported_conditioning_is_refused_by_name(peer, models_dir, kwargs, named):
+    base = load(peer).model
+    c = conds()
+    with pytest.raises(model_mod.UnsupportedConditioningError) as e:
+        base.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"], **kwargs)
+    assert named in str(e.value) and "refuses rather than ignoring" in str(e.value)
+    assert "Forward" not in [k for k, _ in peer.requests]
+
+
+def test_lora_patches_bind_to_the_model_and_are_refused(peer, models_dir):
+    patcher = load(peer)
+    lora = patcher.clone()
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    # ComfyUI keeps only patches whose key is in the model's state_dict: it must be there.
+    assert lora.add_patches({key: ("lora", (torch.zeros(2, 2), torch.zeros(2, 2)))}, 0.8) == [key]
+    with pytest.raises(model_mod.UnsupportedConditioningError, match="LoRA / weight patches"):
+        lora.pre_run()
+    lora.model.current_patcher = lora
+    c = conds()
+    with pytest.raises(model_mod.UnsupportedConditioningError, match=key.replace(".", r"\.")):
+        lora.model.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
+    # the unpatched original still runs
+    patcher.pre_run()
+    patcher.model.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
+
+
+def test_comfy_cancel_aborts_the_forward_on_the_coordinator(peer, models_dir):
+    base = load(peer, "slow.safetensors").model
+    threading.Timer(0.3, mm.interrupt_current_processing).start()
+    c = conds()
+    with pytest.raises(mm.InterruptProcessingException):
+        base.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
+    kinds = [k for k, _ in peer.requests]
+    assert kinds[-2:] == ["Forward", "Cancel"]
+    assert not mm.processing_interrupted()  # consumed, as ComfyUI's own check does
+
+
+def test_model_is_loaded_again_after_the_coordinator_forgot_it(peer, models_dir):
+    base = load(peer).model
+    peer.models.clear()
+    c = conds()
+    base.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
+    kinds = [k for k, _ in peer.requests]
+    assert kinds[-3:] == ["Forward", "LoadModel", "Forward"]
+
+
+def test_describe_flux_from_the_file_header(tmp_path):
+    header = {"__metadata__": {}}
+    names = model_mod.flux_weight_names({"guidance_embed": False, "depth": 3,
+                                         "depth_single_blocks": 5})
+    for n in names:
+        header["model.diffusion_model." + n] = {"dtype": "F16", "shape": [64, 64],
+                                                "data_offsets": [0, 0]}
+    header["model.diffusion_model.img_in.weight"]["shape"] = [64, 64]
+    header["model.diffusion_model.vector_in.in_layer.weight"]["shape"] = [64, 96]
+    raw = json.dumps(header).encode()
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    info = tf.ModelInfo(name="m", path="m.safetensors", family="flux", state="ready",
+                        bytes_loaded=0, bytes_total=0, compute_device="cuda:0", mode="auto",
+                        keep_loaded=True, error="", plan_json="{}")
+    cfg = model_mod.describe_flux(info, "default", str(p))
+    assert (cfg["guidance_embed"], cfg["depth"], cfg["depth_single_blocks"], cfg["in_channels"],
+            cfg["vec_in_dim"], cfg["dtype"]) == (False, 3, 5, 16, 96, torch.float16)
+    assert sorted(cfg["weight_names"]) == sorted(names)
+    with pytest.raises(tf.TensorfleetError, match="cannot tell whether 'm' is Flux dev or "):
+        model_mod.describe_flux(info, "default", None)
+    info.family = "wan"
+    with pytest.raises(tf.TensorfleetError, match="is a 'wan' model"):
+        model_mod.describe_flux(info, "default", str(p))
+
+
+def test_run_id_follows_the_constant_inputs():
+    a = {"context": torch.ones(1, 3, 4), "y": torch.zeros(1, 5)}
+    b = {"context": torch.ones(1, 3, 4), "y": torch.zeros(1, 5)}
+    assert model_mod.run_id_for("m", a) == model_mod.run_id_for("m", b)
+    b["context"][0, 0, 0] = 2
+    assert model_mod.run_id_for("m", a) != model_mod.run_id_for("m", b)
+    assert model_mod.run_id_for("m", a) != model_mod.run_id_for("n", a)
+    assert model_mod.run_id_for("m", a) != model_mod.run_id_for(
+        "m", {"context": a["context"].to(torch.float16), "y": a["y"]})
