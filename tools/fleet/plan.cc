@@ -1,0 +1,209 @@
+// `fleet plan`: where a model's blocks would live for the given DisTorch2 inputs, before
+// anything loads. The model comes from a model file, a built-in example or a JSON unit list;
+// the devices from --devices (what-if planning).
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "command.h"
+#include "fleet/config/bytes.h"
+#include "fleet/config/options.h"
+#include "fleet/placement/placement.h"
+#include "fleet/placement/units.h"
+
+#if __has_include("fleet/formats/layout.h")
+#include "fleet/formats/layout.h"
+#include "fleet/formats/model_file.h"
+#define FLEET_PLAN_HAS_FORMATS 1
+#endif
+
+namespace fleet::cli {
+namespace {
+
+struct PlanFlags {
+  std::string compute_device = "cuda:0";
+  double virtual_vram_gb = 4.0;
+  std::string donor_device = "cpu";
+  std::string expert_mode_allocations;
+  bool eject_models = true;
+  bool keep_loaded = true;
+  std::string devices;
+  std::string units;
+  std::string example;
+  std::string family = "auto";
+  std::string coordinator;
+  int64_t prefetch_depth = 2;
+  std::string activation_bytes;  // empty: the example's estimate, else 0
+  config::Bytes reserve;
+  bool json = false;
+  bool explain = false;
+};
+
+struct Model {
+  std::vector<placement::Unit> units;
+  uint64_t activation_bytes = 0;
+};
+
+StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return NotFoundError("cannot read '" + path + "'");
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+StatusOr<Model> LoadModel(const PlanFlags& flags, const std::vector<std::string>& positional) {
+  int sources = !flags.units.empty() + !flags.example.empty() + !positional.empty();
+  if (sources != 1) {
+    return InvalidArgumentError(
+        "give the model as exactly one of MODEL_FILE, --example NAME or "
+        "--units FILE.json");
+  }
+  if (positional.size() > 1) {
+    return InvalidArgumentError("one MODEL_FILE expected, got " +
+                                std::to_string(positional.size()));
+  }
+  Model model;
+  placement::Family family = placement::Family::kNone;
+  bool guess = flags.family == "auto";
+  if (!guess) {
+    FLEET_ASSIGN_OR_RETURN(family, placement::ParseFamily(flags.family));
+  }
+  if (!flags.example.empty()) {
+    FLEET_ASSIGN_OR_RETURN(placement::Example ex, placement::GetExample(flags.example));
+    model.units = std::move(ex.units);
+    model.activation_bytes = ex.activation_bytes;
+    if (guess) family = ex.family;
+  } else if (!flags.units.empty()) {
+    FLEET_ASSIGN_OR_RETURN(std::string text, ReadFile(flags.units));
+    FLEET_ASSIGN_OR_RETURN(model.units, placement::ParseUnitsJson(text, flags.units));
+    if (guess) family = placement::GuessFamily(model.units);
+  } else {
+#ifdef FLEET_PLAN_HAS_FORMATS
+    FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(positional[0]));
+    FLEET_ASSIGN_OR_RETURN(formats::Layout layout, formats::DetectLayout(*file));
+    for (const auto& u : layout.units) {
+      placement::Unit unit;
+      unit.name = u.name;
+      unit.bytes = u.bytes;
+      unit.pinned = u.pinned;
+      if (u.pinned) {
+        unit.pin_reason = layout.family +
+                          " stem: its outputs feed every block, so it stays "
+                          "with the compute device";
+      }
+      model.units.push_back(std::move(unit));
+    }
+    if (guess) {
+      auto parsed = placement::ParseFamily(layout.family);
+      family = parsed.ok() ? *parsed : placement::GuessFamily(model.units);
+    }
+#else
+    return UnimplementedError(
+        "reading model files needs the formats module, which this build "
+        "lacks; use --example or --units");
+#endif
+  }
+  placement::MarkPinnedUnits(family, &model.units);
+  return model;
+}
+
+int Fail(bool json, const Status& status) {
+  std::string message(status.message());
+  if (json) {
+    std::printf("%s\n", nlohmann::ordered_json{{"error", message}}.dump(2).c_str());
+  }
+  std::fprintf(stderr, "fleet plan: %s\n", message.c_str());
+  return status.code() == StatusCode::kInternal ? 1 : 2;
+}
+
+int RunPlan(const std::vector<std::string>& args) {
+  PlanFlags f;
+  config::OptionSet set(
+      "fleet plan",
+      "Plan where a model's blocks live for the DisTorch2 inputs, checked against capacities.\n"
+      "usage: fleet plan [MODEL_FILE | --example NAME | --units FILE.json] --devices LIST "
+      "[DisTorch2 inputs] [--json] [--explain]");
+  set.Add("compute_device", &f.compute_device,
+          "DisTorch2 compute_device: the device that runs the model");
+  set.Add("virtual_vram_gb", &f.virtual_vram_gb,
+          "DisTorch2 virtual_vram_gb: GiB of the model moved to the donors (0..128)");
+  set.Add("donor_device", &f.donor_device, "DisTorch2 donor_device: donor(s), comma-separated");
+  set.Add("expert_mode_allocations", &f.expert_mode_allocations,
+          "DisTorch2 expert string, e.g. 'cuda:0,4gb;cpu,*' (overrides virtual VRAM)");
+  set.Add("eject_models", &f.eject_models, "DisTorch2 eject_models: evict other models first");
+  set.Add("keep_loaded", &f.keep_loaded, "Keep this model's shares resident across model switches");
+  set.Add("devices", &f.devices,
+          "What-if devices: id=TOTAL[/CAPACITY],... e.g. cuda:0=24gb,cuda:1=12gb,cpu=64gb");
+  set.Add("coordinator", &f.coordinator,
+          "Take the devices from a running cluster (not available yet)");
+  set.Add("units", &f.units, "JSON list of {name, bytes, pinned} in model order");
+  std::string examples;
+  for (const auto& n : placement::ExampleNames()) examples += (examples.empty() ? "" : ", ") + n;
+  set.Add("example", &f.example, "Built-in example model: " + examples);
+  set.Add("family", &f.family, "Pin rules: auto, none, flux, wan, text-encoder (clip, t5)");
+  set.Add("prefetch_depth", &f.prefetch_depth, "Streamed units in flight on the compute device");
+  set.Add("activation_bytes", &f.activation_bytes,
+          "Activation estimate for the largest input (default: the example's, else 0)");
+  set.Add("reserve", &f.reserve, "Extra reserve on the compute device");
+  set.Add("json", &f.json, "Print the plan as JSON");
+  set.Add("explain", &f.explain, "List every deviation from DisTorch2 that changed this plan");
+
+  bool json_requested = false;
+  for (const auto& a : args) json_requested |= a == "--json" || a == "--json=true";
+  // Only flags: FLEET_* variables such as FLEET_DEVICES belong to other tools.
+  auto parsed = set.Parse(args, [](const std::string&) { return std::optional<std::string>(); });
+  if (!parsed.ok()) return Fail(json_requested, parsed.status());
+  if (parsed->help) {
+    std::fputs(set.Usage().c_str(), stdout);
+    return 0;
+  }
+  if (!f.coordinator.empty()) {
+    return Fail(f.json, UnimplementedError("--coordinator is not available yet (the coordinator "
+                                           "has no plan API); use --devices for what-if planning"));
+  }
+  if (f.devices.empty()) {
+    return Fail(f.json, InvalidArgumentError("--devices is required, e.g. --devices "
+                                             "cuda:0=24gb,cpu=64gb"));
+  }
+  auto devices = placement::ParseDeviceTable(f.devices);
+  if (!devices.ok()) return Fail(f.json, devices.status());
+  auto model = LoadModel(f, parsed->positional);
+  if (!model.ok()) return Fail(f.json, model.status());
+
+  placement::Request request;
+  request.compute_device = f.compute_device;
+  request.virtual_vram_gb = f.virtual_vram_gb;
+  request.donor_device = f.donor_device;
+  request.expert_mode_allocations = f.expert_mode_allocations;
+  request.eject_models = f.eject_models;
+  request.keep_loaded = f.keep_loaded;
+  request.headroom.prefetch_depth = f.prefetch_depth;
+  request.headroom.activation_bytes = model->activation_bytes;
+  if (!f.activation_bytes.empty()) {
+    auto bytes = config::ParseBytes(f.activation_bytes);
+    if (!bytes.ok()) {
+      return Fail(f.json, InvalidArgumentError("--activation-bytes: " +
+                                               std::string(bytes.status().message())));
+    }
+    request.headroom.activation_bytes = *bytes;
+  }
+  request.headroom.reserve_bytes = f.reserve.value;
+
+  auto plan = placement::MakePlan(*devices, model->units, request);
+  if (!plan.ok()) return Fail(f.json, plan.status());
+  if (f.json) {
+    std::printf("%s\n", plan->ToJson().c_str());
+    return 0;
+  }
+  std::fputs(plan->ToText().c_str(), stdout);
+  if (f.explain) std::fputs(("\n" + plan->ExplainText()).c_str(), stdout);
+  return 0;
+}
+
+}  // namespace
+
+FLEET_REGISTER_COMMAND(plan, "Plan a model's placement over devices (DisTorch2 inputs)", RunPlan);
+
+}  // namespace fleet::cli
