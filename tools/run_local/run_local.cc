@@ -1,0 +1,133 @@
+#include "run_local.h"
+
+#include <map>
+
+#include "fleet/formats/layout.h"
+#include "fleet/formats/safetensors_writer.h"
+#include "fleet/log/log.h"
+#include "fleet/tensor/torch_view.h"
+
+namespace fleet::run_local {
+namespace {
+
+StatusOr<at::Tensor> UpcastFp8(const at::Tensor& bytes, bool e5m2) {
+  return tensor::UpcastF8(bytes, e5m2 ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3,
+                          at::kFloat);
+}
+
+bool IsFp8(const formats::TensorInfo& info) {
+  return info.dtype == "F8_E4M3" || info.dtype == "F8_E5M2";
+}
+
+}  // namespace
+
+StatusOr<models::TensorMap> ReadTensors(const std::string& path) {
+  FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(path));
+  models::TensorMap out;
+  try {
+    for (const auto& info : file->tensors()) {
+      FLEET_ASSIGN_OR_RETURN(at::Tensor t, tensor::View(*file, info));
+      if (IsFp8(info)) {
+        FLEET_ASSIGN_OR_RETURN(out[info.name], UpcastFp8(t, info.dtype == "F8_E5M2"));
+      } else {
+        out[info.name] = t.clone();
+      }
+    }
+  } catch (const std::exception& e) {
+    return InternalError(path + ": libtorch: " + e.what());
+  }
+  return out;
+}
+
+Status WriteTensors(const models::TensorMap& tensors, const std::string& path) {
+  formats::SafetensorsWriter writer;
+  try {
+    for (const auto& [name, t] : tensors) {
+      std::optional<formats::DType> dtype = tensor::FromScalarType(t.scalar_type());
+      if (!dtype) {
+        return InvalidArgumentError(path + ": cannot write tensor '" + name + "' of dtype " +
+                                    c10::toString(t.scalar_type()));
+      }
+      at::Tensor c = t.to(at::kCPU).contiguous();
+      std::span<const uint8_t> bytes(static_cast<const uint8_t*>(c.data_ptr()), c.nbytes());
+      FLEET_RETURN_IF_ERROR(writer.Add(name, *dtype, c.sizes().vec(), bytes));
+    }
+  } catch (const std::exception& e) {
+    return InternalError(path + ": libtorch: " + e.what());
+  }
+  return writer.Write(path);
+}
+
+StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& model_path,
+                                                           std::optional<at::ScalarType> dtype) {
+  std::unique_ptr<LocalRunner> r(new LocalRunner());
+  FLEET_ASSIGN_OR_RETURN(r->file_, formats::ModelFile::Open(model_path));
+  FLEET_ASSIGN_OR_RETURN(formats::Layout layout, formats::DetectLayout(*r->file_));
+  if (layout.family == "unknown") {
+    return InvalidArgumentError(model_path + ": not a model family run-local knows (flux)");
+  }
+  if (!dtype) {
+    // The stored dtype of the first floating, non-fp8 weight; fp8-only files compute in bf16.
+    for (const auto& info : r->file_->tensors()) {
+      if (info.dtype == "F32" || info.dtype == "F16" || info.dtype == "BF16") {
+        dtype = info.dtype == "F32" ? at::kFloat : info.dtype == "F16" ? at::kHalf : at::kBFloat16;
+        break;
+      }
+    }
+    if (!dtype) dtype = at::kBFloat16;
+  }
+  FLEET_ASSIGN_OR_RETURN(r->model_, models::CreateModel(layout.family, layout.config_json, *dtype));
+  const auto& names = r->model_->block_names();
+  std::map<std::string, const formats::Unit*> units;
+  for (const auto& u : layout.units) units[u.name] = &u;
+  r->blocks_.resize(names.size());
+  try {
+    for (size_t i = 0; i < names.size(); ++i) {
+      auto it = units.find(names[i]);
+      if (it == units.end()) {
+        return InvalidArgumentError(model_path + ": no tensors for block '" + names[i] + "'");
+      }
+      for (const std::string& full : it->second->tensors) {
+        const formats::TensorInfo* info = r->file_->Find(full);
+        const std::string name = full.substr(layout.prefix.size());
+        FLEET_ASSIGN_OR_RETURN(at::Tensor stored, tensor::View(*r->file_, *info));
+        if (IsFp8(*info)) {
+          r->blocks_[i].fp8[name] = Fp8Weight{stored, info->dtype == "F8_E5M2"};
+          continue;
+        }
+        FLEET_ASSIGN_OR_RETURN(at::Tensor w, r->model_->PrepareWeight(name, stored));
+        r->blocks_[i].weights[name] = w;
+      }
+    }
+  } catch (const std::exception& e) {
+    return InternalError(model_path + ": libtorch: " + e.what());
+  }
+  return r;
+}
+
+Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) const {
+  const auto& names = model_->block_names();
+  for (size_t i = 0; i < names.size(); ++i) {
+    const Block& block = blocks_[i];
+    const models::TensorMap* weights = &block.weights;
+    models::TensorMap with_fp8;
+    if (!block.fp8.empty()) {
+      with_fp8 = block.weights;
+      for (const auto& [name, w] : block.fp8) {
+        FLEET_ASSIGN_OR_RETURN(at::Tensor wide, UpcastFp8(w.bytes, w.e5m2));
+        FLEET_ASSIGN_OR_RETURN(with_fp8[name], model_->PrepareWeight(name, wide));
+      }
+      weights = &with_fp8;
+    }
+    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, *weights, state));
+    if (trace) {
+      for (const auto& [name, t] : state) {
+        if (i > 0 && model_->IsRunConstant(name)) continue;
+        (*trace)[names[i] + "/" + name] = t.clone();
+      }
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace fleet::run_local

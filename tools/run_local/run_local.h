@@ -1,0 +1,57 @@
+// Single-process execution of a whole model file: the reference that distributed runs must
+// match bit for bit. Loads the file (memory-mapped; weights already in the compute dtype are
+// used in place, others converted once on load, fp8 kept as stored and upcast when their
+// block runs), creates the model from the detected layout, and runs every block in order.
+//
+// Thread safety: a LocalRunner is used by one thread.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fleet/formats/model_file.h"
+#include "fleet/models/model.h"
+#include "fleet/status/status.h"
+
+namespace fleet::run_local {
+
+/// Reads every tensor of a safetensors file into CPU tensors (copies; fp8 is upcast to float32).
+StatusOr<models::TensorMap> ReadTensors(const std::string& path);
+
+/// Writes `tensors` (CPU or not; any of f32/f16/bf16/f64/i64/i32/u8/bool) as safetensors.
+Status WriteTensors(const models::TensorMap& tensors, const std::string& path);
+
+class LocalRunner {
+ public:
+  /// Opens `model_path`, detects its layout and prepares the weights.
+  /// \param dtype compute dtype; nullopt means the stored dtype of the model's weights.
+  static StatusOr<std::unique_ptr<LocalRunner>> Create(const std::string& model_path,
+                                                       std::optional<at::ScalarType> dtype);
+
+  const models::Model& model() const { return *model_; }
+
+  /// Runs every block on `state`. When `trace` is given, it receives "<block>/<name>" copies of
+  /// the state after each block (the run-constant "pe" only after the stem).
+  Status Run(models::TensorMap& state, models::TensorMap* trace = nullptr) const;
+
+ private:
+  struct Fp8Weight {
+    at::Tensor bytes;  // uint8 view of the stored bytes
+    bool e5m2;         // F8_E5M2, else F8_E4M3 (e4m3fn)
+  };
+  struct Block {
+    models::TensorMap weights;                  // prepared, keyed without the file prefix
+    std::map<std::string, Fp8Weight> fp8;       // upcast on use
+  };
+  LocalRunner() = default;
+
+  std::unique_ptr<formats::ModelFile> file_;
+  std::unique_ptr<models::Model> model_;
+  std::vector<Block> blocks_;  // parallel to model_->block_names()
+};
+
+}  // namespace fleet::run_local
