@@ -1,9 +1,17 @@
 #include "fleet/metrics/metrics.h"
 
-#include <prometheus/exposer.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <prometheus/text_serializer.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
-#include <exception>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <thread>
 
 namespace fleet::metrics {
 namespace {
@@ -164,9 +172,66 @@ std::vector<std::pair<std::string, std::string>> CoordinatorMetrics::Describe() 
           Entry(plan_decisions), Entry(expected_bandwidth)};
 }
 
+// A minimal HTTP/1.0 server for GET /metrics. prometheus-cpp's Exposer (CivetWeb) cannot start
+// threads in processes that load libtorch: CivetWeb asks for ~100 KiB thread stacks, less than
+// the static TLS of libtorch's dependencies, so pthread_create fails with EINVAL. It also takes
+// ~2 s to shut down after a scrape. One thread serving one short request at a time is plenty
+// for a Prometheus scrape every few seconds.
 struct MetricsServer::Impl {
-  prometheus::Exposer exposer;
-  explicit Impl(const std::string& listen) : exposer(listen, /*num_threads=*/1) {}
+  int fd = -1;
+  std::shared_ptr<prometheus::Registry> registry;
+  std::atomic<bool> stop{false};
+  std::thread thread;
+
+  ~Impl() {
+    stop = true;
+    if (thread.joinable()) thread.join();
+    if (fd >= 0) close(fd);
+  }
+
+  void Serve(int client) {
+    // Read the request head (bounded in size and time); only the request line matters.
+    timeval tv{2, 0};
+    setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    std::string head;
+    char buf[1024];
+    while (head.find("\r\n\r\n") == std::string::npos && head.find("\n\n") == std::string::npos &&
+           head.size() < 8192) {
+      const ssize_t n = recv(client, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      head.append(buf, static_cast<size_t>(n));
+    }
+    std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8", body;
+    if (head.rfind("GET /metrics ", 0) == 0 || head.rfind("GET /metrics?", 0) == 0) {
+      body = Serialize(*registry);
+    } else if (head.rfind("GET ", 0) == 0) {
+      status = "404 Not Found";
+      body = "only /metrics is served here\n";
+    } else {
+      status = "405 Method Not Allowed";
+      body = "GET /metrics\n";
+    }
+    std::string response = "HTTP/1.0 " + status + "\r\nContent-Type: " + type +
+                           "\r\nContent-Length: " + std::to_string(body.size()) +
+                           "\r\nConnection: close\r\n\r\n" + body;
+    size_t sent = 0;
+    while (sent < response.size()) {
+      const ssize_t n = send(client, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
+      if (n <= 0) break;
+      sent += static_cast<size_t>(n);
+    }
+    close(client);
+  }
+
+  void Run() {
+    while (!stop) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 100) <= 0) continue;
+      const int client = accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (client >= 0) Serve(client);
+    }
+  }
 };
 
 MetricsServer::MetricsServer(std::unique_ptr<Impl> impl, std::string address)
@@ -176,18 +241,42 @@ MetricsServer::~MetricsServer() = default;
 
 StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
     const std::string& listen, std::shared_ptr<prometheus::Registry> registry) {
-  std::unique_ptr<Impl> impl;
-  try {
-    impl = std::make_unique<Impl>(listen);
-  } catch (const std::exception& e) {
-    return UnavailableError("cannot serve /metrics on '" + listen + "': " + e.what());
-  }
-  impl->exposer.RegisterCollectable(registry);
-  const auto ports = impl->exposer.GetListeningPorts();
-  if (ports.empty()) return UnavailableError("/metrics server on '" + listen + "' has no port");
   const auto colon = listen.rfind(':');
-  const std::string host = colon == std::string::npos ? listen : listen.substr(0, colon);
-  return std::make_unique<MetricsServer>(std::move(impl), host + ":" + std::to_string(ports[0]));
+  if (colon == std::string::npos) {
+    return InvalidArgumentError("metrics address '" + listen + "' is not host:port");
+  }
+  std::string host = listen.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  const std::string port = listen.substr(colon + 1);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  if (const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &res); rc != 0) {
+    return InvalidArgumentError("metrics address '" + listen + "': " + gai_strerror(rc));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->registry = std::move(registry);
+  impl->fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int one = 1;
+  setsockopt(impl->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  const bool bound = impl->fd >= 0 && bind(impl->fd, res->ai_addr, res->ai_addrlen) == 0 &&
+                     ::listen(impl->fd, 64) == 0;
+  freeaddrinfo(res);
+  if (!bound) {
+    return UnavailableError("cannot serve /metrics on '" + listen + "': " + std::strerror(errno));
+  }
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  getsockname(impl->fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const int bound_port = addr.ss_family == AF_INET6
+                             ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
+                             : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  Impl* p = impl.get();
+  impl->thread = std::thread([p] { p->Run(); });
+  return std::make_unique<MetricsServer>(std::move(impl),
+                                         listen.substr(0, colon) + ":" + std::to_string(bound_port));
 }
 
 std::string Serialize(prometheus::Registry& registry) {

@@ -294,7 +294,8 @@ StatusOr<uint64_t> Negotiate(const HelloInfo& local, const HelloInfo& remote) {
   }
   uint64_t caps = local.capabilities & remote.capabilities;
   if ((caps & kCapShm) != 0 &&
-      (local.host_id.empty() || local.host_id != remote.host_id || remote.shm_arena.empty())) {
+      (local.host_id.empty() || local.host_id != remote.host_id ||
+       (local.shm_arena.empty() && remote.shm_arena.empty()))) {
     caps &= ~kCapShm;
   }
   return caps;

@@ -1,6 +1,7 @@
 #include "fleet/transport/shm_arena.h"
 
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -108,27 +109,44 @@ ShmArena::~ShmArena() {
 
 StatusOr<std::unique_ptr<ArenaBlock>> ShmArena::Allocate(ArenaRange range, uint64_t size) {
   const uint64_t want = AlignUp(std::max<uint64_t>(size, 1), kAlign);
-  std::lock_guard<std::mutex> lock(mu_);
-  FreeList& list = List(range);
-  for (auto it = list.free.begin(); it != list.free.end(); ++it) {
-    if (it->second < want) continue;
-    const uint64_t offset = it->first;
+  uint64_t offset = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    FreeList& list = List(range);
+    auto it = list.free.begin();
+    while (it != list.free.end() && it->second < want) ++it;
+    if (it == list.free.end()) {
+      uint64_t largest = 0;
+      for (const auto& [off, sz] : list.free) largest = std::max(largest, sz);
+      return ResourceExhaustedError(
+          "shm arena '" + name_ + "' " + (range == ArenaRange::kStaging ? "staging" : "weights") +
+          " range cannot fit " + std::to_string(size) + " bytes: " + std::to_string(list.used) +
+          " of " + std::to_string(list.end - list.begin) + " used, largest free range " +
+          std::to_string(largest));
+    }
+    offset = it->first;
     const uint64_t rest = it->second - want;
     list.free.erase(it);
     if (rest > 0) list.free[offset + want] = rest;
     list.used += want;
-    return std::make_unique<ArenaBlock>(shared_from_this(), range, offset, want);
   }
-  uint64_t largest = 0;
-  for (const auto& [off, sz] : list.free) largest = std::max(largest, sz);
-  return ResourceExhaustedError(
-      "shm arena '" + name_ + "' " + (range == ArenaRange::kStaging ? "staging" : "weights") +
-      " range cannot fit " + std::to_string(size) + " bytes: " + std::to_string(list.used) +
-      " of " + std::to_string(list.end - list.begin) + " used, largest free range " +
-      std::to_string(largest));
+  auto block = std::make_unique<ArenaBlock>(shared_from_this(), range, offset, want);
+  // Weights pages are allocated now (outside the lock), so a full /dev/shm fails here rather
+  // than with SIGBUS when the load writes them.
+  if (range == ArenaRange::kWeights &&
+      fallocate(fd_, 0, static_cast<off_t>(offset), static_cast<off_t>(want)) != 0) {
+    return ResourceExhaustedError(Errno("/dev/shm cannot hold " + std::to_string(want) +
+                                        " more bytes for arena '" + name_ + "'"));
+  }
+  return block;
 }
 
 void ShmArena::Free(ArenaRange range, uint64_t offset, uint64_t size) {
+  if (range == ArenaRange::kWeights) {
+    // Evicted weights give their memory back to the system (the staging range stays faulted).
+    fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+              static_cast<off_t>(size));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   FreeList& list = List(range);
   list.used -= size;

@@ -78,7 +78,8 @@ struct CoordinatorMetrics {
 /// The version string put in the *_info metrics.
 const std::string& Version();
 
-/// Serves a registry's text exposition at http://<listen>/metrics.
+/// Serves a registry's text exposition at http://<listen>/metrics (HTTP/1.0, one thread; not
+/// prometheus-cpp's CivetWeb Exposer, which cannot start in processes that load libtorch).
 class MetricsServer {
  public:
   /// \param listen "127.0.0.1:0" style (port 0 picks a free port).

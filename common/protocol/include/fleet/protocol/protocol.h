@@ -97,7 +97,7 @@ HelloInfo ReadHello(const wire::Hello& hello);
 
 /// Checks the peer's Hello against ours. Majors must be equal (FailedPrecondition naming both
 /// versions otherwise). \return the capabilities both sides offer; Shm only when the host ids
-/// are equal and non-empty and the peer named its arena.
+/// are equal and non-empty and one side (the server) has an arena.
 StatusOr<uint64_t> Negotiate(const HelloInfo& local, const HelloInfo& remote);
 
 /// An id equal for processes that share /dev/shm: the kernel boot id plus the hostname.

@@ -1,0 +1,1494 @@
+#include "fleet/worker/server.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "fleet/config/bytes.h"
+#include "fleet/device/device.h"
+#include "fleet/log/log.h"
+#include "fleet/metrics/metrics.h"
+#include "fleet/models/model.h"
+#include "fleet/protocol/protocol.h"
+#include "fleet/transport/bulk.h"
+#include "fleet/transport/curve.h"
+#include "fleet/transport/shm_arena.h"
+#include "fleet/worker/client.h"
+#include "torch_tensors.h"
+
+namespace fleet::worker {
+
+using transport::Frames;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// A header frame copied into 8-byte aligned memory (FlatBuffers verifies alignment; ZeroMQ
+// keeps small frames inline at arbitrary offsets).
+struct AlignedHeader {
+  std::vector<uint64_t> words;
+  size_t size = 0;
+  explicit AlignedHeader(const zmq::message_t& m) : words((m.size() + 7) / 8), size(m.size()) {
+    if (size > 0) std::memcpy(words.data(), m.data(), size);
+  }
+  std::span<const uint8_t> bytes() const {
+    return {reinterpret_cast<const uint8_t*>(words.data()), size};
+  }
+};
+
+std::string Sha256Hex(const uint8_t* data, size_t size) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(data, size, md, &len, EVP_sha256(), nullptr);
+  static const char* kHex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) {
+    out += kHex[md[i] >> 4];
+    out += kHex[md[i] & 15];
+  }
+  return out;
+}
+
+std::string Str(const flatbuffers::String* s) { return s ? s->str() : std::string(); }
+
+std::vector<std::string> Strs(const flatbuffers::Vector<flatbuffers::Offset<flatbuffers::String>>* v) {
+  std::vector<std::string> out;
+  if (v) {
+    for (const auto* s : *v) out.push_back(s->str());
+  }
+  return out;
+}
+
+Status CheckName(const std::string& value, const char* what) {
+  if (value.empty()) return InvalidArgumentError(std::string(what) + " is empty");
+  if (value.size() > 4096) return InvalidArgumentError(std::string(what) + " is longer than 4096 bytes");
+  return Status::OK();
+}
+
+// Resolves a client-given model path inside one of the roots: relative, no "..", and the real
+// path (after symlinks) still inside the root.
+StatusOr<std::string> ResolveModelPath(const std::vector<std::string>& roots,
+                                       const std::string& path) {
+  if (roots.empty()) {
+    return FailedPreconditionError("this worker has no --model-root, so it cannot read '" + path +
+                                   "' itself; send the weights over the wire");
+  }
+  if (path.empty() || path[0] == '/' || path.find('\0') != std::string::npos) {
+    return InvalidArgumentError("model path '" + path + "' must be relative to a model root");
+  }
+  for (const auto& part : std::filesystem::path(path)) {
+    if (part == "..") {
+      return InvalidArgumentError("model path '" + path + "' may not contain '..'");
+    }
+  }
+  for (const auto& root : roots) {
+    std::error_code ec;
+    const auto real_root = std::filesystem::canonical(root, ec);
+    if (ec) continue;
+    const auto real = std::filesystem::canonical(real_root / path, ec);
+    if (ec) continue;
+    const std::string r = real_root.string() + "/";
+    if (real.string().rfind(r, 0) != 0) {
+      return InvalidArgumentError("model path '" + path + "' leaves model root '" + root +
+                                  "' (through a symlink)");
+    }
+    return real.string();
+  }
+  std::string list;
+  for (const auto& r : roots) list += (list.empty() ? "" : ", ") + r;
+  return NotFoundError("model file '" + path + "' is not under any model root (" + list + ")");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+struct WorkerServer::Impl {
+  struct Block {
+    models::TensorMap weights;
+    std::map<std::string, uint64_t, std::less<>> arena_offsets;  // tensors in the shm arena
+    uint64_t bytes = 0;
+    int pins = 0;  // leases + running computations
+  };
+  struct ModelEntry {
+    std::string family, config_json;
+    wire::DType dtype = wire::DType::F32;
+    std::shared_ptr<models::Model> model;
+    std::unordered_map<std::string, size_t> index;  // block name -> index
+    std::map<std::string, Block> blocks;
+    uint64_t bytes = 0;
+  };
+  struct Job {
+    models::TensorMap tensors;
+  };
+  struct Lease {
+    std::string model, block;
+  };
+  struct Conn {
+    bool hello = false;
+    protocol::HelloInfo peer;
+    uint64_t caps = 0;
+  };
+  struct Task {
+    zmq::message_t rid;
+    std::shared_ptr<AlignedHeader> header;
+    Frames data;  // data frames (after the header)
+    Conn conn;
+    Clock::time_point received;
+  };
+
+  WorkerConfig config;
+  protocol::Limits limits;
+  protocol::HelloInfo hello;
+  std::shared_ptr<transport::ShmArena> arena;
+  std::unique_ptr<transport::ShmReceiver> receiver;
+  std::unique_ptr<transport::ZapAuthenticator> zap;
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  std::unique_ptr<metrics::WorkerMetrics> m;
+  std::unique_ptr<metrics::MetricsServer> metrics_server;
+  at::Device device{at::kCPU};
+
+  zmq::socket_t router;
+  zmq::socket_t replies_pull;
+  std::string endpoint;
+  std::string replies_endpoint;
+  std::unordered_map<std::string, Conn> conns;  // IO thread only
+
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> in_flight{0};
+
+  // Handler pool.
+  std::mutex queue_mu;
+  std::condition_variable queue_cv;
+  std::deque<Task> queue;
+  bool queue_closed = false;
+  std::vector<std::thread> pool;
+  std::thread heartbeat;
+
+  // State.
+  std::mutex mu;
+  std::map<std::string, ModelEntry> models_;
+  std::map<std::string, Job> jobs;
+  std::map<std::string, models::TensorMap> runs;  // run id -> run-constant tensors
+  std::map<uint64_t, Lease> leases;
+  uint64_t next_lease = 1;
+  uint64_t resident = 0;
+  uint64_t pending = 0;  // capacity reserved by loads in progress
+
+  // Clients of peer workers (SendTensors targets, weight donors), by endpoint.
+  std::mutex peers_mu;
+  std::map<std::string, std::shared_ptr<WorkerClient>> peers;
+
+  // ---- helpers ----
+  std::string Src(const Conn& c) const { return c.peer.device.empty() ? "client" : c.peer.device; }
+
+  StatusOr<std::shared_ptr<WorkerClient>> Peer(const std::string& endpoint_) {
+    std::lock_guard<std::mutex> lock(peers_mu);
+    auto it = peers.find(endpoint_);
+    if (it != peers.end()) return it->second;
+    ClientOptions o;
+    o.name = "worker " + config.id;
+    o.device = config.id;
+    o.curve = config.curve.enabled() ? &config.curve : nullptr;
+    o.allow_shm = config.shm;
+    o.limits = limits;
+    o.timeout = std::chrono::minutes(10);
+    FLEET_ASSIGN_OR_RETURN(std::unique_ptr<WorkerClient> c, WorkerClient::Connect(endpoint_, o));
+    std::shared_ptr<WorkerClient> shared = std::move(c);
+    peers[endpoint_] = shared;
+    return shared;
+  }
+  void DropPeer(const std::string& endpoint_) {
+    std::lock_guard<std::mutex> lock(peers_mu);
+    peers.erase(endpoint_);
+  }
+
+  uint64_t ActivationBytesLocked() const {
+    uint64_t total = 0;
+    for (const auto& [name, job] : jobs) {
+      for (const auto& [n, t] : job.tensors) total += internal::TensorBytes(t);
+    }
+    for (const auto& [id, run] : runs) {
+      for (const auto& [n, t] : run) total += internal::TensorBytes(t);
+    }
+    return total;
+  }
+
+  void UpdateModelGaugesLocked(const std::string& model) {
+    auto it = models_.find(model);
+    const double bytes = it == models_.end() ? 0 : static_cast<double>(it->second.bytes);
+    const double blocks = it == models_.end() ? 0 : static_cast<double>(it->second.blocks.size());
+    m->resident_bytes.Add({{"device", config.id}, {"model", model}}).Set(bytes);
+    m->blocks_resident.Add({{"device", config.id}, {"model", model}}).Set(blocks);
+  }
+  void UpdateActivationGaugeLocked() {
+    m->activation_bytes.Add({{"device", config.id}}).Set(static_cast<double>(ActivationBytesLocked()));
+  }
+
+  // ---- request handlers ----
+  Status Reply(Task& task, flatbuffers::FlatBufferBuilder& fbb, wire::WorkerResponseBody type,
+               flatbuffers::Offset<void> body, Frames data, Frames& out) {
+    const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
+    protocol::FinishResponse(fbb, req->id(), type, body);
+    out.push_back(transport::MessageFromBuffer(fbb.Release()));
+    for (auto& f : data) out.push_back(std::move(f));
+    return Status::OK();
+  }
+
+  Status Ack(Task& task, Frames& out) {
+    flatbuffers::FlatBufferBuilder fbb;
+    return Reply(task, fbb, wire::WorkerResponseBody::Ack, wire::CreateAck(fbb).Union(), {}, out);
+  }
+
+  Status Dispatch(Task& task, Frames& out);
+  Status HandleLoadBlock(Task& task, const wire::LoadBlockRequest& r, Frames& out);
+  Status HandleEvictBlock(Task& task, const wire::EvictBlockRequest& r, Frames& out);
+  Status HandleEvictModel(Task& task, const wire::EvictModelRequest& r, Frames& out);
+  Status HandleStats(Task& task, Frames& out);
+  Status HandleReserve(Task& task, const wire::ReserveRequest& r, Frames& out);
+  Status HandlePutTensors(Task& task, const wire::PutTensorsRequest& r, Frames& out);
+  Status HandleGetTensors(Task& task, const wire::GetTensorsRequest& r, Frames& out);
+  Status HandleRunBlocks(Task& task, const wire::RunBlocksRequest& r, Frames& out);
+  Status HandleSendTensors(Task& task, const wire::SendTensorsRequest& r, Frames& out);
+  Status HandleFetchWeights(Task& task, const wire::FetchWeightsRequest& r, Frames& out);
+  Status HandleReleaseWeights(Task& task, const wire::ReleaseWeightsRequest& r, Frames& out);
+  Status HandleDropJob(Task& task, const wire::DropJobRequest& r, Frames& out);
+  Status HandleEndRun(Task& task, const wire::EndRunRequest& r, Frames& out);
+
+  flatbuffers::Offset<wire::StatsResponse> BuildStats(flatbuffers::FlatBufferBuilder& fbb);
+
+  // Reads inbound tensor descriptors (frames or shm reservations) into CPU tensors.
+  StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadInbound(
+      Task& task, const flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>* descs,
+      const char* what);
+  // Prepares one stored weight and places it (in the arena on CPU backing when it fits).
+  Status PlaceWeight(const models::Model& model, const std::string& name, const at::Tensor& stored,
+                     Block& block);
+
+  StatusOr<std::shared_ptr<models::Model>> GetOrCreateModelLocked(const wire::LoadBlockRequest& r);
+
+  // ---- threads ----
+  void HandlerLoop();
+  void HeartbeatLoop();
+  void IoLoop();
+  void OnRequest(Frames frames);
+  void SendError(zmq::message_t& rid, uint64_t id, const Status& status);
+};
+
+// ---------------------------------------------------------------------------------------------
+// I/O thread
+
+void WorkerServer::Impl::SendError(zmq::message_t& rid, uint64_t id, const Status& status) {
+  flatbuffers::FlatBufferBuilder fbb;
+  protocol::FinishErrorResponse(fbb, id, status);
+  Frames out;
+  out.push_back(std::move(rid));
+  out.push_back(transport::MessageFromBuffer(fbb.Release()));
+  transport::SendFrames(router, out).IgnoreError();
+}
+
+void WorkerServer::Impl::OnRequest(Frames frames) {
+  if (frames.size() < 2) {
+    m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}}).Increment();
+    if (!frames.empty()) SendError(frames[0], 0, InvalidArgumentError("empty message: a request is [header][data frames...]"));
+    return;
+  }
+  auto header = std::make_shared<AlignedHeader>(frames[1]);
+  auto request = protocol::VerifyWorkerRequest(header->bytes(), limits);
+  const std::string rid_key = frames[0].to_string();
+  if (!request.ok()) {
+    m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}}).Increment();
+    FLEET_LOG(WARNING, "worker") << "rejected a message from '"
+                                 << conns[rid_key].peer.peer_name << "': " << request.status();
+    SendError(frames[0], 0, request.status());
+    return;
+  }
+  const auto type = (*request)->body_type();
+  const std::string type_name(protocol::RequestTypeName(type));
+  Conn& conn = conns[rid_key];
+  if (type == wire::WorkerRequestBody::Hello) {
+    protocol::HelloInfo peer = protocol::ReadHello(*(*request)->body_as_Hello());
+    auto caps = protocol::Negotiate(hello, peer);
+    if (!caps.ok()) {
+      m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}}).Increment();
+      FLEET_LOG(WARNING, "worker") << "refused Hello from '" << peer.peer_name << "': " << caps.status();
+      conns.erase(rid_key);
+      SendError(frames[0], (*request)->id(), caps.status());
+      return;
+    }
+    conn.hello = true;
+    conn.peer = peer;
+    conn.caps = *caps;
+    protocol::HelloInfo reply = hello;
+    reply.capabilities = *caps;
+    flatbuffers::FlatBufferBuilder fbb;
+    protocol::FinishResponse(fbb, (*request)->id(), wire::WorkerResponseBody::Hello,
+                             protocol::BuildHello(fbb, reply).Union());
+    Frames out;
+    out.push_back(std::move(frames[0]));
+    out.push_back(transport::MessageFromBuffer(fbb.Release()));
+    transport::SendFrames(router, out).IgnoreError();
+    m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "ok"}}).Increment();
+    // Bound the connection table: forget the oldest half when a client storm fills it.
+    if (conns.size() > 100000) conns.clear();
+    return;
+  }
+  if (!conn.hello) {
+    m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}}).Increment();
+    conns.erase(rid_key);
+    SendError(frames[0], (*request)->id(),
+              FailedPreconditionError(type_name + " before Hello: the first message on a "
+                                                  "connection must be Hello"));
+    return;
+  }
+  Task task;
+  task.rid = std::move(frames[0]);
+  task.header = std::move(header);
+  for (size_t i = 2; i < frames.size(); ++i) task.data.push_back(std::move(frames[i]));
+  task.conn = conn;
+  task.received = Clock::now();
+  ++in_flight;
+  {
+    std::lock_guard<std::mutex> lock(queue_mu);
+    queue.push_back(std::move(task));
+  }
+  queue_cv.notify_one();
+}
+
+void WorkerServer::Impl::IoLoop() {
+  bool accepting = true;
+  while (true) {
+    if (stop && accepting) accepting = false;
+    if (!accepting && in_flight == 0) break;
+    zmq::pollitem_t items[] = {{replies_pull.handle(), 0, ZMQ_POLLIN, 0},
+                               {router.handle(), 0, ZMQ_POLLIN, 0}};
+    try {
+      zmq::poll(items, accepting ? 2 : 1, std::chrono::milliseconds(100));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == EINTR) continue;
+      FLEET_LOG(ERROR, "worker") << "poll failed: " << e.what();
+      break;
+    }
+    if (items[0].revents & ZMQ_POLLIN) {
+      auto reply = transport::RecvFrames(replies_pull, std::chrono::milliseconds(0));
+      if (reply.ok()) {
+        transport::SendFrames(router, *reply).IgnoreError();
+        --in_flight;
+      }
+    }
+    if (accepting && (items[1].revents & ZMQ_POLLIN)) {
+      auto frames = transport::RecvFrames(router, std::chrono::milliseconds(0));
+      if (frames.ok()) OnRequest(std::move(*frames));
+    }
+  }
+}
+
+void WorkerServer::Impl::HandlerLoop() {
+  zmq::socket_t push(transport::Context(), zmq::socket_type::push);
+  push.set(zmq::sockopt::linger, 0);
+  push.connect(replies_endpoint);
+  while (true) {
+    Task task;
+    {
+      std::unique_lock<std::mutex> lock(queue_mu);
+      queue_cv.wait(lock, [&] { return queue_closed || !queue.empty(); });
+      if (queue.empty()) return;
+      task = std::move(queue.front());
+      queue.pop_front();
+    }
+    const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
+    const std::string type_name(protocol::RequestTypeName(req->body_type()));
+    Frames out;
+    out.push_back(std::move(task.rid));
+    Status status;
+    try {
+      status = Dispatch(task, out);
+    } catch (const std::exception& e) {  // c10::Error and friends must not kill the worker
+      status = InternalError(type_name + ": " + e.what());
+    }
+    if (!status.ok()) {
+      FLEET_LOG(INFO, "worker") << type_name << " from '" << task.conn.peer.peer_name
+                                << "' failed: " << status;
+      zmq::message_t rid = std::move(out[0]);
+      out.clear();
+      out.push_back(std::move(rid));
+      flatbuffers::FlatBufferBuilder fbb;
+      protocol::FinishErrorResponse(fbb, req->id(), status);
+      out.push_back(transport::MessageFromBuffer(fbb.Release()));
+    }
+    m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", status.ok() ? "ok" : "error"}})
+        .Increment();
+    transport::SendFrames(push, out).IgnoreError();
+  }
+}
+
+Status WorkerServer::Impl::Dispatch(Task& task, Frames& out) {
+  const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
+  switch (req->body_type()) {
+    case wire::WorkerRequestBody::LoadBlockRequest:
+      return HandleLoadBlock(task, *req->body_as_LoadBlockRequest(), out);
+    case wire::WorkerRequestBody::EvictBlockRequest:
+      return HandleEvictBlock(task, *req->body_as_EvictBlockRequest(), out);
+    case wire::WorkerRequestBody::EvictModelRequest:
+      return HandleEvictModel(task, *req->body_as_EvictModelRequest(), out);
+    case wire::WorkerRequestBody::StatsRequest:
+      return HandleStats(task, out);
+    case wire::WorkerRequestBody::ReserveRequest:
+      return HandleReserve(task, *req->body_as_ReserveRequest(), out);
+    case wire::WorkerRequestBody::PutTensorsRequest:
+      return HandlePutTensors(task, *req->body_as_PutTensorsRequest(), out);
+    case wire::WorkerRequestBody::GetTensorsRequest:
+      return HandleGetTensors(task, *req->body_as_GetTensorsRequest(), out);
+    case wire::WorkerRequestBody::RunBlocksRequest:
+      return HandleRunBlocks(task, *req->body_as_RunBlocksRequest(), out);
+    case wire::WorkerRequestBody::SendTensorsRequest:
+      return HandleSendTensors(task, *req->body_as_SendTensorsRequest(), out);
+    case wire::WorkerRequestBody::FetchWeightsRequest:
+      return HandleFetchWeights(task, *req->body_as_FetchWeightsRequest(), out);
+    case wire::WorkerRequestBody::ReleaseWeightsRequest:
+      return HandleReleaseWeights(task, *req->body_as_ReleaseWeightsRequest(), out);
+    case wire::WorkerRequestBody::DropJobRequest:
+      return HandleDropJob(task, *req->body_as_DropJobRequest(), out);
+    case wire::WorkerRequestBody::EndRunRequest:
+      return HandleEndRun(task, *req->body_as_EndRunRequest(), out);
+    default:
+      return UnimplementedError("request type " + std::to_string(static_cast<int>(req->body_type())) +
+                                " is not known to this worker (protocol " +
+                                std::to_string(protocol::kMajor) + "." +
+                                std::to_string(protocol::kMinor) + ")");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inbound tensors and weight placement
+
+StatusOr<std::vector<std::pair<std::string, at::Tensor>>> WorkerServer::Impl::ReadInbound(
+    Task& task, const flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>* descs,
+    const char* what) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  if (descs == nullptr) return out;
+  if (descs->size() > limits.max_tensors) {
+    return ResourceExhaustedError(std::string(what) + " carries " + std::to_string(descs->size()) +
+                                  " tensors (at most " + std::to_string(limits.max_tensors) + ")");
+  }
+  auto frames = std::make_shared<Frames>(std::move(task.data));
+  // Whatever happens, reservations named here are finished: unclaimed ranges go back.
+  std::set<uint64_t> reservations;
+  struct Finish {
+    transport::ShmReceiver* receiver;
+    std::set<uint64_t>* ids;
+    ~Finish() {
+      if (receiver) {
+        for (uint64_t id : *ids) receiver->Finish(id);
+      }
+    }
+  } finish{receiver.get(), &reservations};
+  uint64_t total = 0;
+  std::set<std::string> names;
+  for (size_t i = 0; i < descs->size(); ++i) {
+    const wire::TensorDesc* d = descs->Get(i);
+    if (d && d->payload() == wire::PayloadKind::ShmReserved) reservations.insert(d->reservation());
+  }
+  for (size_t i = 0; i < descs->size(); ++i) {
+    const wire::TensorDesc* d = descs->Get(i);
+    FLEET_RETURN_IF_ERROR(protocol::CheckTensorDesc(d, limits, frames->size(),
+                                                    std::string(what) + " tensor " + std::to_string(i)));
+    const std::string name = d->name()->str();
+    if (!names.insert(name).second) {
+      return InvalidArgumentError(std::string(what) + ": tensor '" + name + "' appears twice");
+    }
+    total += d->nbytes();
+    if (total > limits.max_message_bytes) {
+      return ResourceExhaustedError(std::string(what) + " carries more than " +
+                                    std::to_string(limits.max_message_bytes) + " bytes");
+    }
+    std::vector<int64_t> shape;
+    if (d->shape()) shape.assign(d->shape()->begin(), d->shape()->end());
+    at::Tensor t;
+    switch (d->payload()) {
+      case wire::PayloadKind::None:
+        t = at::empty(shape, at::TensorOptions().dtype(internal::ToScalarType(d->dtype())));
+        break;
+      case wire::PayloadKind::Frame: {
+        FLEET_ASSIGN_OR_RETURN(auto bytes, transport::FramePayload(*d, *frames));
+        t = internal::WrapBytes(bytes.data(), d->dtype(), shape, frames);
+        break;
+      }
+      case wire::PayloadKind::ShmReserved: {
+        if (receiver == nullptr) {
+          return FailedPreconditionError("tensor '" + name + "' names a shm reservation but shm "
+                                         "is off on worker " + config.id);
+        }
+        FLEET_ASSIGN_OR_RETURN(auto block,
+                               receiver->Claim(d->reservation(), d->offset(), d->nbytes()));
+        std::shared_ptr<transport::ArenaBlock> shared = std::move(block);
+        t = internal::WrapBytes(shared->data(), d->dtype(), shape, shared);
+        break;
+      }
+      default:
+        return InvalidArgumentError("tensor '" + name + "': payload kind " +
+                                    std::to_string(static_cast<int>(d->payload())) +
+                                    " is only valid in replies");
+    }
+    out.emplace_back(name, std::move(t));
+  }
+  return out;
+}
+
+Status WorkerServer::Impl::PlaceWeight(const models::Model& model, const std::string& name,
+                                       const at::Tensor& stored, Block& block) {
+  FLEET_ASSIGN_OR_RETURN(at::Tensor prepared, model.PrepareWeight(name, stored));
+  prepared = prepared.contiguous();
+  const uint64_t bytes = internal::TensorBytes(prepared);
+  if (device.is_cuda()) {
+    prepared = prepared.to(device);
+  } else if (arena != nullptr && arena->Contains(prepared.data_ptr(), bytes)) {
+    // Read straight into the arena and PrepareWeight kept it: nothing to copy.
+    block.arena_offsets[name] = static_cast<uint8_t*>(prepared.data_ptr()) - arena->base();
+  } else if (arena != nullptr && bytes > 0) {
+    auto dest = arena->Allocate(transport::ArenaRange::kWeights, bytes);
+    if (dest.ok()) {
+      std::shared_ptr<transport::ArenaBlock> shared = std::move(*dest);
+      std::memcpy(shared->data(), prepared.data_ptr(), bytes);
+      block.arena_offsets[name] = shared->offset();
+      prepared = internal::WrapBytes(shared->data(), internal::FromScalarType(prepared.scalar_type()),
+                                     internal::ShapeOf(prepared), shared);
+    } else {
+      FLEET_VLOG(1, "worker") << "weight '" << name << "' stays in the heap: " << dest.status();
+      if (prepared.data_ptr() == stored.data_ptr()) prepared = prepared.clone();
+    }
+  } else if (prepared.data_ptr() == stored.data_ptr()) {
+    prepared = prepared.clone();  // do not pin the request's frames
+  }
+  block.bytes += bytes;
+  block.weights[name] = std::move(prepared);
+  return Status::OK();
+}
+
+StatusOr<std::shared_ptr<models::Model>> WorkerServer::Impl::GetOrCreateModelLocked(
+    const wire::LoadBlockRequest& r) {
+  const std::string name = Str(r.model());
+  const std::string family = Str(r.family());
+  const std::string config_json = Str(r.config_json());
+  auto it = models_.find(name);
+  if (it != models_.end()) {
+    const ModelEntry& e = it->second;
+    if (e.family != family || e.config_json != config_json || e.dtype != r.compute_dtype()) {
+      return AlreadyExistsError("model '" + name + "' is loaded here as family '" + e.family +
+                                "' dtype " + std::string(protocol::DTypeName(e.dtype)) +
+                                " with another configuration; evict it before loading a "
+                                "different model under that name");
+    }
+    return e.model;
+  }
+  switch (r.compute_dtype()) {
+    case wire::DType::F32:
+    case wire::DType::F16:
+    case wire::DType::BF16:
+    case wire::DType::F64:
+      break;
+    default:
+      return InvalidArgumentError("compute dtype " + std::string(protocol::DTypeName(r.compute_dtype())) +
+                                  " of model '" + name + "' is not a floating type");
+  }
+  FLEET_ASSIGN_OR_RETURN(std::unique_ptr<models::Model> created,
+                         models::CreateModel(family, config_json,
+                                             internal::ToScalarType(r.compute_dtype())));
+  ModelEntry e;
+  e.family = family;
+  e.config_json = config_json;
+  e.dtype = r.compute_dtype();
+  e.model = std::move(created);
+  for (size_t i = 0; i < e.model->block_names().size(); ++i) e.index[e.model->block_names()[i]] = i;
+  auto model = e.model;
+  models_.emplace(name, std::move(e));
+  return model;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequest& r, Frames& out) {
+  const std::string model_name = Str(r.model());
+  const std::string block_name = Str(r.block());
+  FLEET_RETURN_IF_ERROR(CheckName(model_name, "LoadBlock: model name"));
+  FLEET_RETURN_IF_ERROR(CheckName(block_name, "LoadBlock: block name"));
+  const std::string what = "block '" + block_name + "' of model '" + model_name + "'";
+  auto fail = [&](const Status& s) {
+    m->block_loads.Add({{"device", config.id},
+                        {"outcome", s.code() == StatusCode::kResourceExhausted ? "refused" : "failed"}})
+        .Increment();
+    return s;
+  };
+
+  // Estimate the prepared size (floating weights become the compute dtype) to reserve capacity.
+  const size_t compute_size = protocol::DTypeSize(r.compute_dtype());
+  auto prepared_size = [&](wire::DType dtype, uint64_t nbytes) -> uint64_t {
+    const size_t size = protocol::DTypeSize(dtype);
+    const bool floating = dtype == wire::DType::F32 || dtype == wire::DType::F16 ||
+                          dtype == wire::DType::BF16 || dtype == wire::DType::F64 ||
+                          dtype == wire::DType::F8E4M3 || dtype == wire::DType::F8E5M2;
+    if (!floating || size == 0 || compute_size == 0) return nbytes;
+    return std::max(nbytes, nbytes / size * compute_size);
+  };
+  uint64_t estimate = 0;
+  const wire::FileSource* file = r.source_as_FileSource();
+  const wire::WireSource* wire_source = r.source_as_WireSource();
+  if (file == nullptr && wire_source == nullptr) {
+    return fail(InvalidArgumentError("LoadBlock of " + what + " has no source (file or wire)"));
+  }
+  if (file != nullptr) {
+    if (file->tensors() == nullptr || file->tensors()->size() == 0) {
+      return fail(InvalidArgumentError("LoadBlock of " + what + " lists no tensors"));
+    }
+    if (file->tensors()->size() > limits.max_tensors) {
+      return fail(ResourceExhaustedError("LoadBlock of " + what + " lists too many tensors"));
+    }
+    for (const auto* t : *file->tensors()) {
+      const std::string tname = Str(t->name());
+      if (tname.empty()) return fail(InvalidArgumentError(what + ": a file tensor has no name"));
+      std::span<const int64_t> shape;
+      if (t->shape()) shape = {t->shape()->data(), t->shape()->size()};
+      if (shape.size() > limits.max_rank) {
+        return fail(InvalidArgumentError(what + ": tensor '" + tname + "' has too many dimensions"));
+      }
+      auto need = protocol::TensorBytes(t->dtype(), shape);
+      if (!need.ok()) return fail(need.status().WithContext(what + ": tensor '" + tname + "'"));
+      if (*need != t->nbytes()) {
+        return fail(InvalidArgumentError(what + ": tensor '" + tname + "' declares " +
+                                         std::to_string(t->nbytes()) + " bytes, its dtype and shape need " +
+                                         std::to_string(*need)));
+      }
+      estimate += prepared_size(t->dtype(), t->nbytes());
+    }
+  } else if (wire_source->tensors() != nullptr) {
+    for (const auto* d : *wire_source->tensors()) {
+      estimate += prepared_size(d->dtype(), d->nbytes());
+    }
+  }
+
+  std::shared_ptr<models::Model> model;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto created = GetOrCreateModelLocked(r);
+    if (!created.ok()) return fail(created.status());
+    model = *created;
+    ModelEntry& e = models_.at(model_name);
+    if (e.index.count(block_name) == 0) {
+      return fail(NotFoundError("model '" + model_name + "' (" + e.family + ") has no block '" +
+                                block_name + "' (it has " + std::to_string(e.index.size()) + " blocks)"));
+    }
+    if (e.blocks.count(block_name) != 0) {
+      return fail(AlreadyExistsError(what + " is already resident on " + config.id));
+    }
+    const uint64_t capacity = config.capacity_bytes;
+    if (resident + pending + estimate > capacity) {
+      return fail(ResourceExhaustedError(
+          "loading " + what + " needs " + config::FormatBytes(estimate) + " (" +
+          std::to_string(estimate) + " bytes) but " + config.id + " has only " +
+          config::FormatBytes(capacity - std::min(capacity, resident + pending)) + " of its " +
+          config::FormatBytes(capacity) + " capacity free (" + config::FormatBytes(resident) +
+          " resident, " + config::FormatBytes(pending) + " being loaded)"));
+    }
+    pending += estimate;
+  }
+  struct Unreserve {
+    Impl* impl;
+    uint64_t bytes;
+    ~Unreserve() {
+      std::lock_guard<std::mutex> lock(impl->mu);
+      impl->pending -= bytes;
+    }
+  } unreserve{this, estimate};
+
+  Block block;
+  uint64_t stored_bytes = 0;
+  const char* source = file != nullptr ? "file" : "wire";
+  if (file != nullptr) {
+    auto path = ResolveModelPath(config.model_roots, Str(file->path()));
+    if (!path.ok()) return fail(path.status());
+    const int fd = open(path->c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return fail(NotFoundError("cannot open '" + *path + "': " + std::strerror(errno)));
+    struct Closer {
+      int fd;
+      ~Closer() { close(fd); }
+    } closer{fd};
+    struct stat st {};
+    fstat(fd, &st);
+    const auto file_size = static_cast<uint64_t>(st.st_size);
+    for (const auto* t : *file->tensors()) {
+      const std::string tname = Str(t->name());
+      if (t->offset() > file_size || t->nbytes() > file_size - t->offset()) {
+        return fail(OutOfRangeError("'" + Str(file->path()) + "': tensor '" + tname +
+                                    "' bytes [" + std::to_string(t->offset()) + ", " +
+                                    std::to_string(t->offset() + t->nbytes()) +
+                                    ") end past the file (" + std::to_string(file_size) + " bytes)"));
+      }
+      // Read straight into the arena's weights range when we can, else into the heap.
+      std::shared_ptr<transport::ArenaBlock> dest;
+      if (arena != nullptr && !device.is_cuda() && t->nbytes() > 0) {
+        auto a = arena->Allocate(transport::ArenaRange::kWeights, t->nbytes());
+        if (a.ok()) dest = std::move(*a);
+      }
+      std::vector<int64_t> shape;
+      if (t->shape()) shape.assign(t->shape()->begin(), t->shape()->end());
+      at::Tensor stored;
+      uint8_t* p;
+      if (dest) {
+        p = dest->data();
+        stored = internal::WrapBytes(p, t->dtype(), shape, dest);
+      } else {
+        stored = at::empty(shape, at::TensorOptions().dtype(internal::ToScalarType(t->dtype())));
+        p = static_cast<uint8_t*>(stored.data_ptr());
+      }
+      uint64_t done = 0;
+      while (done < t->nbytes()) {
+        const ssize_t n = pread(fd, p + done, t->nbytes() - done, static_cast<off_t>(t->offset() + done));
+        if (n <= 0) {
+          return fail(DataLossError("'" + Str(file->path()) + "': reading tensor '" + tname +
+                                    "' failed at byte " + std::to_string(t->offset() + done) +
+                                    (n < 0 ? std::string(": ") + std::strerror(errno) : ": end of file")));
+        }
+        done += static_cast<uint64_t>(n);
+      }
+      if (t->sha256() != nullptr && t->sha256()->size() > 0) {
+        const std::string got = Sha256Hex(p, t->nbytes());
+        if (got != t->sha256()->str()) {
+          return fail(DataLossError("'" + Str(file->path()) + "': tensor '" + tname +
+                                    "' has sha256 " + got + ", expected " + t->sha256()->str() +
+                                    " (file changed or corrupt)"));
+        }
+      }
+      stored_bytes += t->nbytes();
+      Status placed = PlaceWeight(*model, tname, stored, block);
+      if (!placed.ok()) return fail(placed.WithContext(what));
+    }
+  } else {
+    auto inbound = ReadInbound(task, wire_source->tensors(), "LoadBlock");
+    if (!inbound.ok()) return fail(inbound.status().WithContext(what));
+    if (inbound->empty()) return fail(InvalidArgumentError("LoadBlock of " + what + " carries no tensors"));
+    for (auto& [name, stored] : *inbound) {
+      stored_bytes += internal::TensorBytes(stored);
+      Status placed = PlaceWeight(*model, name, stored, block);
+      if (!placed.ok()) return fail(placed.WithContext(what));
+    }
+    m->transfer_bytes.Add({{"src", Src(task.conn)}, {"dst", config.id}, {"kind", "weights"}})
+        .Increment(static_cast<double>(stored_bytes));
+  }
+
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (resident + pending - estimate + block.bytes > config.capacity_bytes) {
+      return fail(ResourceExhaustedError("prepared " + what + " takes " + config::FormatBytes(block.bytes) +
+                                         ", more than the capacity left on " + config.id));
+    }
+    auto it = models_.find(model_name);
+    if (it == models_.end()) {
+      return fail(CancelledError("model '" + model_name + "' was evicted while " + what + " loaded"));
+    }
+    it->second.bytes += block.bytes;
+    resident += block.bytes;
+    it->second.blocks.emplace(block_name, std::move(block));
+    UpdateModelGaugesLocked(model_name);
+  }
+  m->block_loads.Add({{"device", config.id}, {"outcome", "ok"}}).Increment();
+  m->load_bytes.Add({{"device", config.id}, {"source", source}}).Increment(static_cast<double>(stored_bytes));
+  FLEET_VLOG(1, "worker") << "loaded " << what << " from " << source;
+  return Ack(task, out);
+}
+
+Status WorkerServer::Impl::HandleEvictBlock(Task& task, const wire::EvictBlockRequest& r, Frames& out) {
+  const std::string model_name = Str(r.model()), block_name = Str(r.block());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = models_.find(model_name);
+    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    auto b = it->second.blocks.find(block_name);
+    if (b == it->second.blocks.end()) {
+      return NotFoundError("block '" + block_name + "' of model '" + model_name +
+                           "' is not resident on " + config.id);
+    }
+    if (b->second.pins > 0) {
+      return FailedPreconditionError("block '" + block_name + "' of model '" + model_name +
+                                     "' is in use (" + std::to_string(b->second.pins) +
+                                     " weight leases or computations); retry once they finish");
+    }
+    resident -= b->second.bytes;
+    it->second.bytes -= b->second.bytes;
+    it->second.blocks.erase(b);
+    UpdateModelGaugesLocked(model_name);
+  }
+  return Ack(task, out);
+}
+
+Status WorkerServer::Impl::HandleEvictModel(Task& task, const wire::EvictModelRequest& r, Frames& out) {
+  const std::string model_name = Str(r.model());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = models_.find(model_name);
+    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    for (const auto& [name, b] : it->second.blocks) {
+      if (b.pins > 0) {
+        return FailedPreconditionError("block '" + name + "' of model '" + model_name +
+                                       "' is in use; retry once its leases are released");
+      }
+    }
+    resident -= it->second.bytes;
+    models_.erase(it);
+    UpdateModelGaugesLocked(model_name);
+  }
+  return Ack(task, out);
+}
+
+flatbuffers::Offset<wire::StatsResponse> WorkerServer::Impl::BuildStats(flatbuffers::FlatBufferBuilder& fbb) {
+  std::lock_guard<std::mutex> lock(mu);
+  std::vector<flatbuffers::Offset<wire::ModelStats>> ms;
+  for (const auto& [name, e] : models_) {
+    std::vector<std::string> blocks;
+    for (const auto& [b, _] : e.blocks) blocks.push_back(b);
+    ms.push_back(wire::CreateModelStats(fbb, fbb.CreateString(name), fbb.CreateVectorOfStrings(blocks), e.bytes));
+  }
+  return wire::CreateStatsResponse(fbb, fbb.CreateString(config.id), fbb.CreateString(config.backing),
+                                   config.capacity_bytes, config.total_bytes, resident,
+                                   fbb.CreateVector(ms), arena ? arena->size() : 0,
+                                   arena ? arena->used_bytes() : 0, ActivationBytesLocked(),
+                                   static_cast<uint32_t>(jobs.size()));
+}
+
+Status WorkerServer::Impl::HandleStats(Task& task, Frames& out) {
+  flatbuffers::FlatBufferBuilder fbb;
+  auto stats = BuildStats(fbb);
+  return Reply(task, fbb, wire::WorkerResponseBody::StatsResponse, stats.Union(), {}, out);
+}
+
+Status WorkerServer::Impl::HandleReserve(Task& task, const wire::ReserveRequest& r, Frames& out) {
+  if (receiver == nullptr || (task.conn.caps & protocol::kCapShm) == 0) {
+    return FailedPreconditionError("Reserve: shm was not negotiated on this connection");
+  }
+  std::vector<uint64_t> sizes;
+  if (r.sizes()) sizes.assign(r.sizes()->begin(), r.sizes()->end());
+  if (sizes.size() > limits.max_tensors) {
+    return ResourceExhaustedError("Reserve of " + std::to_string(sizes.size()) + " ranges");
+  }
+  uint64_t total = 0;
+  for (uint64_t s : sizes) {
+    if (s > limits.max_message_bytes || total + s > limits.max_message_bytes) {
+      return ResourceExhaustedError("Reserve asks for more than the message limit of " +
+                                    std::to_string(limits.max_message_bytes) + " bytes");
+    }
+    total += s;
+  }
+  FLEET_ASSIGN_OR_RETURN(transport::Reservation grant, receiver->Reserve(sizes));
+  flatbuffers::FlatBufferBuilder fbb;
+  auto body = wire::CreateReserveResponse(fbb, grant.id, fbb.CreateString(arena->name()),
+                                          fbb.CreateVector(grant.offsets));
+  return Reply(task, fbb, wire::WorkerResponseBody::ReserveResponse, body.Union(), {}, out);
+}
+
+Status WorkerServer::Impl::HandlePutTensors(Task& task, const wire::PutTensorsRequest& r, Frames& out) {
+  const std::string job = Str(r.job());
+  FLEET_RETURN_IF_ERROR(CheckName(job, "PutTensors: job"));
+  FLEET_ASSIGN_OR_RETURN(auto tensors, ReadInbound(task, r.tensors(), "PutTensors"));
+  const std::vector<std::string> constant = Strs(r.run_constant());
+  const std::string run_id = Str(r.run_id());
+  for (const auto& c : constant) {
+    if (run_id.empty()) return InvalidArgumentError("PutTensors: run-constant tensors need a run id");
+    bool found = false;
+    for (const auto& [n, t] : tensors) found = found || n == c;
+    if (!found) return InvalidArgumentError("PutTensors: run-constant '" + c + "' is not among the tensors sent");
+  }
+  uint64_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    Job& j = jobs[job];
+    for (auto& [name, t] : tensors) {
+      bytes += internal::TensorBytes(t);
+      if (device.is_cuda()) t = t.to(device);
+      if (std::find(constant.begin(), constant.end(), name) != constant.end()) runs[run_id][name] = t;
+      j.tensors[name] = t;
+    }
+    UpdateActivationGaugeLocked();
+  }
+  const std::string src = Src(task.conn);
+  m->transfer_bytes.Add({{"src", src}, {"dst", config.id}, {"kind", "activations"}})
+      .Increment(static_cast<double>(bytes));
+  m->transfer_duration
+      .Add({{"src", src}, {"dst", config.id}, {"kind", "activations"}}, metrics::DurationBuckets())
+      .Observe(Seconds(Clock::now() - task.received));
+  return Ack(task, out);
+}
+
+namespace {
+// Descriptors plus zero-copy frames for tensors going out in a reply.
+flatbuffers::Offset<flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>> FrameTensors(
+    flatbuffers::FlatBufferBuilder& fbb, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+    Frames& data) {
+  std::vector<flatbuffers::Offset<wire::TensorDesc>> descs;
+  for (const auto& [name, t0] : tensors) {
+    at::Tensor t = t0.to(at::kCPU).contiguous();
+    const uint64_t bytes = internal::TensorBytes(t);
+    uint32_t frame = 0;
+    auto kind = wire::PayloadKind::None;
+    if (bytes > 0) {
+      data.push_back(transport::ZeroCopyMessage(t.data_ptr(), bytes, std::make_shared<at::Tensor>(t)));
+      frame = static_cast<uint32_t>(data.size());
+      kind = wire::PayloadKind::Frame;
+    }
+    descs.push_back(wire::CreateTensorDesc(fbb, fbb.CreateString(name), internal::FromScalarType(t.scalar_type()),
+                                           fbb.CreateVector(internal::ShapeOf(t)), bytes, kind, frame));
+  }
+  return fbb.CreateVector(descs);
+}
+}  // namespace
+
+Status WorkerServer::Impl::HandleGetTensors(Task& task, const wire::GetTensorsRequest& r, Frames& out) {
+  const std::string job = Str(r.job());
+  std::vector<std::pair<std::string, at::Tensor>> found;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = jobs.find(job);
+    if (it == jobs.end()) return NotFoundError("job '" + job + "' has no tensors on " + config.id);
+    for (const auto& name : Strs(r.names())) {
+      auto t = it->second.tensors.find(name);
+      if (t == it->second.tensors.end()) {
+        std::string have;
+        for (const auto& [n, _] : it->second.tensors) have += (have.empty() ? "" : ", ") + n;
+        return NotFoundError("job '" + job + "' has no tensor '" + name + "' on " + config.id +
+                             " (it has: " + have + ")");
+      }
+      found.emplace_back(name, t->second);
+    }
+  }
+  for (const auto& [name, t] : found) {
+    if (internal::FromScalarType(t.scalar_type()) == wire::DType::Invalid) {
+      return UnimplementedError("tensor '" + name + "' has a dtype the wire format cannot carry");
+    }
+  }
+  flatbuffers::FlatBufferBuilder fbb;
+  Frames data;
+  auto descs = FrameTensors(fbb, found, data);
+  auto body = wire::CreateTensorsResponse(fbb, descs, 0);
+  return Reply(task, fbb, wire::WorkerResponseBody::TensorsResponse, body.Union(), std::move(data), out);
+}
+
+Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequest& r, Frames& out) {
+  const std::string job = Str(r.job()), model_name = Str(r.model()), run_id = Str(r.run_id());
+  const uint32_t depth = std::clamp<uint32_t>(r.prefetch_depth(), 1, 16);
+  struct Step {
+    std::string block;
+    size_t index = 0;
+    std::string donor;
+  };
+  std::vector<Step> steps;
+  std::shared_ptr<models::Model> model;
+  models::TensorMap state;
+  std::set<std::string> from_cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = models_.find(model_name);
+    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    model = it->second.model;
+    auto j = jobs.find(job);
+    if (j == jobs.end()) return NotFoundError("job '" + job + "' has no tensors on " + config.id + " (PutTensors first)");
+    state = j->second.tensors;
+    if (!run_id.empty()) {
+      auto run = runs.find(run_id);
+      if (run != runs.end()) {
+        for (const auto& [n, t] : run->second) {
+          if (state.emplace(n, t).second) from_cache.insert(n);
+        }
+      }
+    }
+    if (r.steps()) {
+      for (const auto* s : *r.steps()) {
+        Step step;
+        step.block = Str(s->block());
+        auto idx = it->second.index.find(step.block);
+        if (idx == it->second.index.end()) {
+          return NotFoundError("model '" + model_name + "' has no block '" + step.block + "'");
+        }
+        step.index = idx->second;
+        if (s->site() == wire::WeightSite::Stream) {
+          step.donor = Str(s->donor());
+          if (step.donor.empty()) return InvalidArgumentError("streamed block '" + step.block + "' names no donor");
+        } else if (it->second.blocks.count(step.block) == 0) {
+          return NotFoundError("block '" + step.block + "' of model '" + model_name + "' is not resident on " +
+                               config.id + "; load it here or stream it from a donor");
+        }
+        steps.push_back(std::move(step));
+      }
+    }
+    // Pin resident blocks for the duration of the run.
+    for (const auto& step : steps) {
+      if (step.donor.empty()) ++it->second.blocks.at(step.block).pins;
+    }
+  }
+  auto unpin = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = models_.find(model_name);
+    if (it == models_.end()) return;
+    for (const auto& step : steps) {
+      if (!step.donor.empty()) continue;
+      auto b = it->second.blocks.find(step.block);
+      if (b != it->second.blocks.end()) --b->second.pins;
+    }
+  };
+  struct Unpin {
+    std::function<void()> f;
+    ~Unpin() { f(); }
+  } unpin_guard{unpin};
+
+  // Prefetch thread: pulls the weights of the next `depth` streamed blocks while we compute.
+  struct Fetched {
+    Status status;
+    models::TensorMap weights;
+    uint64_t lease = 0;
+    uint64_t bytes = 0;
+    std::shared_ptr<WorkerClient> donor;
+  };
+  std::mutex pm;
+  std::condition_variable pcv;
+  std::deque<Fetched> ready;
+  bool cancel = false;
+  std::thread prefetch([&] {
+    for (const auto& step : steps) {
+      if (step.donor.empty()) continue;
+      {
+        std::unique_lock<std::mutex> lock(pm);
+        pcv.wait(lock, [&] { return cancel || ready.size() < depth; });
+        if (cancel) return;
+      }
+      Fetched f;
+      const auto t0 = Clock::now();
+      auto donor = Peer(step.donor);
+      if (!donor.ok()) {
+        f.status = donor.status().WithContext("weight donor " + step.donor);
+      } else {
+        f.donor = *donor;
+        auto w = (*donor)->FetchWeights(model_name, step.block);
+        if (!w.ok()) {
+          f.status = w.status().WithContext("fetching block '" + step.block + "' from " + step.donor);
+          if (w.status().code() == StatusCode::kUnavailable ||
+              w.status().code() == StatusCode::kDeadlineExceeded) {
+            DropPeer(step.donor);
+          }
+        } else {
+          f.lease = w->lease;
+          f.bytes = w->bytes;
+          for (auto& t : w->tensors) {
+            at::Tensor wt = internal::WrapBytes(t.data, t.dtype, t.shape, t.owner);
+            if (device.is_cuda()) wt = wt.to(device);
+            f.weights[t.name] = std::move(wt);
+          }
+          const std::string src = f.donor->peer().device.empty() ? step.donor : f.donor->peer().device;
+          m->transfer_bytes.Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}})
+              .Increment(static_cast<double>(f.bytes));
+          m->transfer_duration
+              .Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}}, metrics::DurationBuckets())
+              .Observe(Seconds(Clock::now() - t0));
+        }
+      }
+      const bool failed = !f.status.ok();
+      {
+        std::lock_guard<std::mutex> lock(pm);
+        ready.push_back(std::move(f));
+      }
+      pcv.notify_all();
+      if (failed) return;
+    }
+  });
+  auto release = [&](Fetched& f) {
+    if (f.lease != 0 && f.donor) {
+      f.weights.clear();
+      Status s = f.donor->ReleaseWeights(f.lease);
+      if (!s.ok()) FLEET_LOG(WARNING, "worker") << "releasing weight lease " << f.lease << ": " << s;
+    }
+  };
+  auto stop_prefetch = [&] {
+    {
+      std::lock_guard<std::mutex> lock(pm);
+      cancel = true;
+    }
+    pcv.notify_all();
+    prefetch.join();
+    for (auto& f : ready) release(f);
+    ready.clear();
+  };
+
+  RunBlocksResult result;
+  Status status;
+  for (const auto& step : steps) {
+    models::TensorMap weights;
+    Fetched fetched;
+    if (step.donor.empty()) {
+      std::lock_guard<std::mutex> lock(mu);
+      weights = models_.at(model_name).blocks.at(step.block).weights;
+    } else {
+      const auto t0 = Clock::now();
+      {
+        std::unique_lock<std::mutex> lock(pm);
+        pcv.wait(lock, [&] { return !ready.empty(); });
+        fetched = std::move(ready.front());
+        ready.pop_front();
+      }
+      pcv.notify_all();
+      result.prefetch_stall_seconds += Seconds(Clock::now() - t0);
+      if (!fetched.status.ok()) {
+        status = fetched.status;
+        break;
+      }
+      result.streamed_bytes += fetched.bytes;
+      weights = std::move(fetched.weights);
+    }
+    const auto t0 = Clock::now();
+    status = model->RunBlock(step.index, weights, state);
+    const double dt = Seconds(Clock::now() - t0);
+    weights.clear();
+    if (!step.donor.empty()) release(fetched);
+    if (!status.ok()) break;
+    result.compute_seconds += dt;
+    ++result.blocks_run;
+    m->block_compute_duration
+        .Add({{"device", config.id}, {"model", model_name}, {"block", step.block}}, metrics::DurationBuckets())
+        .Observe(dt);
+  }
+  stop_prefetch();
+  m->prefetch_stall.Add({{"device", config.id}, {"model", model_name}}).Increment(result.prefetch_stall_seconds);
+  FLEET_RETURN_IF_ERROR(status.WithContext("RunBlocks of job '" + job + "'"));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    Job& j = jobs[job];
+    for (auto& [name, t] : state) {
+      if (from_cache.count(name) != 0 && runs.count(run_id) != 0) {
+        auto c = runs[run_id].find(name);
+        if (c != runs[run_id].end() && c->second.is_same(t)) continue;  // unchanged constant
+      }
+      j.tensors[name] = t;
+    }
+    UpdateActivationGaugeLocked();
+  }
+  flatbuffers::FlatBufferBuilder fbb;
+  auto body = wire::CreateRunBlocksResponse(fbb, result.blocks_run, result.compute_seconds,
+                                            result.prefetch_stall_seconds, result.streamed_bytes);
+  return Reply(task, fbb, wire::WorkerResponseBody::RunBlocksResponse, body.Union(), {}, out);
+}
+
+Status WorkerServer::Impl::HandleSendTensors(Task& task, const wire::SendTensorsRequest& r, Frames& out) {
+  const std::string job = Str(r.job()), peer = Str(r.peer()), peer_job = Str(r.peer_job());
+  FLEET_RETURN_IF_ERROR(CheckName(peer, "SendTensors: peer endpoint"));
+  FLEET_RETURN_IF_ERROR(CheckName(peer_job, "SendTensors: peer job"));
+  std::vector<HostTensor> hosts;
+  uint64_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = jobs.find(job);
+    if (it == jobs.end()) return NotFoundError("job '" + job + "' has no tensors on " + config.id);
+    for (const auto& name : Strs(r.names())) {
+      auto t = it->second.tensors.find(name);
+      if (t == it->second.tensors.end()) {
+        return NotFoundError("job '" + job + "' has no tensor '" + name + "' on " + config.id);
+      }
+      at::Tensor c = t->second.to(at::kCPU).contiguous();
+      HostTensor h;
+      h.name = name;
+      h.dtype = internal::FromScalarType(c.scalar_type());
+      if (h.dtype == wire::DType::Invalid) {
+        return UnimplementedError("tensor '" + name + "' has a dtype the wire format cannot carry");
+      }
+      h.shape = internal::ShapeOf(c);
+      h.nbytes = internal::TensorBytes(c);
+      h.data = static_cast<const uint8_t*>(c.data_ptr());
+      h.owner = std::make_shared<at::Tensor>(c);
+      bytes += h.nbytes;
+      hosts.push_back(std::move(h));
+    }
+  }
+  FLEET_ASSIGN_OR_RETURN(auto client, Peer(peer));
+  const auto t0 = Clock::now();
+  Status s = client->PutTensors(peer_job, hosts);
+  if (!s.ok()) {
+    if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) DropPeer(peer);
+    return s.WithContext("sending to " + peer);
+  }
+  flatbuffers::FlatBufferBuilder fbb;
+  auto body = wire::CreateSendTensorsResponse(fbb, bytes, fbb.CreateString(client->uses_shm() ? "shm" : "frames"),
+                                              Seconds(Clock::now() - t0));
+  return Reply(task, fbb, wire::WorkerResponseBody::SendTensorsResponse, body.Union(), {}, out);
+}
+
+Status WorkerServer::Impl::HandleFetchWeights(Task& task, const wire::FetchWeightsRequest& r, Frames& out) {
+  const std::string model_name = Str(r.model()), block_name = Str(r.block());
+  flatbuffers::FlatBufferBuilder fbb;
+  Frames data;
+  uint64_t lease = 0;
+  flatbuffers::Offset<flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>> descs;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = models_.find(model_name);
+    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    auto b = it->second.blocks.find(block_name);
+    if (b == it->second.blocks.end()) {
+      return NotFoundError("block '" + block_name + "' of model '" + model_name + "' is not resident on " + config.id);
+    }
+    Block& block = b->second;
+    const bool shm = (task.conn.caps & protocol::kCapShm) != 0 && arena != nullptr &&
+                     block.arena_offsets.size() == block.weights.size();
+    if (shm) {
+      lease = next_lease++;
+      leases[lease] = {model_name, block_name};
+      ++block.pins;
+      std::vector<flatbuffers::Offset<wire::TensorDesc>> v;
+      for (const auto& [name, t] : block.weights) {
+        v.push_back(wire::CreateTensorDesc(fbb, fbb.CreateString(name), internal::FromScalarType(t.scalar_type()),
+                                           fbb.CreateVector(internal::ShapeOf(t)), internal::TensorBytes(t),
+                                           wire::PayloadKind::ShmDonor, 0, block.arena_offsets.at(name)));
+      }
+      descs = fbb.CreateVector(v);
+    } else {
+      std::vector<std::pair<std::string, at::Tensor>> tensors(block.weights.begin(), block.weights.end());
+      descs = FrameTensors(fbb, tensors, data);
+    }
+  }
+  auto body = wire::CreateTensorsResponse(fbb, descs, lease);
+  return Reply(task, fbb, wire::WorkerResponseBody::TensorsResponse, body.Union(), std::move(data), out);
+}
+
+Status WorkerServer::Impl::HandleReleaseWeights(Task& task, const wire::ReleaseWeightsRequest& r, Frames& out) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = leases.find(r.lease());
+    if (it == leases.end()) return NotFoundError("weight lease " + std::to_string(r.lease()) + " is not held");
+    auto model = models_.find(it->second.model);
+    if (model != models_.end()) {
+      auto b = model->second.blocks.find(it->second.block);
+      if (b != model->second.blocks.end()) --b->second.pins;
+    }
+    leases.erase(it);
+  }
+  return Ack(task, out);
+}
+
+Status WorkerServer::Impl::HandleDropJob(Task& task, const wire::DropJobRequest& r, Frames& out) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    jobs.erase(Str(r.job()));  // idempotent: dropping an unknown job is fine
+    UpdateActivationGaugeLocked();
+  }
+  return Ack(task, out);
+}
+
+Status WorkerServer::Impl::HandleEndRun(Task& task, const wire::EndRunRequest& r, Frames& out) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    runs.erase(Str(r.run_id()));
+    UpdateActivationGaugeLocked();
+  }
+  return Ack(task, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Heartbeats
+
+void WorkerServer::Impl::HeartbeatLoop() {
+  zmq::socket_t dealer(transport::Context(), zmq::socket_type::dealer);
+  transport::SocketOptions so;
+  so.curve = config.curve.enabled() ? &config.curve : nullptr;
+  so.sndhwm = 4;  // never queue more than a few beats for a coordinator that is away
+  if (!transport::ConfigureSocket(dealer, so).ok() || !transport::Connect(dealer, config.coordinator).ok()) {
+    FLEET_LOG(ERROR, "worker") << "cannot connect to coordinator " << config.coordinator;
+    return;
+  }
+  auto send = [&](flatbuffers::FlatBufferBuilder& fbb) {
+    zmq::message_t msg(fbb.GetBufferPointer(), fbb.GetSize());
+    try {
+      (void)dealer.send(msg, zmq::send_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      FLEET_VLOG(1, "worker") << "heartbeat not sent: " << e.what();
+    }
+  };
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    const auto info = config.backing == "cpu" ? device::DiscoverCpu() : device::DeviceInfo{};
+    auto reg = wire::CreateRegister(fbb, protocol::BuildHello(fbb, hello), fbb.CreateString(endpoint),
+                                    fbb.CreateString(config.id), fbb.CreateString(config.backing),
+                                    config.total_bytes, config.capacity_bytes,
+                                    fbb.CreateString(info.name.empty() ? config.backing : info.name),
+                                    fbb.CreateString(metrics_server ? metrics_server->address() : ""));
+    fbb.Finish(wire::CreateWorkerEvent(fbb, wire::WorkerEventBody::Register, reg.Union()),
+               protocol::kEventIdentifier);
+    send(fbb);
+  }
+  uint64_t sequence = 0;
+  auto next = Clock::now() + config.heartbeat_interval;
+  while (!stop) {
+    if (Clock::now() < next) {
+      std::this_thread::sleep_for(std::min<Clock::duration>(next - Clock::now(), std::chrono::milliseconds(50)));
+      continue;
+    }
+    next += config.heartbeat_interval;
+    flatbuffers::FlatBufferBuilder fbb;
+    auto stats = BuildStats(fbb);
+    auto beat = wire::CreateHeartbeat(fbb, ++sequence, stats);
+    fbb.Finish(wire::CreateWorkerEvent(fbb, wire::WorkerEventBody::Heartbeat, beat.Union()),
+               protocol::kEventIdentifier);
+    send(fbb);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WorkerServer
+
+WorkerServer::WorkerServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+WorkerServer::~WorkerServer() {
+  Stop();
+  if (impl_->heartbeat.joinable()) impl_->heartbeat.join();
+  {
+    std::lock_guard<std::mutex> lock(impl_->queue_mu);
+    impl_->queue_closed = true;
+  }
+  impl_->queue_cv.notify_all();
+  for (auto& t : impl_->pool) {
+    if (t.joinable()) t.join();
+  }
+}
+
+const std::string& WorkerServer::endpoint() const { return impl_->endpoint; }
+
+const std::string& WorkerServer::metrics_address() const {
+  static const std::string kNone;
+  return impl_->metrics_server ? impl_->metrics_server->address() : kNone;
+}
+
+std::string WorkerServer::arena_name() const { return impl_->arena ? impl_->arena->name() : ""; }
+
+std::string WorkerServer::ReadyLine() const {
+  return "fleet-worker ready id=" + impl_->config.id + " listen=" + endpoint() +
+         " metrics=" + (metrics_address().empty() ? "off" : metrics_address()) +
+         " shm=" + (arena_name().empty() ? "off" : arena_name());
+}
+
+void WorkerServer::Stop() { impl_->stop = true; }
+
+void WorkerServer::Run() {
+  impl_->IoLoop();
+  {
+    std::lock_guard<std::mutex> lock(impl_->queue_mu);
+    impl_->queue_closed = true;
+  }
+  impl_->queue_cv.notify_all();
+  for (auto& t : impl_->pool) {
+    if (t.joinable()) t.join();
+  }
+  if (impl_->heartbeat.joinable()) impl_->heartbeat.join();
+}
+
+StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config) {
+  auto impl = std::make_unique<Impl>();
+  FLEET_ASSIGN_OR_RETURN(device::DeviceId id, device::DeviceId::Parse(config.id));
+  config.id = id.ToString();
+  if (config.backing != "cpu") {
+    FLEET_ASSIGN_OR_RETURN(device::DeviceId backing, device::DeviceId::Parse(config.backing));
+    if (backing.kind != device::Kind::kCuda) {
+      return InvalidArgumentError("--backing '" + config.backing + "': expected cpu or cuda:N");
+    }
+    if (!at::hasCUDA()) {
+      return FailedPreconditionError("--backing " + config.backing +
+                                     " needs a CUDA build of libtorch; this one is CPU-only "
+                                     "(emulate the device with --backing cpu)");
+    }
+    config.backing = backing.ToString();
+    impl->device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(backing.index));
+  }
+  if (config.total_bytes == 0) {
+    if (config.backing == "cpu") {
+      config.total_bytes = device::DiscoverCpu().total_bytes;
+    } else {
+      for (const auto& d : device::DiscoverCuda()) {
+        if (d.id.ToString() == config.backing) config.total_bytes = d.total_bytes;
+      }
+      if (config.total_bytes == 0) {
+        return NotFoundError("backing " + config.backing + " is not a visible CUDA device; give --total");
+      }
+    }
+  }
+  if (config.capacity_bytes == 0) config.capacity_bytes = config.total_bytes - device::DefaultReserve(config.total_bytes);
+  if (config.capacity_bytes > config.total_bytes) {
+    return InvalidArgumentError("--capacity " + config::FormatBytes(config.capacity_bytes) +
+                                " exceeds --total " + config::FormatBytes(config.total_bytes));
+  }
+  if (config.threads < 2) config.threads = 2;  // a peer request may arrive while we wait on a peer
+  if (config.max_message_bytes == 0) return InvalidArgumentError("--max-message-bytes must be positive");
+  impl->limits.max_message_bytes = config.max_message_bytes;
+  at::set_num_threads(std::max(1, config.compute_threads));
+
+  if (config.shm) {
+    static std::atomic<int> counter{0};
+    std::string safe_id = config.id;
+    for (char& c : safe_id) {
+      if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+    }
+    const std::string name = "fleet-worker-" + safe_id + "-" + std::to_string(getpid()) + "-" +
+                             std::to_string(counter++);
+    const uint64_t weights = impl->device.is_cuda() ? 0
+                             : config.shm_arena_bytes ? config.shm_arena_bytes
+                                                      : config.capacity_bytes;
+    FLEET_ASSIGN_OR_RETURN(impl->arena, transport::ShmArena::Create(name, config.shm_staging_bytes, weights));
+    impl->receiver = std::make_unique<transport::ShmReceiver>(impl->arena, std::chrono::seconds(60));
+  }
+  if (config.curve.enabled()) {
+    if (config.curve_authorized.empty()) config.curve_authorized.insert(config.curve.public_key);
+    FLEET_ASSIGN_OR_RETURN(impl->zap, transport::ZapAuthenticator::Start(config.curve_authorized));
+  }
+
+  impl->router = zmq::socket_t(transport::Context(), zmq::socket_type::router);
+  transport::SocketOptions so;
+  so.curve = &config.curve;
+  so.server = true;
+  so.max_message_bytes = config.max_message_bytes;
+  FLEET_RETURN_IF_ERROR(transport::ConfigureSocket(impl->router, so));
+  FLEET_ASSIGN_OR_RETURN(impl->endpoint, transport::Bind(impl->router, config.listen));
+  impl->replies_pull = zmq::socket_t(transport::Context(), zmq::socket_type::pull);
+  impl->replies_pull.set(zmq::sockopt::linger, 0);
+  impl->replies_endpoint = "inproc://fleet-worker-replies-" + std::to_string(reinterpret_cast<uintptr_t>(impl.get()));
+  FLEET_RETURN_IF_ERROR(transport::Bind(impl->replies_pull, impl->replies_endpoint).status());
+
+  impl->hello.peer_name = "worker " + config.id;
+  impl->hello.device = config.id;
+  impl->hello.host_id = protocol::HostId();
+  impl->hello.shm_arena = impl->arena ? impl->arena->name() : "";
+  impl->hello.max_message_bytes = config.max_message_bytes;
+  impl->hello.capabilities = (impl->arena ? protocol::kCapShm : 0) | (config.curve.enabled() ? protocol::kCapCurve : 0);
+
+  impl->m = std::make_unique<metrics::WorkerMetrics>(*impl->registry);
+  impl->m->info.Add({{"device", config.id}, {"backing", config.backing}, {"version", metrics::Version()}}).Set(1);
+  impl->m->capacity_bytes.Add({{"device", config.id}}).Set(static_cast<double>(config.capacity_bytes));
+  impl->m->total_bytes.Add({{"device", config.id}}).Set(static_cast<double>(config.total_bytes));
+  impl->m->shm_arena_bytes.Add({{"device", config.id}}).Set(impl->arena ? static_cast<double>(impl->arena->size()) : 0);
+  impl->m->activation_bytes.Add({{"device", config.id}}).Set(0);
+  if (!config.metrics_listen.empty()) {
+    FLEET_ASSIGN_OR_RETURN(impl->metrics_server, metrics::MetricsServer::Start(config.metrics_listen, impl->registry));
+  }
+  impl->config = std::move(config);
+  Impl* p = impl.get();
+  for (int i = 0; i < p->config.threads; ++i) p->pool.emplace_back([p] { p->HandlerLoop(); });
+  if (!p->config.coordinator.empty()) p->heartbeat = std::thread([p] { p->HeartbeatLoop(); });
+  return std::make_unique<WorkerServer>(std::move(impl));
+}
+
+}  // namespace fleet::worker
