@@ -240,3 +240,47 @@ def test_run_id_follows_the_constant_inputs():
     assert model_mod.run_id_for("m", a) != model_mod.run_id_for("n", a)
     assert model_mod.run_id_for("m", a) != model_mod.run_id_for(
         "m", {"context": a["context"].to(torch.float16), "y": a["y"]})
+
+
+def _widget_inputs(cls):
+    """Widget inputs in the order ComfyUI's frontend serialises widgets_values (required, then
+    optional; combos, numbers, strings and booleans are widgets)."""
+    types = cls.INPUT_TYPES()
+    out = []
+    for group in ("required", "optional"):
+        for name, spec in types.get(group, {}).items():
+            if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                out.append((name, spec))
+    return out
+
+
+@pytest.mark.parametrize("fname", sorted(os.listdir(os.path.join(REPO, "comfyui",
+                                                                 "example_workflows"))))
+def test_example_workflows_match_the_nodes(models_dir, fname):
+    with open(os.path.join(REPO, "comfyui", "example_workflows", fname)) as f:
+        wf = json.load(f)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    ours = [n for n in nodes.values() if n["type"] in PKG.NODE_CLASS_MAPPINGS]
+    assert ours, "%s uses no Tensorfleet node" % fname
+    for n in ours:
+        widgets = _widget_inputs(PKG.NODE_CLASS_MAPPINGS[n["type"]])
+        assert len(n["widgets_values"]) == len(widgets), n["type"]
+        for (name, spec), value in zip(widgets, n["widgets_values"]):
+            if name == "unet_name":
+                assert value.endswith(".safetensors")
+            elif isinstance(spec[0], list):
+                assert value in spec[0], (name, value)
+            elif spec[0] == "FLOAT":
+                assert spec[1]["min"] <= value <= spec[1]["max"], (name, value)
+            elif spec[0] == "BOOLEAN":
+                assert isinstance(value, bool), name
+            else:
+                assert isinstance(value, str), name
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:
+        assert lid in nodes[src]["outputs"][sslot]["links"]
+        assert nodes[dst]["inputs"][dslot]["link"] == lid
+        assert nodes[src]["outputs"][sslot]["type"] == typ == nodes[dst]["inputs"][dslot]["type"]
+    # the loader's MODEL feeds the sampler
+    sampler = next(n for n in nodes.values() if n["type"] == "KSampler")
+    model_link = sampler["inputs"][0]["link"]
+    assert next(l for l in wf["links"] if l[0] == model_link)[1] == ours[0]["id"]
