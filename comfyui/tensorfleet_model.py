@@ -98,7 +98,7 @@ def describe_flux(info, spec_dtype, local_path):
     """Everything ComfyUI needs to know about the loaded model, from what the coordinator
     reported (ModelInfo.family, plan_json) and, when the file is readable here, its header.
 
-    Returns a dict: guidance_embed, in_channels, out_channels, vec_in_dim, depth,
+    Returns a dict: guidance_embed, in_channels, out_channels, vec_in_dim, hidden_size, depth,
     depth_single_blocks, dtype (torch), weight_names (real key names, no prefix).
     """
     if info.family and info.family != "flux":
@@ -121,6 +121,9 @@ def describe_flux(info, spec_dtype, local_path):
         if key == "in_channels":
             w = header.get(prefix + "img_in.weight")
             return w["shape"][1] // 4 if w else None
+        if key == "hidden_size":
+            w = header.get(prefix + "img_in.weight")
+            return w["shape"][0] if w else None
         if key == "out_channels":
             w = header.get(prefix + "final_layer.linear.weight")
             return w["shape"][0] // 4 if w else None
@@ -134,10 +137,9 @@ def describe_flux(info, spec_dtype, local_path):
         return None
 
     cfg = {}
-    defaults = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "depth": 19,
-                "depth_single_blocks": 38}
-    for key in ("guidance_embed", "in_channels", "out_channels", "vec_in_dim", "depth",
-                "depth_single_blocks"):
+    defaults = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "hidden_size": 3072,
+                "depth": 19, "depth_single_blocks": 38}
+    for key in ("guidance_embed",) + tuple(defaults):
         value = _find_key(plan, key)
         if value is None:
             value = from_header(key)
@@ -304,7 +306,8 @@ def build_model_patcher(client_for, address, spec, info, local_path):
     cfg = describe_flux(info, spec.dtype, local_path)
     unet_config = {"image_model": "flux", "guidance_embed": cfg["guidance_embed"],
                    "in_channels": cfg["in_channels"], "out_channels": cfg["out_channels"],
-                   "vec_in_dim": cfg["vec_in_dim"], "context_in_dim": 4096, "patch_size": 2,
+                   "vec_in_dim": cfg["vec_in_dim"], "hidden_size": cfg["hidden_size"],
+                   "patch_size": 2,
                    "depth": cfg["depth"], "depth_single_blocks": cfg["depth_single_blocks"],
                    "disable_unet_model_creation": True}
     config_cls = (comfy.supported_models.Flux if cfg["guidance_embed"]

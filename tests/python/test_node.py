@@ -222,7 +222,8 @@ def test_describe_flux_from_the_file_header(tmp_path):
                         keep_loaded=True, error="", plan_json="{}")
     cfg = model_mod.describe_flux(info, "default", str(p))
     assert (cfg["guidance_embed"], cfg["depth"], cfg["depth_single_blocks"], cfg["in_channels"],
-            cfg["vec_in_dim"], cfg["dtype"]) == (False, 3, 5, 16, 96, torch.float16)
+            cfg["vec_in_dim"], cfg["hidden_size"], cfg["dtype"]) == \
+        (False, 3, 5, 16, 96, 64, torch.float16)
     assert sorted(cfg["weight_names"]) == sorted(names)
     with pytest.raises(tf.TensorfleetError, match="cannot tell whether 'm' is Flux dev or "):
         model_mod.describe_flux(info, "default", None)
