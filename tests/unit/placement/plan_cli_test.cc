@@ -1,0 +1,193 @@
+// `fleet plan` end to end: runs the real `fleet` binary on built-in examples, a --units file and
+// a small safetensors model file, and checks tables, JSON, --explain and the exit status 2 with
+// one clear stderr line for invalid input.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Outcome {
+  int status = -1;
+  std::string out;
+  std::string err;
+};
+
+class PlanCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* build = std::getenv("FLEET_BUILD_DIR");
+    ASSERT_NE(build, nullptr) << "FLEET_BUILD_DIR is not set (run through ctest)";
+    fleet_ = std::string(build) + "/bin/fleet";
+    ASSERT_EQ(access(fleet_.c_str(), X_OK), 0) << fleet_ << " is missing: build target fleet";
+    char tmpl[] = "/tmp/fleet_plan_cli_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    if (!dir_.empty()) std::system(("rm -rf '" + dir_ + "'").c_str());
+  }
+
+  static std::string Slurp(const std::string& path) {
+    std::ifstream in(path);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  }
+
+  std::string Write(const std::string& name, const std::string& bytes) {
+    std::string path = dir_ + "/" + name;
+    std::ofstream(path, std::ios::binary) << bytes;
+    return path;
+  }
+
+  // Runs `fleet plan <args>`; arguments are single-quoted for the shell.
+  Outcome Plan(const std::vector<std::string>& args) {
+    std::string cmd = "'" + fleet_ + "' plan";
+    for (const auto& a : args) cmd += " '" + a + "'";
+    cmd += " >'" + dir_ + "/out' 2>'" + dir_ + "/err'";
+    Outcome r;
+    int raw = std::system(cmd.c_str());
+    r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+    r.out = Slurp(dir_ + "/out");
+    r.err = Slurp(dir_ + "/err");
+    return r;
+  }
+
+  std::string fleet_;
+  std::string dir_;
+};
+
+TEST_F(PlanCliTest, ExampleTablesAndExplain) {
+  Outcome r = Plan({"--example", "flux-dev", "--devices", "cuda:0=24gb,cuda:1=12gb,cpu=64gb",
+                    "--expert-mode-allocations", "cuda:0,8gb;cuda:1,8gb;cpu,*", "--explain"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(r.err.empty()) << r.err;
+  EXPECT_NE(r.out.find("Plan: bytes mode, compute device cuda:0"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("img_in..txt_in (5, pinned)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("v2 Expert String: cuda:0,"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[pinned-units]"), std::string::npos) << r.out;
+}
+
+TEST_F(PlanCliTest, JsonForPrograms) {
+  Outcome r = Plan({"--example", "wan21-14b", "--devices", "cuda:0=24gb,cuda:1=24gb,cpu=64gb",
+                    "--virtual-vram-gb", "14", "--donor-device", "cuda:1", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["devices"].size(), 3u);
+  EXPECT_EQ(j["devices"][0]["id"], "cuda:0");
+  EXPECT_EQ(j["assignments"].size(), 45u);
+  uint64_t sum = 0;
+  for (const auto& d : j["devices"]) sum += d["bytes"].get<uint64_t>();
+  EXPECT_EQ(sum, j["model_bytes"].get<uint64_t>());
+  EXPECT_EQ(j["devices"][2]["bytes"], 0) << "nothing on cpu with a GPU donor";
+  EXPECT_EQ(j["assignments"][0]["unit"], "patch_embedding");
+  EXPECT_EQ(j["assignments"][0]["device"], "cuda:0");
+  EXPECT_TRUE(j["expert_string"].is_string());
+  EXPECT_TRUE(j["warnings"].is_array());
+}
+
+TEST_F(PlanCliTest, UnitsFileGetsTheFamilyPins) {
+  std::string units = Write("units.json", R"([
+    {"name": "img_in", "bytes": "1mb"}, {"name": "txt_in", "bytes": 1048576},
+    {"name": "double_blocks.0", "bytes": "2gb"}, {"name": "double_blocks.1", "bytes": "2gb"},
+    {"name": "final_layer", "bytes": "16mb"}])");
+  Outcome r = Plan({"--units", units, "--devices", "cuda:0=8gb,cpu=16gb",
+                    "--expert-mode-allocations", "cpu,*", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["assignments"][0]["device"], "cuda:0");
+  EXPECT_EQ(j["assignments"][0]["pinned"], true);
+  EXPECT_EQ(j["assignments"][2]["device"], "cpu");
+  Outcome none = Plan({"--units", units, "--devices", "cuda:0=8gb,cpu=16gb",
+                       "--expert-mode-allocations", "cpu,*", "--family", "none", "--json"});
+  ASSERT_EQ(none.status, 0) << none.err;
+  EXPECT_EQ(nlohmann::json::parse(none.out)["assignments"][0]["device"], "cpu");
+}
+
+// A small Flux-layout safetensors file (names as ComfyUI saves them), read by fleet::formats.
+TEST_F(PlanCliTest, ModelFile) {
+  struct T {
+    const char* name;
+    std::vector<int> shape;
+  } tensors[] = {{"model.diffusion_model.img_in.weight", {4, 8}},
+                 {"model.diffusion_model.txt_in.weight", {4, 2}},
+                 {"model.diffusion_model.vector_in.in_layer.weight", {4, 2}},
+                 {"model.diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale", {2}},
+                 {"model.diffusion_model.double_blocks.0.img_mlp.0.weight", {8, 4}},
+                 {"model.diffusion_model.single_blocks.0.linear1.weight", {2}},
+                 {"model.diffusion_model.final_layer.linear.weight", {8, 4}}};
+  nlohmann::ordered_json header;
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    uint64_t n = 4;
+    for (int d : t.shape) n *= static_cast<uint64_t>(d);
+    header[t.name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + n}}};
+    offset += n;
+  }
+  header["__metadata__"] = {{"fleet.axes_dim", "[2]"}};
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[i] = static_cast<char>((h.size() >> (8 * i)) & 0xff);
+  file += h + std::string(offset, '\0');
+  std::string path = Write("tiny-flux.safetensors", file);
+  Outcome r = Plan({path, "--devices", "cuda:0=24gb,cpu=64gb", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["assignments"][0]["unit"], "stem");
+  EXPECT_EQ(j["assignments"][0]["device"], "cuda:0");
+  EXPECT_EQ(j["assignments"][0]["pinned"], true);
+  EXPECT_EQ(j["model_bytes"], offset);
+
+  Outcome bad = Plan({Write("garbage.safetensors", "not a model"), "--devices", "cpu=1gb",
+                      "--compute-device", "cpu"});
+  EXPECT_EQ(bad.status, 2);
+  EXPECT_NE(bad.err.find("garbage.safetensors"), std::string::npos) << bad.err;
+}
+
+TEST_F(PlanCliTest, InvalidInputExitsTwoWithOneLine) {
+  const std::string devices = "cuda:0=24gb,cpu=64gb";
+  struct Case {
+    std::vector<std::string> args;
+    const char* has;
+  } cases[] = {
+      {{"--example", "flux-dev", "--devices", devices, "--expert-mode-allocations",
+        "cuda:0,4tbx;cpu,*"},
+       "entry 1 'cuda:0,4tbx' at character 1"},
+      {{"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0"}, "missing"},
+      {{"--example", "flux-dev", "--devices", devices, "--coordinator", "tcp://127.0.0.1:1"},
+       "--coordinator is not available yet"},
+      {{"--example", "flux-dev"}, "--devices is required"},
+      {{"--example", "flux-dev", "--devices", "cuda:0=24gb,cuda:0=8gb"}, "listed twice"},
+      {{"--example", "sd15", "--devices", devices}, "unknown example 'sd15'"},
+      {{"--example", "flux-dev", "--units", "x.json", "--devices", devices}, "exactly one of"},
+      {{"--units", "/nonexistent/units.json", "--devices", devices}, "cannot read"},
+      {{"--example", "flux-dev", "--devices", devices, "--bogus"}, "unknown flag '--bogus'"},
+      {{"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "lots"},
+       "expected a number"},
+      {{"--example", "flux-dev", "--devices", devices, "--family", "sdxl"}, "unknown family"},
+  };
+  for (const auto& c : cases) {
+    Outcome r = Plan(c.args);
+    EXPECT_EQ(r.status, 2) << c.has << "\n" << r.out << r.err;
+    EXPECT_NE(r.err.find(c.has), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "one line expected: " << r.err;
+  }
+  std::string units = Write("bad.json", "[{\"name\": \"a\", \"bytes\": 1},");
+  Outcome r = Plan({"--units", units, "--devices", devices, "--json"});
+  EXPECT_EQ(r.status, 2);
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_NE(j["error"].get<std::string>().find("byte offset"), std::string::npos) << r.out;
+}
+
+}  // namespace
