@@ -127,6 +127,11 @@ class Client:
         except BaseException:
             self._reset()
             raise
+        if reply.kind == "Error":  # e.g. the coordinator refused our protocol version
+            self._reset()
+            code, message = reply.value
+            raise error_from_wire(code, "coordinator at %s refused Hello: %s"
+                                  % (self.address, message), "Hello")
         if reply.kind != "Hello":
             self._reset()
             raise ProtocolError("the coordinator answered Hello with %s" % reply.kind, "Hello")

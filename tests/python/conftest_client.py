@@ -41,7 +41,7 @@ def _s(b):
 class JobPeer:
     """A ROUTER on tcp://127.0.0.1:<port> answering job requests. `port=None` picks one."""
 
-    def __init__(self, port=None, major=1):
+    def __init__(self, port=None, major=1, refuse_hello=None):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -52,6 +52,7 @@ class JobPeer:
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self.major = major
+        self.refuse_hello = refuse_hello  # an error message: answer Hello with Error
         self.requests = []        # (kind, details) in arrival order
         self.runs = {}            # run_id -> {name: ndarray}
         self.helloed = set()
@@ -126,6 +127,9 @@ class JobPeer:
                 h = g.Hello()
                 h.Init(table.Bytes, table.Pos)
                 self.requests.append(("Hello", {"major": h.Major(), "peer": _s(h.PeerName())}))
+                if self.refuse_hello:
+                    self._error(peer, rid, g.ErrorCode.FailedPrecondition, self.refuse_hello)
+                    continue
                 self.helloed.add(peer)
 
                 def hello(b):

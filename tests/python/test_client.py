@@ -44,6 +44,15 @@ def test_hello_is_first_and_version_is_checked(peer):
     finally:
         other.stop()
 
+    # fleet-coordinator itself refuses a foreign major with an Error reply
+    refusing = JobPeer(refuse_hello="peer speaks protocol 1.0, this side 2.0 (major versions "
+                                    "must be equal: upgrade the older side)")
+    try:
+        with pytest.raises(tf.FailedPreconditionError, match="refused Hello: peer speaks"):
+            tf.Client(refusing.endpoint).list_models()
+    finally:
+        refusing.stop()
+
 
 def test_load_plan_list_and_spec_fields(peer):
     with tf.Client(peer.endpoint) as c:
