@@ -1,6 +1,7 @@
 // AVX2 dequantisers, compiled with -mavx2 -mfma -mf16c and chosen at run time. Each one performs
 // the scalar reference's float operations in the same order (multiplies and adds are separate:
 // no FMA), so results are bit-identical.
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
@@ -10,8 +11,18 @@
 namespace fleet::formats::internal {
 
 bool CpuHasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  // cpuid directly: clang 14's __builtin_cpu_supports does not know "f16c".
+  static const bool has = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool fma = c & (1u << 12), osxsave = c & (1u << 27), f16c = c & (1u << 29);
+    if (!fma || !osxsave || !f16c) return false;
+    unsigned lo, hi;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 6) != 6) return false;  // the OS saves xmm and ymm state
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (b & (1u << 5)) != 0;  // AVX2
+  }();
   return has;
 }
 

@@ -295,7 +295,7 @@ class Parser {
       SkipSpace();
       JsonValue value;
       FLEET_RETURN_IF_ERROR(Value(&value, depth + 1));
-      out->members.emplace_back(std::move(key), std::move(value));
+      out->members.push_back(JsonMember{std::move(key), std::move(value)});
       SkipSpace();
       if (AtEnd()) return Error("unterminated object");
       if (Peek() == ',') {

@@ -17,6 +17,8 @@
 
 namespace fleet::formats::internal {
 
+struct JsonMember;
+
 struct JsonValue {
   enum class Kind { kNull, kBool, kNumber, kString, kArray, kObject };
   Kind kind = Kind::kNull;
@@ -26,9 +28,14 @@ struct JsonValue {
   uint64_t uint_value = 0;
   std::string string;        // kString: the decoded text
   std::vector<JsonValue> items;                           // kArray
-  std::vector<std::pair<std::string, JsonValue>> members;  // kObject, in document order
+  std::vector<JsonMember> members;  // kObject, in document order
 
   const JsonValue* Get(std::string_view key) const;
+};
+
+struct JsonMember {
+  std::string first;  // the key
+  JsonValue second;
 };
 
 std::string_view JsonKindName(JsonValue::Kind kind);
