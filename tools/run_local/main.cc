@@ -23,9 +23,9 @@ int Fail(const fleet::Status& s, int code) {
 
 int main(int argc, char** argv) {
   using namespace fleet;
-  models::TuneHostAllocator();
   std::string inputs, out, dtype_text, trace_path;
   int64_t threads = 2, repeat = 1;
+  bool tune_allocator = true;
   config::OptionSet set("fleet-run-local",
                         "Run a whole model in one process: fleet-run-local MODEL --inputs IN "
                         "--out OUT");
@@ -35,7 +35,11 @@ int main(int argc, char** argv) {
   set.Add("threads", &threads, "libtorch intra-op threads");
   set.Add("trace", &trace_path, "Also write the state after every block ('<block>/<name>')");
   set.Add("repeat", &repeat, "Run the forward this many times and print the time of each");
+  set.Add("tune_allocator", &tune_allocator,
+          "Keep freed buffers in the heap (models::TuneHostAllocator); false to measure without");
   std::vector<std::string> positional = set.ParseOrExit(argc, argv);
+  // Before libtorch allocates anything big (weights are views of the mapping).
+  if (tune_allocator) models::TuneHostAllocator();
   if (positional.size() != 1) {
     std::fprintf(stderr, "fleet-run-local: expected one MODEL path, got %zu\n", positional.size());
     return 2;
