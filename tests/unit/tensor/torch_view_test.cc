@@ -13,6 +13,8 @@
 
 #include "fleet/formats/safetensors_writer.h"
 #include "fleet/tensor/torch_view.h"
+#include "../formats/gguf_builder.h"
+#include <fstream>
 
 namespace fleet::tensor {
 namespace {
@@ -143,6 +145,45 @@ TEST_F(TorchViewTest, Fp8UpcastIsExactForEveryByte) {
   }
   EXPECT_EQ(E4M3(0x7e), 448.0);
   EXPECT_EQ(E5M2(0x7b), 57344.0);
+}
+
+TEST_F(TorchViewTest, GgufQuantisedLoadAndPlainView) {
+  formats::testing::GgufBuilder g;
+  g.KvStr("general.architecture", "test");
+  std::vector<uint8_t> q8 = {0x00, 0x3c};  // d = 1.0 (f16)
+  for (int i = 0; i < 32; ++i) q8.push_back(static_cast<uint8_t>(static_cast<int8_t>(i - 3)));
+  g.Tensor("q", 8, {32, 1}, q8);
+  std::vector<uint8_t> h;
+  for (int i = 0; i < 4; ++i) {  // f16 1, 2, 3, 4
+    uint16_t v[] = {0x3c00, 0x4000, 0x4200, 0x4400};
+    h.push_back(static_cast<uint8_t>(v[i]));
+    h.push_back(static_cast<uint8_t>(v[i] >> 8));
+  }
+  g.Tensor("h", 1, {2, 2}, h);
+  auto image = g.Build();
+  {
+    std::ofstream f(dir_ + "/m.gguf", std::ios::binary);
+    f.write(reinterpret_cast<const char*>(image.data()), static_cast<std::streamsize>(image.size()));
+  }
+  auto file = ModelFile::Open(dir_ + "/m.gguf");
+  ASSERT_TRUE(file.ok()) << file.status();
+  const auto* q = (*file)->Find("q");
+  auto view = View(**file, *q);
+  ASSERT_FALSE(view.ok());
+  EXPECT_THAT(std::string(view.status().message()), HasSubstr("block-quantised"));
+  for (auto st : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+    auto t = Load(**file, *q, st);
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ(t->scalar_type(), st);
+    EXPECT_EQ(t->sizes(), (std::vector<int64_t>{1, 32}));
+    at::Tensor d = t->to(at::kDouble);
+    for (int i = 0; i < 32; ++i) EXPECT_EQ(d.data_ptr<double>()[i], i - 3);
+  }
+  auto hv = View(**file, *(*file)->Find("h"));
+  ASSERT_TRUE(hv.ok()) << hv.status();
+  EXPECT_EQ(hv->scalar_type(), at::kHalf);
+  EXPECT_EQ(hv->data_ptr(), (*file)->Data(*(*file)->Find("h")).data());
+  EXPECT_EQ(hv->to(at::kFloat).data_ptr<float>()[3], 4.0f);
 }
 
 TEST(DTypeMappingTest, RoundTripAndGaps) {
