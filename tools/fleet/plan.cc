@@ -123,8 +123,7 @@ int RunPlan(const std::vector<std::string>& args) {
   config::OptionSet set(
       "fleet plan",
       "Plan where a model's blocks live for the DisTorch2 inputs, checked against capacities.\n"
-      "usage: fleet plan [MODEL_FILE | --example NAME | --units FILE.json] --devices LIST "
-      "[DisTorch2 inputs] [--json] [--explain]");
+      "The model: MODEL_FILE, --example NAME or --units FILE.json; the devices: --devices.");
   set.Add("compute_device", &f.compute_device,
           "DisTorch2 compute_device: the device that runs the model");
   set.Add("virtual_vram_gb", &f.virtual_vram_gb,
@@ -152,8 +151,7 @@ int RunPlan(const std::vector<std::string>& args) {
 
   bool json_requested = false;
   for (const auto& a : args) json_requested |= a == "--json" || a == "--json=true";
-  // Only flags: FLEET_* variables such as FLEET_DEVICES belong to other tools.
-  auto parsed = set.Parse(args, [](const std::string&) { return std::optional<std::string>(); });
+  auto parsed = set.Parse(args);
   if (!parsed.ok()) return Fail(json_requested, parsed.status());
   if (parsed->help) {
     std::fputs(set.Usage().c_str(), stdout);
