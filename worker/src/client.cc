@@ -59,8 +59,7 @@ Status WorkerClient::Hello() {
                           protocol::BuildHello(fbb, mine).Union());
   std::lock_guard<std::mutex> lock(mu_);
   FLEET_ASSIGN_OR_RETURN(
-      Reply reply, CallLocked(fbb, {}, std::min<std::chrono::milliseconds>(options_.timeout,
-                                                                          std::chrono::seconds(30))));
+      Reply reply, CallLocked(fbb, {}, std::min(options_.timeout, options_.connect_timeout)));
   const auto* hello = reply.response->body_as_Hello();
   if (hello == nullptr) return InternalError("worker answered Hello with another message");
   peer_ = protocol::ReadHello(*hello);

@@ -208,6 +208,7 @@ struct WorkerServer::Impl {
     o.allow_shm = config.shm;
     o.limits = limits;
     o.timeout = std::chrono::minutes(10);
+    o.connect_timeout = std::chrono::seconds(5);
     FLEET_ASSIGN_OR_RETURN(std::unique_ptr<WorkerClient> c, WorkerClient::Connect(endpoint_, o));
     std::shared_ptr<WorkerClient> shared = std::move(c);
     peers[endpoint_] = shared;

@@ -111,14 +111,15 @@ struct ClientOptions {
   std::string device;                 // the device id of a worker acting as client (metrics)
   const transport::CurveConfig* curve = nullptr;
   bool allow_shm = true;              // offer the shm capability
-  std::chrono::milliseconds timeout{std::chrono::minutes(10)};
+  std::chrono::milliseconds timeout{std::chrono::minutes(10)};         // per request
+  std::chrono::milliseconds connect_timeout{std::chrono::seconds(10)};  // for the Hello
   protocol::Limits limits;
 };
 
 class WorkerClient {
  public:
-  /// Connects and exchanges Hello. Unavailable / DeadlineExceeded when nobody answers within
-  /// options.timeout (capped at 30 s for the Hello), FailedPrecondition on a version mismatch.
+  /// Connects and exchanges Hello. DeadlineExceeded when nobody answers within
+  /// options.connect_timeout, FailedPrecondition on a version mismatch.
   static StatusOr<std::unique_ptr<WorkerClient>> Connect(const std::string& endpoint,
                                                          const ClientOptions& options);
   ~WorkerClient();

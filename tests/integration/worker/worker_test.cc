@@ -1,0 +1,617 @@
+// fleet-worker end to end: real worker processes on loopback, a real model file, real shm.
+//
+// The model is fleet::models' "linear" family: block i computes x = gelu_tanh(x W_i^T + b_i).
+// The test computes the reference itself (no torch here) and checks that resident, pipelined
+// (activations sent worker to worker) and streamed (weights fetched from a donor) runs are
+// bit-identical to each other.
+#include <openssl/evp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <zmq.hpp>
+
+#include "fleet/protocol/protocol.h"
+#include "fleet/transport/curve.h"
+#include "fleet/transport/zmq_util.h"
+#include "fleet/worker/client.h"
+#include "fleet/worker/process.h"
+
+namespace fleet::worker {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int64_t kDim = 64;
+constexpr int kDepth = 4;
+
+std::string BuildDir() {
+  const char* env = std::getenv("FLEET_BUILD_DIR");
+  return env ? env : FLEET_BUILD_DIR_DEFAULT;
+}
+std::string WorkerBinary() { return BuildDir() + "/bin/fleet-worker"; }
+
+std::string Sha256Hex(const void* data, size_t size) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(data, size, md, &len, EVP_sha256(), nullptr);
+  char hex[3];
+  std::string out;
+  for (unsigned i = 0; i < len; ++i) {
+    std::snprintf(hex, sizeof(hex), "%02x", md[i]);
+    out += hex;
+  }
+  return out;
+}
+
+// A model file: for each block, W [dim, dim] then b [dim], f32, back to back after a header.
+struct ModelFixture {
+  fs::path root;
+  std::string file = "linear/model.bin";
+  std::vector<std::vector<float>> w, b;
+  std::vector<FileTensorSpec> specs[kDepth];
+
+  ModelFixture() {
+    root = fs::temp_directory_path() / ("fleet-worker-test-" + std::to_string(getpid()) + "-" +
+                                        std::to_string(std::random_device{}()));
+    fs::create_directories(root / "linear");
+    std::mt19937 rng(7);
+    std::normal_distribution<float> dist(0.f, 0.2f);
+    std::ofstream out(root / file, std::ios::binary);
+    uint64_t offset = 0;
+    const std::string header = "not a real format: raw tensors follow";
+    out.write(header.data(), header.size());
+    offset += header.size();
+    for (int i = 0; i < kDepth; ++i) {
+      w.emplace_back(kDim * kDim);
+      b.emplace_back(kDim);
+      for (auto& v : w[i]) v = dist(rng);
+      for (auto& v : b[i]) v = dist(rng);
+      const std::string name = "linear_blocks." + std::to_string(i);
+      specs[i].push_back({name + ".weight", wire::DType::F32, {kDim, kDim}, offset,
+                          uint64_t(kDim * kDim * 4), Sha256Hex(w[i].data(), w[i].size() * 4)});
+      out.write(reinterpret_cast<const char*>(w[i].data()), w[i].size() * 4);
+      offset += w[i].size() * 4;
+      specs[i].push_back({name + ".bias", wire::DType::F32, {kDim}, offset, uint64_t(kDim * 4), ""});
+      out.write(reinterpret_cast<const char*>(b[i].data()), b[i].size() * 4);
+      offset += b[i].size() * 4;
+    }
+  }
+  ~ModelFixture() { fs::remove_all(root); }
+
+  static ModelSpec Spec() {
+    return {"toy", "linear", R"({"dim":64,"depth":4})", wire::DType::F32};
+  }
+  std::string Block(int i) const { return "linear_blocks." + std::to_string(i); }
+  std::vector<HostTensor> WireTensors(int i) const {
+    return {HostTensor::Copy(Block(i) + ".weight", wire::DType::F32, {kDim, kDim}, w[i].data(), w[i].size() * 4),
+            HostTensor::Copy(Block(i) + ".bias", wire::DType::F32, {kDim}, b[i].data(), b[i].size() * 4)};
+  }
+  // Reference forward of blocks [first, last) in double precision.
+  std::vector<double> Reference(std::vector<double> x, int rows, int first, int last) const {
+    for (int i = first; i < last; ++i) {
+      std::vector<double> y(x.size());
+      for (int r = 0; r < rows; ++r) {
+        for (int o = 0; o < kDim; ++o) {
+          double acc = b[i][o];
+          for (int k = 0; k < kDim; ++k) acc += x[r * kDim + k] * w[i][o * kDim + k];
+          const double c = std::sqrt(2.0 / M_PI);
+          y[r * kDim + o] = 0.5 * acc * (1.0 + std::tanh(c * (acc + 0.044715 * acc * acc * acc)));
+        }
+      }
+      x = std::move(y);
+    }
+    return x;
+  }
+};
+
+const ModelFixture& Model() {
+  static auto* m = new ModelFixture();
+  return *m;
+}
+
+std::unique_ptr<WorkerProcess> StartWorker(std::vector<std::string> args) {
+  std::vector<std::string> all = {"--model-root", Model().root.string(), "--shm-staging-bytes", "64mb",
+                                  "--threads", "4", "--compute-threads", "1"};
+  all.insert(all.end(), args.begin(), args.end());
+  auto w = WorkerProcess::Start(WorkerBinary(), all);
+  EXPECT_TRUE(w.ok()) << w.status();
+  return w.ok() ? std::move(*w) : nullptr;
+}
+
+std::unique_ptr<WorkerClient> ConnectTo(const WorkerProcess& w, ClientOptions o = {}) {
+  auto c = WorkerClient::Connect(w.endpoint(), o);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? std::move(*c) : nullptr;
+}
+
+HostTensor Input(int rows, std::vector<double>* as_double = nullptr) {
+  std::vector<float> x(rows * kDim);
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> d(-1.f, 1.f);
+  for (auto& v : x) v = d(rng);
+  if (as_double) as_double->assign(x.begin(), x.end());
+  return HostTensor::Copy("x", wire::DType::F32, {rows, kDim}, x.data(), x.size() * 4);
+}
+
+std::vector<float> Floats(const HostTensor& t) {
+  std::vector<float> v(t.nbytes / 4);
+  std::memcpy(v.data(), t.data, t.nbytes);
+  return v;
+}
+
+StatusOr<std::vector<float>> GetX(WorkerClient& c, const std::string& job) {
+  FLEET_ASSIGN_OR_RETURN(auto got, c.GetTensors(job, {"x"}));
+  if (got.size() != 1) return InternalError("expected one tensor");
+  return Floats(got[0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(Worker, LoadsFromFileAndWireRunsAndEvicts) {
+  const auto& m = Model();
+  auto w = StartWorker({"--id", "cuda:1", "--backing", "cpu", "--capacity", "1mb"});
+  ASSERT_TRUE(w);
+  EXPECT_NE(w->arena(), "off");
+  auto c = ConnectTo(*w);
+  ASSERT_TRUE(c);
+  EXPECT_TRUE(c->uses_shm());
+  EXPECT_EQ(c->peer().device, "cuda:1");
+
+  ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).ok());
+  ASSERT_TRUE(c->LoadBlockFromWire(m.Spec(), m.Block(1), m.WireTensors(1)).ok());
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).code(), StatusCode::kAlreadyExists);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), "linear_blocks.9", m.file, m.specs[0]).code(), StatusCode::kNotFound);
+
+  auto stats = c->Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->device, "cuda:1");
+  EXPECT_EQ(stats->capacity_bytes, 1u << 20);
+  const uint64_t block_bytes = (kDim * kDim + kDim) * 4;
+  EXPECT_EQ(stats->resident_bytes, 2 * block_bytes);
+  ASSERT_EQ(stats->models.size(), 1u);
+  EXPECT_EQ(stats->models[0].blocks, (std::vector<std::string>{m.Block(0), m.Block(1)}));
+  EXPECT_GE(stats->arena_used_bytes, 2 * block_bytes);  // weights live in the arena
+
+  std::vector<double> x;
+  ASSERT_TRUE(c->PutTensors("job1", {Input(3, &x)}).ok());
+  auto run = c->RunBlocks("job1", "toy", {{m.Block(0), ""}, {m.Block(1), ""}});
+  ASSERT_TRUE(run.ok()) << run.status();
+  EXPECT_EQ(run->blocks_run, 2u);
+  auto y = GetX(*c, "job1");
+  ASSERT_TRUE(y.ok()) << y.status();
+  const auto ref = m.Reference(x, 3, 0, 2);
+  ASSERT_EQ(y->size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR((*y)[i], ref[i], 1e-5) << i;
+
+  ASSERT_TRUE(c->EvictBlock("toy", m.Block(0)).ok());
+  EXPECT_EQ(c->EvictBlock("toy", m.Block(0)).code(), StatusCode::kNotFound);
+  stats = c->Stats();
+  EXPECT_EQ(stats->resident_bytes, block_bytes);
+  auto missing = c->RunBlocks("job1", "toy", {{m.Block(0), ""}});
+  EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("not resident on cuda:1"), std::string_view::npos) << missing.status();
+  EXPECT_EQ(c->GetTensors("job1", {"nope"}).status().code(), StatusCode::kNotFound);
+  ASSERT_TRUE(c->DropJob("job1").ok());
+  EXPECT_EQ(c->GetTensors("job1", {"x"}).status().code(), StatusCode::kNotFound);
+  ASSERT_TRUE(c->EvictModel("toy").ok());
+  EXPECT_EQ(c->Stats()->resident_bytes, 0u);
+  EXPECT_EQ(w->Terminate(), 0);
+}
+
+TEST(Worker, RefusesLoadsPastCapacityWithTheNumbers) {
+  const auto& m = Model();
+  const uint64_t block_bytes = (kDim * kDim + kDim) * 4;  // 16640
+  auto w = StartWorker({"--id", "cuda:2", "--capacity", std::to_string(2 * block_bytes + 100)});
+  ASSERT_TRUE(w);
+  auto c = ConnectTo(*w);
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).ok());
+  ASSERT_TRUE(c->LoadBlockFromWire(m.Spec(), m.Block(1), m.WireTensors(1)).ok());
+  Status s = c->LoadBlockFromFile(m.Spec(), m.Block(2), m.file, m.specs[2]);
+  ASSERT_EQ(s.code(), StatusCode::kResourceExhausted) << s;
+  EXPECT_NE(s.message().find("16640 bytes"), std::string_view::npos) << s;
+  EXPECT_NE(s.message().find("cuda:2"), std::string_view::npos) << s;
+  EXPECT_EQ(c->Stats()->resident_bytes, 2 * block_bytes);
+  // Evicting makes room again.
+  ASSERT_TRUE(c->EvictBlock("toy", m.Block(0)).ok());
+  EXPECT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(2), m.file, m.specs[2]).ok());
+
+  auto text = HttpGet(w->metrics(), "/metrics");
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_NE(text->find("fleet_worker_block_loads_total{device=\"cuda:2\",outcome=\"refused\"} 1"), std::string::npos) << *text;
+  EXPECT_NE(text->find("fleet_worker_capacity_bytes{device=\"cuda:2\"} " + std::to_string(2 * block_bytes + 100)),
+            std::string::npos);
+  EXPECT_NE(text->find("fleet_worker_resident_bytes{device=\"cuda:2\",model=\"toy\"} " + std::to_string(2 * block_bytes)),
+            std::string::npos);
+  EXPECT_NE(text->find("fleet_worker_load_bytes_total{device=\"cuda:2\",source=\"file\"}"), std::string::npos);
+}
+
+TEST(Worker, ModelFilesStayInsideTheRootsAndAreVerified) {
+  const auto& m = Model();
+  auto w = StartWorker({"--id", "cpu", "--capacity", "1mb"});
+  ASSERT_TRUE(w);
+  auto c = ConnectTo(*w);
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "../etc/passwd", m.specs[0]).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "linear/../linear/model.bin", m.specs[0]).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), (m.root / m.file).string(), m.specs[0]).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "linear/missing.bin", m.specs[0]).code(), StatusCode::kNotFound);
+  fs::create_symlink("/etc", m.root / "escape");
+  Status link = c->LoadBlockFromFile(m.Spec(), m.Block(0), "escape/hostname", m.specs[0]);
+  EXPECT_EQ(link.code(), StatusCode::kInvalidArgument) << link;
+  fs::remove(m.root / "escape");
+
+  auto bad_hash = m.specs[0];
+  bad_hash[0].sha256 = std::string(64, '0');
+  Status s = c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, bad_hash);
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s;
+  auto past_end = m.specs[0];
+  past_end[1].offset = 1 << 30;
+  s = c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, past_end);
+  EXPECT_EQ(s.code(), StatusCode::kOutOfRange) << s;
+  auto wrong_bytes = m.specs[0];
+  wrong_bytes[1].nbytes = 4;
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, wrong_bytes).code(), StatusCode::kInvalidArgument);
+  auto bad_dtype = m.specs[0];
+  bad_dtype[1].dtype = static_cast<wire::DType>(200);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, bad_dtype).code(), StatusCode::kInvalidArgument);
+  ModelSpec other = m.Spec();
+  other.family = "nonexistent";
+  EXPECT_FALSE(c->LoadBlockFromFile(other, m.Block(0), m.file, m.specs[0]).ok());
+  // Nothing above left bytes behind.
+  EXPECT_EQ(c->Stats()->resident_bytes, 0u);
+  EXPECT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).ok());
+}
+
+void SendBetweenWorkers(bool shm) {
+  std::vector<std::string> extra = shm ? std::vector<std::string>{} : std::vector<std::string>{"--shm=false"};
+  auto a_args = extra, b_args = extra;
+  a_args.insert(a_args.end(), {"--id", "cuda:0", "--capacity", "1mb"});
+  b_args.insert(b_args.end(), {"--id", "cuda:1", "--capacity", "1mb"});
+  auto a = StartWorker(a_args);
+  auto b = StartWorker(b_args);
+  ASSERT_TRUE(a && b);
+  auto ca = ConnectTo(*a);
+  auto cb = ConnectTo(*b);
+  ASSERT_TRUE(ca && cb);
+  // 8 MiB of bytes plus a small int tensor and an empty one.
+  std::vector<uint8_t> big(8 << 20);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<uint8_t>(i * 31 + 7);
+  std::vector<int64_t> ids = {1, -2, 3};
+  ASSERT_TRUE(ca->PutTensors("j", {HostTensor::Own("big", wire::DType::U8, {int64_t(big.size())}, big),
+                                   HostTensor::Copy("ids", wire::DType::I64, {3}, ids.data(), 24),
+                                   HostTensor::Copy("empty", wire::DType::F32, {0, 4}, nullptr, 0)})
+                  .ok());
+  auto sent = ca->SendTensors("j", {"big", "ids", "empty"}, b->endpoint(), "k");
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  EXPECT_EQ(sent->transport, shm ? "shm" : "frames");
+  EXPECT_EQ(sent->bytes, big.size() + 24);
+  auto got = cb->GetTensors("k", {"big", "ids", "empty"});
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), 3u);
+  ASSERT_EQ((*got)[0].nbytes, big.size());
+  EXPECT_EQ(std::memcmp((*got)[0].data, big.data(), big.size()), 0);
+  EXPECT_EQ((*got)[1].dtype, wire::DType::I64);
+  EXPECT_EQ(std::memcmp((*got)[1].data, ids.data(), 24), 0);
+  EXPECT_EQ((*got)[2].shape, (std::vector<int64_t>{0, 4}));
+  EXPECT_EQ(ca->SendTensors("j", {"nope"}, b->endpoint(), "k").status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(ca->SendTensors("j", {"big"}, "tcp://127.0.0.1:1", "k").status().code(), StatusCode::kDeadlineExceeded);
+
+  auto text = HttpGet(b->metrics(), "/metrics");
+  ASSERT_TRUE(text.ok());
+  EXPECT_NE(text->find("fleet_worker_transfer_bytes_total{dst=\"cuda:1\",kind=\"activations\",src=\"cuda:0\"} " +
+                       std::to_string(big.size() + 24)),
+            std::string::npos)
+      << *text;
+  EXPECT_EQ(a->Terminate(), 0);
+  EXPECT_EQ(b->Terminate(), 0);
+}
+
+TEST(Worker, SendsTensorsToAPeerOverShm) { SendBetweenWorkers(true); }
+TEST(Worker, SendsTensorsToAPeerOverTcp) { SendBetweenWorkers(false); }
+
+TEST(Worker, PipelinedAndStreamedRunsAreBitIdenticalToOneWorker) {
+  const auto& m = Model();
+  auto single = StartWorker({"--id", "cuda:0", "--capacity", "1mb"});
+  auto a = StartWorker({"--id", "cuda:1", "--capacity", "1mb"});
+  auto b = StartWorker({"--id", "cuda:2", "--capacity", "1mb"});
+  ASSERT_TRUE(single && a && b);
+  auto cs = ConnectTo(*single), ca = ConnectTo(*a), cb = ConnectTo(*b);
+  ASSERT_TRUE(cs && ca && cb);
+  std::vector<BlockStep> all;
+  for (int i = 0; i < kDepth; ++i) {
+    ASSERT_TRUE(cs->LoadBlockFromFile(m.Spec(), m.Block(i), m.file, m.specs[i]).ok());
+    all.push_back({m.Block(i), ""});
+  }
+  // a holds blocks 0-1, b holds 2-3.
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(ca->LoadBlockFromFile(m.Spec(), m.Block(i), m.file, m.specs[i]).ok());
+  for (int i = 2; i < 4; ++i) ASSERT_TRUE(cb->LoadBlockFromWire(m.Spec(), m.Block(i), m.WireTensors(i)).ok());
+  std::vector<double> x;
+  const HostTensor in = Input(5, &x);
+
+  ASSERT_TRUE(cs->PutTensors("s", {in}).ok());
+  ASSERT_TRUE(cs->RunBlocks("s", "toy", all).ok());
+  auto expected = GetX(*cs, "s");
+  ASSERT_TRUE(expected.ok());
+  const auto ref = m.Reference(x, 5, 0, kDepth);
+  for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR((*expected)[i], ref[i], 1e-5);
+
+  // Pipeline: activations cross from a to b.
+  ASSERT_TRUE(ca->PutTensors("p", {in}).ok());
+  ASSERT_TRUE(ca->RunBlocks("p", "toy", {{m.Block(0), ""}, {m.Block(1), ""}}).ok());
+  ASSERT_TRUE(ca->SendTensors("p", {"x"}, b->endpoint(), "p").ok());
+  ASSERT_TRUE(cb->RunBlocks("p", "toy", {{m.Block(2), ""}, {m.Block(3), ""}}).ok());
+  auto piped = GetX(*cb, "p");
+  ASSERT_TRUE(piped.ok());
+  EXPECT_EQ(std::memcmp(piped->data(), expected->data(), expected->size() * 4), 0);
+
+  // Stream: b pulls blocks 0-1 from a (shm, zero copy), prefetching while it computes.
+  ASSERT_TRUE(cb->PutTensors("st", {in}).ok());
+  auto run = cb->RunBlocks("st", "toy",
+                           {{m.Block(0), a->endpoint()}, {m.Block(1), a->endpoint()}, {m.Block(2), ""}, {m.Block(3), ""}},
+                           /*prefetch_depth=*/2);
+  ASSERT_TRUE(run.ok()) << run.status();
+  EXPECT_EQ(run->blocks_run, 4u);
+  EXPECT_EQ(run->streamed_bytes, 2u * (kDim * kDim + kDim) * 4);
+  auto streamed = GetX(*cb, "st");
+  ASSERT_TRUE(streamed.ok());
+  EXPECT_EQ(std::memcmp(streamed->data(), expected->data(), expected->size() * 4), 0);
+  // Leases were released: a can evict what it streamed.
+  auto bad = cb->RunBlocks("st", "toy", {{m.Block(3), a->endpoint()}});
+  EXPECT_EQ(bad.status().code(), StatusCode::kNotFound) << bad.status();
+
+  // A lease pins the donor's block until released.
+  auto fetched = cb->FetchWeights("toy", m.Block(2));
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  ASSERT_TRUE(fetched->lease != 0);  // shm: zero copy into b's arena
+  ASSERT_EQ(fetched->tensors.size(), 2u);
+  EXPECT_EQ(std::memcmp(fetched->tensors[0].data, m.b[2].data(), kDim * 4), 0);  // ".bias" sorts first
+  EXPECT_EQ(cb->EvictBlock("toy", m.Block(2)).code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(cb->ReleaseWeights(fetched->lease).ok());
+  EXPECT_TRUE(cb->EvictBlock("toy", m.Block(2)).ok());
+  auto text = HttpGet(b->metrics(), "/metrics");
+  ASSERT_TRUE(text.ok());
+  EXPECT_NE(text->find("fleet_worker_transfer_bytes_total{dst=\"cuda:2\",kind=\"weights\",src=\"cuda:1\"}"), std::string::npos);
+  EXPECT_NE(text->find("fleet_worker_block_compute_duration_seconds_count{block=\"linear_blocks.0\",device=\"cuda:2\",model=\"toy\"} 1"),
+            std::string::npos);
+}
+
+TEST(Worker, RunConstantInputsAreCachedUntilEndRun) {
+  const auto& m = Model();
+  auto w = StartWorker({"--id", "cpu", "--capacity", "1mb"});
+  ASSERT_TRUE(w);
+  auto c = ConnectTo(*w);
+  ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).ok());
+  std::vector<double> x;
+  HostTensor in = Input(2, &x);
+  // "x" is cached for run r1; job j2 never receives it but finds it through the run.
+  ASSERT_TRUE(c->PutTensors("j1", {in}, "r1", {"x"}).ok());
+  ASSERT_TRUE(c->PutTensors("j2", {HostTensor::Copy("other", wire::DType::F32, {1}, &x[0], 0)}, "r1").ok() == false);
+  float one = 1.f;
+  ASSERT_TRUE(c->PutTensors("j2", {HostTensor::Copy("other", wire::DType::F32, {1}, &one, 4)}).ok());
+  ASSERT_TRUE(c->RunBlocks("j2", "toy", {{m.Block(0), ""}}, 1, "r1").ok());
+  auto y = GetX(*c, "j2");
+  ASSERT_TRUE(y.ok()) << y.status();
+  const auto ref = m.Reference(x, 2, 0, 1);
+  for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR((*y)[i], ref[i], 1e-5);
+  ASSERT_TRUE(c->EndRun("r1").ok());
+  ASSERT_TRUE(c->PutTensors("j3", {HostTensor::Copy("other", wire::DType::F32, {1}, &one, 4)}).ok());
+  EXPECT_EQ(c->RunBlocks("j3", "toy", {{m.Block(0), ""}}, 1, "r1").status().code(), StatusCode::kInvalidArgument);
+}
+
+// Garbage of every kind; after each the worker still answers a well-behaved client.
+TEST(Worker, SurvivesGarbageAndKeepsServing) {
+  auto w = StartWorker({"--id", "cuda:3", "--capacity", "1mb", "--max-message-bytes", "1mb"});
+  ASSERT_TRUE(w);
+  auto good = ConnectTo(*w);
+  ASSERT_TRUE(good);
+  auto healthy = [&] {
+    auto s = good->Stats();
+    EXPECT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ(s->device, "cuda:3");
+  };
+  auto error_reply = [](const transport::Frames& frames) -> Status {
+    if (frames.empty()) return InternalError("no frames");
+    std::vector<uint64_t> aligned((frames[0].size() + 7) / 8);
+    std::memcpy(aligned.data(), frames[0].data(), frames[0].size());
+    auto r = protocol::VerifyWorkerResponse({reinterpret_cast<const uint8_t*>(aligned.data()), frames[0].size()}, {});
+    if (!r.ok()) return r.status();
+    if ((*r)->body_type() != wire::WorkerResponseBody::Error) return Status::OK();
+    return protocol::FromWireError((*r)->body_as_Error());
+  };
+  auto garbage = ConnectTo(*w);
+  ASSERT_TRUE(garbage);
+  std::mt19937_64 rng(3);
+  for (int i = 0; i < 50; ++i) {
+    std::string junk(rng() % 300, '\0');
+    for (auto& ch : junk) ch = static_cast<char>(rng());
+    transport::Frames f;
+    f.emplace_back(junk);
+    auto reply = garbage->TEST_RawCall(std::move(f));
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_FALSE(error_reply(*reply).ok());
+  }
+  healthy();
+  // A truncated LoadBlockRequest.
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    auto body = wire::CreateLoadBlockRequest(fbb, fbb.CreateString("toy"), fbb.CreateString("linear"),
+                                             fbb.CreateString("{}"), wire::DType::F32, fbb.CreateString("b"));
+    protocol::FinishRequest(fbb, 5, wire::WorkerRequestBody::LoadBlockRequest, body.Union());
+    for (size_t cut : {size_t{8}, size_t{fbb.GetSize() / 2}, size_t{fbb.GetSize() - 12}}) {
+      transport::Frames f;
+      f.emplace_back(fbb.GetBufferPointer(), cut);
+      auto reply = garbage->TEST_RawCall(std::move(f));
+      ASSERT_TRUE(reply.ok());
+      Status s = error_reply(*reply);
+      EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+    }
+  }
+  healthy();
+  // A descriptor that names a data frame the message does not have, and one that lies about nbytes.
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    const int64_t shape[] = {4};
+    auto d = wire::CreateTensorDesc(fbb, fbb.CreateString("x"), wire::DType::F32, fbb.CreateVector(shape, 1), 16,
+                                    wire::PayloadKind::Frame, 3);
+    auto body = wire::CreatePutTensorsRequest(fbb, fbb.CreateString("j"), fbb.CreateVector(&d, 1));
+    protocol::FinishRequest(fbb, 6, wire::WorkerRequestBody::PutTensorsRequest, body.Union());
+    transport::Frames f;
+    f.emplace_back(fbb.GetBufferPointer(), fbb.GetSize());
+    f.emplace_back(std::string(16, 'x'));
+    auto reply = garbage->TEST_RawCall(std::move(f));
+    ASSERT_TRUE(reply.ok());
+    Status s = error_reply(*reply);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("data frame 3"), std::string_view::npos) << s;
+  }
+  // A shm reservation this client was never granted.
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    const int64_t shape[] = {4};
+    auto d = wire::CreateTensorDesc(fbb, fbb.CreateString("x"), wire::DType::F32, fbb.CreateVector(shape, 1), 16,
+                                    wire::PayloadKind::ShmReserved, 0, 4096, 999);
+    auto body = wire::CreatePutTensorsRequest(fbb, fbb.CreateString("j"), fbb.CreateVector(&d, 1));
+    protocol::FinishRequest(fbb, 7, wire::WorkerRequestBody::PutTensorsRequest, body.Union());
+    transport::Frames f;
+    f.emplace_back(fbb.GetBufferPointer(), fbb.GetSize());
+    auto reply = garbage->TEST_RawCall(std::move(f));
+    ASSERT_TRUE(reply.ok());
+    EXPECT_EQ(error_reply(*reply).code(), StatusCode::kOutOfRange);
+  }
+  healthy();
+  // Wrong protocol version and a request before Hello, on raw sockets.
+  {
+    zmq::socket_t raw(transport::Context(), zmq::socket_type::dealer);
+    ASSERT_TRUE(transport::ConfigureSocket(raw, {}).ok());
+    ASSERT_TRUE(transport::Connect(raw, w->endpoint()).ok());
+    flatbuffers::FlatBufferBuilder fbb;
+    protocol::FinishRequest(fbb, 1, wire::WorkerRequestBody::StatsRequest, wire::CreateStatsRequest(fbb).Union());
+    transport::Frames f;
+    f.emplace_back(fbb.GetBufferPointer(), fbb.GetSize());
+    ASSERT_TRUE(transport::SendFrames(raw, f).ok());
+    auto reply = transport::RecvFrames(raw, std::chrono::seconds(10));
+    ASSERT_TRUE(reply.ok());
+    Status s = error_reply(*reply);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s;
+    EXPECT_NE(s.message().find("Hello"), std::string_view::npos);
+
+    protocol::HelloInfo future;
+    future.major = protocol::kMajor + 1;
+    future.peer_name = "from the future";
+    flatbuffers::FlatBufferBuilder hb;
+    protocol::FinishRequest(hb, 2, wire::WorkerRequestBody::Hello, protocol::BuildHello(hb, future).Union());
+    transport::Frames h;
+    h.emplace_back(hb.GetBufferPointer(), hb.GetSize());
+    ASSERT_TRUE(transport::SendFrames(raw, h).ok());
+    reply = transport::RecvFrames(raw, std::chrono::seconds(10));
+    ASSERT_TRUE(reply.ok());
+    s = error_reply(*reply);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s;
+    EXPECT_NE(s.message().find("version mismatch"), std::string_view::npos) << s;
+  }
+  healthy();
+  // Oversized: a 2 MiB frame to a worker that accepts 1 MiB closes that connection only.
+  {
+    transport::Frames f;
+    f.emplace_back(std::string(2 << 20, 'x'));
+    auto r = ConnectTo(*w);
+    ASSERT_TRUE(r);
+    ClientOptions quick;
+    quick.timeout = std::chrono::milliseconds(500);
+    auto reply = r->TEST_RawCall(std::move(f));
+    EXPECT_FALSE(reply.ok());
+  }
+  healthy();
+  auto text = HttpGet(w->metrics(), "/metrics");
+  ASSERT_TRUE(text.ok());
+  EXPECT_NE(text->find("fleet_worker_requests_total{device=\"cuda:3\",outcome=\"rejected\",type=\"Unknown\"}"),
+            std::string::npos);
+  EXPECT_EQ(w->Terminate(), 0);
+}
+
+TEST(Worker, SigtermExitsCleanlyAndUnlinksTheArena) {
+  auto w = StartWorker({"--id", "cpu", "--capacity", "1mb"});
+  ASSERT_TRUE(w);
+  const std::string arena = "/dev/shm/" + w->arena();
+  struct stat st {};
+  EXPECT_EQ(stat(arena.c_str(), &st), 0);
+  EXPECT_EQ(w->Terminate(), 0);
+  EXPECT_NE(stat(arena.c_str(), &st), 0);
+}
+
+TEST(Worker, RegistersAndSendsHeartbeats) {
+  zmq::socket_t coordinator(transport::Context(), zmq::socket_type::router);
+  ASSERT_TRUE(transport::ConfigureSocket(coordinator, {}).ok());
+  auto ep = transport::Bind(coordinator, "tcp://127.0.0.1:*");
+  ASSERT_TRUE(ep.ok());
+  auto w = StartWorker({"--id", "cuda:5", "--capacity", "1mb", "--coordinator", *ep, "--heartbeat-interval", "100ms"});
+  ASSERT_TRUE(w);
+  auto next = [&]() -> const wire::WorkerEvent* {
+    static std::vector<uint64_t> buf;
+    auto frames = transport::RecvFrames(coordinator, std::chrono::seconds(10));
+    if (!frames.ok() || frames->size() != 2) return nullptr;
+    buf.assign(((*frames)[1].size() + 7) / 8, 0);
+    std::memcpy(buf.data(), (*frames)[1].data(), (*frames)[1].size());
+    auto e = protocol::VerifyWorkerEvent({reinterpret_cast<const uint8_t*>(buf.data()), (*frames)[1].size()}, {});
+    return e.ok() ? *e : nullptr;
+  };
+  const auto* reg = next();
+  ASSERT_NE(reg, nullptr);
+  ASSERT_EQ(reg->body_type(), wire::WorkerEventBody::Register);
+  EXPECT_EQ(reg->body_as_Register()->listen()->str(), w->endpoint());
+  EXPECT_EQ(reg->body_as_Register()->device()->str(), "cuda:5");
+  EXPECT_EQ(reg->body_as_Register()->capacity_bytes(), 1u << 20);
+  EXPECT_EQ(reg->body_as_Register()->hello()->major(), protocol::kMajor);
+  EXPECT_EQ(reg->body_as_Register()->metrics()->str(), w->metrics());
+  uint64_t last = 0;
+  for (int i = 0; i < 3; ++i) {
+    const auto* beat = next();
+    ASSERT_NE(beat, nullptr);
+    ASSERT_EQ(beat->body_type(), wire::WorkerEventBody::Heartbeat);
+    EXPECT_GT(beat->body_as_Heartbeat()->sequence(), last);
+    last = beat->body_as_Heartbeat()->sequence();
+    EXPECT_EQ(beat->body_as_Heartbeat()->stats()->device()->str(), "cuda:5");
+  }
+}
+
+TEST(Worker, CurveAdmitsTheClusterKeyAndRefusesOthers) {
+  const fs::path dir = fs::temp_directory_path() / ("fleet-curve-w-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  auto cluster = transport::GenerateKeyPair();
+  auto stranger = transport::GenerateKeyPair();
+  ASSERT_TRUE(cluster.ok() && stranger.ok());
+  ASSERT_TRUE(transport::WriteKeyFile((dir / "cluster.key").string(), cluster->second, "cluster secret").ok());
+  auto w = StartWorker({"--id", "cpu", "--capacity", "1mb", "--curve-secret-key-file", (dir / "cluster.key").string()});
+  ASSERT_TRUE(w);
+  transport::CurveConfig good{cluster->second, cluster->first, cluster->first};
+  ClientOptions o;
+  o.curve = &good;
+  o.timeout = std::chrono::seconds(3);
+  auto c = WorkerClient::Connect(w->endpoint(), o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(((*c)->capabilities() & protocol::kCapCurve) != 0);
+  EXPECT_TRUE((*c)->Stats().ok());
+
+  transport::CurveConfig wrong{stranger->second, stranger->first, cluster->first};
+  o.curve = &wrong;
+  EXPECT_EQ(WorkerClient::Connect(w->endpoint(), o).status().code(), StatusCode::kDeadlineExceeded);
+  ClientOptions plain;
+  plain.timeout = std::chrono::seconds(2);
+  EXPECT_EQ(WorkerClient::Connect(w->endpoint(), plain).status().code(), StatusCode::kDeadlineExceeded);
+  // Still serving the right key.
+  EXPECT_TRUE((*c)->Stats().ok());
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace fleet::worker
