@@ -1,4 +1,5 @@
 """fleet-run-local's Flux against the independent Python reference (flux_reference.py)."""
+import json
 import pathlib
 import subprocess
 
@@ -202,3 +203,55 @@ def test_gen_model_rejects_bad_flags(fleet_bin, tmp_path):
     p = subprocess.run([str(fleet_bin), "gen-model", "--dtype", "q4", str(tmp_path / "m")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--dtype 'q4'" in p.stderr
+
+
+def _e4m3_table():
+    vals = []
+    for v in range(256):
+        s = -1.0 if v & 0x80 else 1.0
+        e, m = (v >> 3) & 0xF, v & 0x7
+        if e == 0xF and m == 0x7:
+            vals.append(float("nan"))
+        elif e == 0:
+            vals.append(s * (m / 8.0) * 2.0 ** -6)
+        else:
+            vals.append(s * (1 + m / 8.0) * 2.0 ** (e - 7))
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+def test_fp8_weights_are_upcast(fleet_bin, gen_model, gen_inputs, tmp_path):
+    """A model whose block weights are stored F8_E4M3 runs, and equals the reference on the
+    decoded values (float32 compute, so within 2e-5)."""
+    model = gen_model(*TINY)
+    weights, meta = ref.load_safetensors(model)
+    table = _e4m3_table()
+    finite = torch.nan_to_num(table, nan=1e9)
+    fp8, decoded = {}, {}
+    for name, t in weights.items():
+        if name.startswith("double_blocks.") and name.endswith(".weight"):
+            idx = (t.double().reshape(-1, 1) - finite.reshape(1, -1)).abs().argmin(dim=1)
+            fp8[name] = idx.to(torch.uint8).reshape(t.shape)
+            decoded[name] = table[idx].reshape(t.shape).float()
+        else:
+            decoded[name] = t
+    assert fp8
+    path = tmp_path / "fp8.safetensors"
+    # Write the fp8 bytes as U8, then rewrite the header with dtype F8_E4M3 for them.
+    mixed = dict(weights)
+    mixed.update(fp8)
+    ref.save_safetensors(mixed, path, meta)
+    raw = path.read_bytes()
+    hlen = int.from_bytes(raw[:8], "little")
+    h = json.loads(raw[8:8 + hlen])
+    for name in fp8:
+        h[name]["dtype"] = "F8_E4M3"
+    new = json.dumps(h, separators=(",", ":")).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + hlen:])
+
+    inputs = gen_inputs(model, "--height", 6, "--width", 6, "--txt-len", 3, "--seed", 6)
+    out = run_local(fleet_bin, tmp_path, path, inputs, "--dtype", "float32")
+    x, _ = ref.load_safetensors(inputs)
+    r = ref.FluxReference(decoded, meta)
+    expected, _ = r.forward(x["x"], x["timestep"], x["context"], x["y"], x["guidance"])
+    assert max_abs(out, expected) < 2e-5
