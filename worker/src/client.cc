@@ -108,7 +108,16 @@ StatusOr<WorkerClient::Reply> WorkerClient::CallLocked(flatbuffers::FlatBufferBu
   while (true) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());
-    auto in = transport::RecvFrames(socket_, std::max(left, std::chrono::milliseconds(0)));
+    // With an `alive` check, wait in slices so a worker declared dead fails the call at once.
+    const auto slice = options_.alive ? std::min(left, std::chrono::milliseconds(100)) : left;
+    auto in = transport::RecvFrames(socket_, std::max(slice, std::chrono::milliseconds(0)));
+    if (!in.ok() && in.status().code() == StatusCode::kDeadlineExceeded && left > slice) {
+      if (!options_.alive()) {
+        return UnavailableError("worker " + endpoint_ + " went down while request " +
+                                std::to_string(id) + " was in flight");
+      }
+      continue;
+    }
     if (!in.ok()) {
       if (in.status().code() == StatusCode::kDeadlineExceeded) {
         return DeadlineExceededError("worker " + endpoint_ + " did not answer request " +

@@ -165,6 +165,7 @@ struct WorkerServer::Impl {
 
   zmq::socket_t router;
   zmq::socket_t replies_pull;
+  zmq::socket_t monitor;  // handshake failures of the router (CURVE), when CURVE is on
   std::string endpoint;
   std::string replies_endpoint;
   std::unordered_map<std::string, Conn> conns;  // IO thread only
@@ -284,6 +285,7 @@ struct WorkerServer::Impl {
   StatusOr<std::shared_ptr<models::Model>> GetOrCreateModelLocked(const wire::LoadBlockRequest& r);
 
   // ---- threads ----
+  Frames Execute(Task& task);
   void HandlerLoop();
   void HeartbeatLoop();
   void IoLoop();
@@ -363,6 +365,16 @@ void WorkerServer::Impl::OnRequest(Frames frames) {
   for (size_t i = 2; i < frames.size(); ++i) task.data.push_back(std::move(frames[i]));
   task.conn = conn;
   task.received = Clock::now();
+  // Requests that never block (no file I/O, no compute, no call to a peer) run right here:
+  // each hop to a handler thread costs a wake-up, which adds up on the shm fast path.
+  const bool blocks = type == wire::WorkerRequestBody::LoadBlockRequest ||
+                      type == wire::WorkerRequestBody::RunBlocksRequest ||
+                      type == wire::WorkerRequestBody::SendTensorsRequest;
+  if (!blocks) {
+    Frames out = Execute(task);
+    transport::SendFrames(router, out).IgnoreError();
+    return;
+  }
   ++in_flight;
   {
     std::lock_guard<std::mutex> lock(queue_mu);
@@ -377,9 +389,10 @@ void WorkerServer::Impl::IoLoop() {
     if (stop && accepting) accepting = false;
     if (!accepting && in_flight == 0) break;
     zmq::pollitem_t items[] = {{replies_pull.handle(), 0, ZMQ_POLLIN, 0},
+                               {monitor.handle(), 0, ZMQ_POLLIN, 0},
                                {router.handle(), 0, ZMQ_POLLIN, 0}};
     try {
-      zmq::poll(items, accepting ? 2 : 1, std::chrono::milliseconds(100));
+      zmq::poll(items, accepting ? 3 : 2, std::chrono::milliseconds(100));
     } catch (const zmq::error_t& e) {
       if (e.num() == EINTR) continue;
       FLEET_LOG(ERROR, "worker") << "poll failed: " << e.what();
@@ -392,11 +405,53 @@ void WorkerServer::Impl::IoLoop() {
         --in_flight;
       }
     }
-    if (accepting && (items[1].revents & ZMQ_POLLIN)) {
+    if (items[1].revents & ZMQ_POLLIN) {
+      // Monitor event: [uint16 event, uint32 value][peer address].
+      auto event = transport::RecvFrames(monitor, std::chrono::milliseconds(0));
+      if (event.ok() && event->size() == 2 && (*event)[0].size() >= 6) {
+        uint16_t id = 0;
+        uint32_t value = 0;
+        std::memcpy(&id, (*event)[0].data(), 2);
+        std::memcpy(&value, static_cast<const uint8_t*>((*event)[0].data()) + 2, 4);
+        FLEET_LOG(WARNING, "worker") << "refused a connection from " << (*event)[1].to_string()
+                                     << ": " << (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH ? "authentication failed"
+                                                                                         : "CURVE handshake failed")
+                                     << " (event 0x" << std::hex << id << ", code 0x" << value << std::dec
+                                     << "; wrong or missing CURVE keys?)";
+      }
+    }
+    if (accepting && (items[2].revents & ZMQ_POLLIN)) {
       auto frames = transport::RecvFrames(router, std::chrono::milliseconds(0));
       if (frames.ok()) OnRequest(std::move(*frames));
     }
   }
+}
+
+// Runs one request and returns the reply frames ([routing id][header][data...]).
+Frames WorkerServer::Impl::Execute(Task& task) {
+  const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
+  const std::string type_name(protocol::RequestTypeName(req->body_type()));
+  Frames out;
+  out.push_back(std::move(task.rid));
+  Status status;
+  try {
+    status = Dispatch(task, out);
+  } catch (const std::exception& e) {  // c10::Error and friends must not kill the worker
+    status = InternalError(type_name + ": " + e.what());
+  }
+  if (!status.ok()) {
+    FLEET_LOG(INFO, "worker") << type_name << " from '" << task.conn.peer.peer_name
+                              << "' failed: " << status;
+    zmq::message_t rid = std::move(out[0]);
+    out.clear();
+    out.push_back(std::move(rid));
+    flatbuffers::FlatBufferBuilder fbb;
+    protocol::FinishErrorResponse(fbb, req->id(), status);
+    out.push_back(transport::MessageFromBuffer(fbb.Release()));
+  }
+  m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", status.ok() ? "ok" : "error"}})
+      .Increment();
+  return out;
 }
 
 void WorkerServer::Impl::HandlerLoop() {
@@ -412,28 +467,7 @@ void WorkerServer::Impl::HandlerLoop() {
       task = std::move(queue.front());
       queue.pop_front();
     }
-    const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
-    const std::string type_name(protocol::RequestTypeName(req->body_type()));
-    Frames out;
-    out.push_back(std::move(task.rid));
-    Status status;
-    try {
-      status = Dispatch(task, out);
-    } catch (const std::exception& e) {  // c10::Error and friends must not kill the worker
-      status = InternalError(type_name + ": " + e.what());
-    }
-    if (!status.ok()) {
-      FLEET_LOG(INFO, "worker") << type_name << " from '" << task.conn.peer.peer_name
-                                << "' failed: " << status;
-      zmq::message_t rid = std::move(out[0]);
-      out.clear();
-      out.push_back(std::move(rid));
-      flatbuffers::FlatBufferBuilder fbb;
-      protocol::FinishErrorResponse(fbb, req->id(), status);
-      out.push_back(transport::MessageFromBuffer(fbb.Release()));
-    }
-    m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", status.ok() ? "ok" : "error"}})
-        .Increment();
+    Frames out = Execute(task);
     transport::SendFrames(push, out).IgnoreError();
   }
 }
@@ -1463,6 +1497,21 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
   so.server = true;
   so.max_message_bytes = config.max_message_bytes;
   FLEET_RETURN_IF_ERROR(transport::ConfigureSocket(impl->router, so));
+  if (config.curve.enabled()) {
+    const std::string monitor_endpoint =
+        "inproc://fleet-worker-monitor-" + std::to_string(reinterpret_cast<uintptr_t>(impl.get()));
+    if (zmq_socket_monitor(impl->router.handle(), monitor_endpoint.c_str(),
+                           ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
+      return InternalError("cannot monitor the request socket");
+    }
+    impl->monitor = zmq::socket_t(transport::Context(), zmq::socket_type::pair);
+    impl->monitor.set(zmq::sockopt::linger, 0);
+    impl->monitor.connect(monitor_endpoint);
+  } else {
+    // An unconnected PAIR keeps the poll set uniform.
+    impl->monitor = zmq::socket_t(transport::Context(), zmq::socket_type::pair);
+  }
   FLEET_ASSIGN_OR_RETURN(impl->endpoint, transport::Bind(impl->router, config.listen));
   impl->replies_pull = zmq::socket_t(transport::Context(), zmq::socket_type::pull);
   impl->replies_pull.set(zmq::sockopt::linger, 0);

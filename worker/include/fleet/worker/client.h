@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -114,6 +115,9 @@ struct ClientOptions {
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};         // per request
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(10)};  // for the Hello
   protocol::Limits limits;
+  /// Polled (every 100 ms) while waiting for a reply: when it returns false the call fails at
+  /// once with Unavailable, e.g. because the coordinator's registry marked the worker down.
+  std::function<bool()> alive;
 };
 
 class WorkerClient {

@@ -5,7 +5,7 @@
 // server key pair by default: each process's sockets accept clients whose public key is in the
 // authorized set (by default just the cluster's own public key) and connect to servers with
 // the configured server key. A peer with any other key is refused and logged (ZAP), a peer
-// that uses the wrong server key fails the handshake (logged by the socket monitor).
+// that uses the wrong server key fails the handshake (fleet-worker logs it from a socket monitor).
 //
 // Thread safety: LoadCurveConfig and GenerateKeyPair are reentrant. A ZapAuthenticator runs one
 // thread and must be destroyed before the context terminates (Context() never does).
