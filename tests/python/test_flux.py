@@ -255,3 +255,19 @@ def test_fp8_weights_are_upcast(fleet_bin, gen_model, gen_inputs, tmp_path):
     r = ref.FluxReference(decoded, meta)
     expected, _ = r.forward(x["x"], x["timestep"], x["context"], x["y"], x["guidance"])
     assert max_abs(out, expected) < 2e-5
+
+
+def test_device_flag(fleet_bin, gen_model, gen_inputs, tmp_path):
+    model = gen_model(*TINY)
+    inputs = gen_inputs(model, "--height", 4, "--width", 4)
+    cpu = run_local(fleet_bin, tmp_path, model, inputs, "--device", "cpu")
+    assert torch.equal(cpu, run_local(fleet_bin, tmp_path, model, inputs))
+    p = subprocess.run([str(fleet_bin), "run-local", str(model), "--inputs", str(inputs),
+                        "--out", str(tmp_path / "o.safetensors"), "--device", "gpu7"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--device 'gpu7': not a device" in p.stderr
+    if not torch.cuda.is_available():  # Debian's libtorch: CPU only
+        p = subprocess.run([str(fleet_bin), "run-local", str(model), "--inputs", str(inputs),
+                            "--out", str(tmp_path / "o.safetensors"), "--device", "cuda:0"],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and "has no CUDA" in p.stderr, p.stderr

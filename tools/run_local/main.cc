@@ -1,7 +1,7 @@
 // fleet-run-local: runs a whole model in one process (the bit-exact single-device reference).
 //
 //   fleet-run-local MODEL --inputs IN.safetensors --out OUT.safetensors
-//       [--dtype float32|bfloat16|float16] [--threads N] [--trace TRACE.safetensors]
+//       [--dtype float32|bfloat16|float16] [--threads N] [--trace TRACE.safetensors] [--device D]
 #include <ATen/Parallel.h>
 
 #include <chrono>
@@ -23,7 +23,7 @@ int Fail(const fleet::Status& s, int code) {
 
 int main(int argc, char** argv) {
   using namespace fleet;
-  std::string inputs, out, dtype_text, trace_path;
+  std::string inputs, out, dtype_text, trace_path, device = "cpu";
   int64_t threads = 2, repeat = 1;
   bool tune_allocator = true;
   config::OptionSet set("fleet-run-local",
@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   set.Add("out", &out, "Where to write the output tensor 'out' (safetensors)");
   set.Add("dtype", &dtype_text, "Compute dtype: float32, bfloat16 or float16 (default: stored)");
   set.Add("threads", &threads, "libtorch intra-op threads");
+  set.Add("device", &device, "Where to run: cpu or cuda:N (CUDA needs a CUDA build of libtorch)");
   set.Add("trace", &trace_path, "Also write the state after every block ('<block>/<name>')");
   set.Add("repeat", &repeat, "Run the forward this many times and print the time of each");
   set.Add("tune_allocator", &tune_allocator,
@@ -68,7 +69,7 @@ int main(int argc, char** argv) {
   }
   at::set_num_threads(static_cast<int>(threads));
 
-  auto runner = run_local::LocalRunner::Create(positional[0], dtype);
+  auto runner = run_local::LocalRunner::Create(positional[0], dtype, device);
   if (!runner.ok()) return Fail(runner.status(), 2);
   auto input = run_local::ReadTensors(inputs);
   if (!input.ok()) return Fail(input.status(), 2);

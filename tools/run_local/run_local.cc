@@ -1,5 +1,7 @@
 #include "run_local.h"
 
+#include <ATen/Context.h>
+
 #include <map>
 
 #include "fleet/formats/layout.h"
@@ -59,8 +61,19 @@ Status WriteTensors(const models::TensorMap& tensors, const std::string& path) {
 }
 
 StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& model_path,
-                                                           std::optional<at::ScalarType> dtype) {
+                                                           std::optional<at::ScalarType> dtype,
+                                                           const std::string& device) {
   std::unique_ptr<LocalRunner> r(new LocalRunner());
+  try {
+    r->device_ = at::Device(device);
+  } catch (const std::exception& e) {
+    return InvalidArgumentError("--device '" + device + "': not a device (cpu, cuda:N)");
+  }
+  if (r->device_.is_cuda() && !at::hasCUDA()) {
+    return FailedPreconditionError("--device '" + device +
+                                   "': this libtorch has no CUDA (build with a CUDA libtorch "
+                                   "via Torch_DIR, see docs/ARCHITECTURE.md)");
+  }
   FLEET_ASSIGN_OR_RETURN(r->file_, formats::ModelFile::Open(model_path));
   FLEET_ASSIGN_OR_RETURN(formats::Layout layout, formats::DetectLayout(*r->file_));
   if (layout.family == "unknown") {
@@ -91,6 +104,7 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
         const formats::TensorInfo* info = r->file_->Find(full);
         const std::string name = full.substr(layout.prefix.size());
         FLEET_ASSIGN_OR_RETURN(at::Tensor stored, tensor::View(*r->file_, *info));
+        if (!r->device_.is_cpu()) stored = stored.to(r->device_);
         if (IsFp8(*info)) {
           r->blocks_[i].fp8[name] = Fp8Weight{stored, info->dtype == "F8_E5M2"};
           continue;
@@ -100,13 +114,22 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
       }
     }
   } catch (const std::exception& e) {
-    return InternalError(model_path + ": libtorch: " + e.what());
+    std::string what = e.what();
+    if (auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+    return InternalError(model_path + " on " + device + ": libtorch: " + what);
   }
   return r;
 }
 
 Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) const {
   const auto& names = model_->block_names();
+  if (!device_.is_cpu()) {
+    try {
+      for (auto& [name, t] : state) t = t.to(device_);
+    } catch (const std::exception& e) {
+      return InternalError(std::string("moving inputs to ") + device_.str() + ": " + e.what());
+    }
+  }
   for (size_t i = 0; i < names.size(); ++i) {
     const Block& block = blocks_[i];
     const models::TensorMap* weights = &block.weights;
@@ -114,7 +137,8 @@ Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) cons
     if (!block.fp8.empty()) {
       with_fp8 = block.weights;
       for (const auto& [name, w] : block.fp8) {
-        FLEET_ASSIGN_OR_RETURN(at::Tensor wide, UpcastFp8(w.bytes, w.e5m2));
+        FLEET_ASSIGN_OR_RETURN(at::Tensor wide, UpcastFp8(w.bytes.to(at::kCPU), w.e5m2));
+        wide = wide.to(device_);
         FLEET_ASSIGN_OR_RETURN(with_fp8[name], model_->PrepareWeight(name, wide));
       }
       weights = &with_fp8;

@@ -29,8 +29,11 @@ class LocalRunner {
  public:
   /// Opens `model_path`, detects its layout and prepares the weights.
   /// \param dtype compute dtype; nullopt means the stored dtype of the model's weights.
+  /// \param device where weights live and blocks run ("cpu", "cuda:0"; CUDA needs a CUDA
+  /// build of libtorch). Run() moves the input state there.
   static StatusOr<std::unique_ptr<LocalRunner>> Create(const std::string& model_path,
-                                                       std::optional<at::ScalarType> dtype);
+                                                       std::optional<at::ScalarType> dtype,
+                                                       const std::string& device = "cpu");
 
   const models::Model& model() const { return *model_; }
 
@@ -52,6 +55,7 @@ class LocalRunner {
   std::unique_ptr<formats::ModelFile> file_;
   std::unique_ptr<models::Model> model_;
   std::vector<Block> blocks_;  // parallel to model_->block_names()
+  at::Device device_ = at::kCPU;
 };
 
 }  // namespace fleet::run_local
