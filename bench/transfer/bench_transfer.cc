@@ -58,44 +58,61 @@ int main(int argc, char** argv) {
   set.ParseOrExit(argc, argv);
   uint64_t largest = 0;
   for (const auto& s : sizes_mib) largest = std::max<uint64_t>(largest, std::stoull(s) << 20);
-  const std::string bin = std::filesystem::read_symlink("/proc/self/exe").parent_path() / "fleet-worker";
+  const std::string bin =
+      std::filesystem::read_symlink("/proc/self/exe").parent_path() / "fleet-worker";
   const std::string staging = std::to_string(largest + (64 << 20));
 
   // "A->B GB/s" is the sender's own view (SendTensors reply: copy + B's acknowledgement, without
   // the bench's request round trip).
-  std::printf("%-6s %10s %12s %12s %8s %14s\n", "link", "size", "GB/s", "memcpy GB/s", "ratio", "A->B GB/s");
+  std::printf("%-6s %10s %12s %12s %8s %14s\n", "link", "size", "GB/s", "memcpy GB/s", "ratio",
+              "A->B GB/s");
   bool shm_target_met = true;
   for (const auto& transport : transports) {
     const bool shm = transport == "shm";
     auto args = [&](const char* id, const std::string& listen) {
-      std::vector<std::string> a = {"--id", id, "--capacity", "64mb", "--listen", listen,
-                                    "--metrics-listen", "", "--shm-staging-bytes", staging,
-                                    "--threads", "2", "--compute-threads", "1"};
+      std::vector<std::string> a = {"--id",
+                                    id,
+                                    "--capacity",
+                                    "64mb",
+                                    "--listen",
+                                    listen,
+                                    "--metrics-listen",
+                                    "",
+                                    "--shm-staging-bytes",
+                                    staging,
+                                    "--threads",
+                                    "2",
+                                    "--compute-threads",
+                                    "1"};
       if (!shm) a.push_back("--shm=false");
       return a;
     };
     const std::string base = "/tmp/fleet-bench-" + std::to_string(getpid());
     auto listen = [&](const char* tag) {
-      return transport == "ipc" ? "ipc://" + base + "-" + tag + ".ipc" : std::string("tcp://127.0.0.1:*");
+      return transport == "ipc" ? "ipc://" + base + "-" + tag + ".ipc"
+                                : std::string("tcp://127.0.0.1:*");
     };
     auto a = WorkerProcess::Start(bin, args("cuda:0", listen("a")));
     auto b = WorkerProcess::Start(bin, args("cuda:1", listen("b")));
     if (!a.ok() || !b.ok()) {
-      std::fprintf(stderr, "cannot start workers: %s\n", (a.ok() ? b.status() : a.status()).ToString().c_str());
+      std::fprintf(stderr, "cannot start workers: %s\n",
+                   (a.ok() ? b.status() : a.status()).ToString().c_str());
       return 1;
     }
     auto ca = WorkerClient::Connect((*a)->endpoint(), {});
     auto cb = WorkerClient::Connect((*b)->endpoint(), {});
     if (!ca.ok() || !cb.ok()) {
-      std::fprintf(stderr, "cannot connect: %s\n", (ca.ok() ? cb.status() : ca.status()).ToString().c_str());
+      std::fprintf(stderr, "cannot connect: %s\n",
+                   (ca.ok() ? cb.status() : ca.status()).ToString().c_str());
       return 1;
     }
     for (const auto& s : sizes_mib) {
       const uint64_t bytes = std::stoull(s) << 20;
       std::vector<uint8_t> data(bytes);
       for (uint64_t i = 0; i < bytes; i += 4096) data[i] = static_cast<uint8_t>(i >> 12);
-      fleet::Status put = (*ca)->PutTensors("src", {HostTensor::Own("t", fleet::wire::DType::U8,
-                                                                    {static_cast<int64_t>(bytes)}, std::move(data))});
+      fleet::Status put = (*ca)->PutTensors(
+          "src", {HostTensor::Own("t", fleet::wire::DType::U8, {static_cast<int64_t>(bytes)},
+                                  std::move(data))});
       if (!put.ok()) {
         std::fprintf(stderr, "PutTensors: %s\n", put.ToString().c_str());
         return 1;
@@ -120,8 +137,8 @@ int main(int argc, char** argv) {
       }
       const double gbps = bytes / Median(t) / 1e9, memcpy_gbps = bytes / Median(tm) / 1e9;
       const double ratio = gbps / memcpy_gbps;
-      std::printf("%-6s %7s MiB %12.2f %12.2f %7.2fx %14.2f\n", transport.c_str(), s.c_str(), gbps, memcpy_gbps,
-                  ratio, bytes / Median(worker_side) / 1e9);
+      std::printf("%-6s %7s MiB %12.2f %12.2f %7.2fx %14.2f\n", transport.c_str(), s.c_str(), gbps,
+                  memcpy_gbps, ratio, bytes / Median(worker_side) / 1e9);
       std::fflush(stdout);
       if (shm && bytes >= (16u << 20) && ratio < 0.8) shm_target_met = false;
     }

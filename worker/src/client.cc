@@ -58,8 +58,8 @@ Status WorkerClient::Hello() {
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::Hello,
                           protocol::BuildHello(fbb, mine).Union());
   std::lock_guard<std::mutex> lock(mu_);
-  FLEET_ASSIGN_OR_RETURN(
-      Reply reply, CallLocked(fbb, {}, std::min(options_.timeout, options_.connect_timeout)));
+  FLEET_ASSIGN_OR_RETURN(Reply reply,
+                         CallLocked(fbb, {}, std::min(options_.timeout, options_.connect_timeout)));
   const auto* hello = reply.response->body_as_Hello();
   if (hello == nullptr) return InternalError("worker answered Hello with another message");
   peer_ = protocol::ReadHello(*hello);
@@ -71,14 +71,12 @@ Status WorkerClient::Hello() {
     if (rw.ok() && ro.ok()) {
       peer_arena_rw_ = *rw;
       peer_arena_ro_ = *ro;
-      shm_ = transport::MakeShmTransport(peer_arena_rw_, [this](std::span<const uint64_t> sizes) {
-        return ReserveLocked(sizes);
-      });
+      shm_ = transport::MakeShmTransport(
+          peer_arena_rw_, [this](std::span<const uint64_t> sizes) { return ReserveLocked(sizes); });
     } else {
-      FLEET_LOG(WARNING, "client") << "worker " << endpoint_ << " offers shm but its arena '"
-                                   << peer_.shm_arena << "' cannot be mapped ("
-                                   << (rw.ok() ? ro.status() : rw.status())
-                                   << "); using frames";
+      FLEET_LOG(WARNING, "client")
+          << "worker " << endpoint_ << " offers shm but its arena '" << peer_.shm_arena
+          << "' cannot be mapped (" << (rw.ok() ? ro.status() : rw.status()) << "); using frames";
       caps_ &= ~protocol::kCapShm;
     }
   }
@@ -129,8 +127,8 @@ StatusOr<WorkerClient::Reply> WorkerClient::CallLocked(flatbuffers::FlatBufferBu
     Reply reply;
     reply.frames = std::move(*in);
     if (reply.frames.empty()) continue;
-    auto response = protocol::VerifyWorkerResponse(transport::FrameBytes(reply.frames[0]),
-                                                   options_.limits);
+    auto response =
+        protocol::VerifyWorkerResponse(transport::FrameBytes(reply.frames[0]), options_.limits);
     if (!response.ok()) {
       return InternalError("malformed reply from worker " + endpoint_ + ": " +
                            std::string(response.status().message()));
@@ -170,8 +168,8 @@ WorkerClient::StageTensors(flatbuffers::FlatBufferBuilder& fbb,
   if (shm_ != nullptr) {
     refs = shm_->Stage(payloads, data_frames);
     if (!refs.ok() && refs.status().code() == StatusCode::kResourceExhausted) {
-      FLEET_VLOG(1, "client") << "shm staging of " << endpoint_ << " full, using frames: "
-                              << refs.status();
+      FLEET_VLOG(1, "client") << "shm staging of " << endpoint_
+                              << " full, using frames: " << refs.status();
     } else if (!refs.ok()) {
       return refs.status();
     }
@@ -223,7 +221,8 @@ StatusOr<std::vector<HostTensor>> WorkerClient::ReadTensors(
       }
       case wire::PayloadKind::ShmDonor: {
         if (!donor_shm || peer_arena_ro_ == nullptr) {
-          return InternalError("reply tensor '" + t.name + "' points into a shm arena this "
+          return InternalError("reply tensor '" + t.name +
+                               "' points into a shm arena this "
                                "client did not negotiate");
         }
         FLEET_ASSIGN_OR_RETURN(uint8_t * p, peer_arena_ro_->At(d->offset(), d->nbytes()));
@@ -369,9 +368,9 @@ StatusOr<RunBlocksResult> WorkerClient::RunBlocks(const std::string& job, const 
         step.donor.empty() ? wire::WeightSite::Resident : wire::WeightSite::Stream,
         fbb.CreateString(step.donor)));
   }
-  auto body = wire::CreateRunBlocksRequest(fbb, fbb.CreateString(job), fbb.CreateString(model),
-                                           fbb.CreateVector(s), prefetch_depth,
-                                           fbb.CreateString(run_id));
+  auto body =
+      wire::CreateRunBlocksRequest(fbb, fbb.CreateString(job), fbb.CreateString(model),
+                                   fbb.CreateVector(s), prefetch_depth, fbb.CreateString(run_id));
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::RunBlocksRequest, body.Union());
   FLEET_ASSIGN_OR_RETURN(Reply reply, Call(fbb, {}, options_.timeout));
   const auto* r = reply.response->body_as_RunBlocksResponse();
@@ -399,7 +398,8 @@ StatusOr<FetchedWeights> WorkerClient::FetchWeights(const std::string& model,
                                                     const std::string& block) {
   flatbuffers::FlatBufferBuilder fbb;
   fbb.ForceDefaults(true);  // CallLocked patches the id in place
-  auto body = wire::CreateFetchWeightsRequest(fbb, fbb.CreateString(model), fbb.CreateString(block));
+  auto body =
+      wire::CreateFetchWeightsRequest(fbb, fbb.CreateString(model), fbb.CreateString(block));
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::FetchWeightsRequest, body.Union());
   FLEET_ASSIGN_OR_RETURN(Reply reply, Call(fbb, {}, options_.timeout));
   const auto* r = reply.response->body_as_TensorsResponse();

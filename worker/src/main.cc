@@ -44,7 +44,8 @@ void MaybeReexecWithHugetlb(char** argv) {
 int main(int argc, char** argv) {
   MaybeReexecWithHugetlb(argv);
   WorkerOptions o;
-  fleet::config::OptionSet option_set("fleet-worker", "Serve one device's share of a model's blocks.");
+  fleet::config::OptionSet option_set("fleet-worker",
+                                      "Serve one device's share of a model's blocks.");
   {
     auto* options = &o;
     auto* set = &option_set;

@@ -27,7 +27,8 @@ StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(const std::string&
                                                               const std::vector<std::string>& args,
                                                               std::chrono::milliseconds timeout) {
   int pipefd[2];
-  if (pipe2(pipefd, O_CLOEXEC) != 0) return UnavailableError(std::string("pipe: ") + std::strerror(errno));
+  if (pipe2(pipefd, O_CLOEXEC) != 0)
+    return UnavailableError(std::string("pipe: ") + std::strerror(errno));
   std::vector<std::string> argv_s = {binary};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
   std::vector<char*> argv;
@@ -67,7 +68,8 @@ StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(const std::string&
       }
       return proc;
     }
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0) {
       return DeadlineExceededError(binary + " printed no ready line within " +
                                    std::to_string(timeout.count()) + " ms");
@@ -111,11 +113,13 @@ int WorkerProcess::Terminate(std::chrono::milliseconds timeout) {
 
 StatusOr<std::string> HttpGet(const std::string& host_port, const std::string& path) {
   const auto colon = host_port.rfind(':');
-  if (colon == std::string::npos) return InvalidArgumentError("'" + host_port + "' is not host:port");
+  if (colon == std::string::npos)
+    return InvalidArgumentError("'" + host_port + "' is not host:port");
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;
-  if (getaddrinfo(host_port.substr(0, colon).c_str(), host_port.substr(colon + 1).c_str(), &hints, &res) != 0) {
+  if (getaddrinfo(host_port.substr(0, colon).c_str(), host_port.substr(colon + 1).c_str(), &hints,
+                  &res) != 0) {
     return InvalidArgumentError("cannot resolve '" + host_port + "'");
   }
   const int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);

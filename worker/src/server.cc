@@ -66,7 +66,8 @@ std::string Sha256Hex(const uint8_t* data, size_t size) {
 
 std::string Str(const flatbuffers::String* s) { return s ? s->str() : std::string(); }
 
-std::vector<std::string> Strs(const flatbuffers::Vector<flatbuffers::Offset<flatbuffers::String>>* v) {
+std::vector<std::string> Strs(
+    const flatbuffers::Vector<flatbuffers::Offset<flatbuffers::String>>* v) {
   std::vector<std::string> out;
   if (v) {
     for (const auto* s : *v) out.push_back(s->str());
@@ -76,7 +77,8 @@ std::vector<std::string> Strs(const flatbuffers::Vector<flatbuffers::Offset<flat
 
 Status CheckName(const std::string& value, const char* what) {
   if (value.empty()) return InvalidArgumentError(std::string(what) + " is empty");
-  if (value.size() > 4096) return InvalidArgumentError(std::string(what) + " is longer than 4096 bytes");
+  if (value.size() > 4096)
+    return InvalidArgumentError(std::string(what) + " is longer than 4096 bytes");
   return Status::OK();
 }
 
@@ -138,7 +140,11 @@ struct WorkerServer::Impl {
   };
   struct Lease {
     std::string model, block;
+    Clock::time_point created;
   };
+  // A consumer that dies holding a lease would pin the block forever; leases older than this
+  // are dropped when an eviction needs the block (no block computes for this long).
+  static constexpr std::chrono::minutes kLeaseTimeout{10};
   struct Conn {
     bool hello = false;
     protocol::HelloInfo peer;
@@ -231,6 +237,24 @@ struct WorkerServer::Impl {
     return total;
   }
 
+  void ExpireLeasesLocked() {
+    const auto now = Clock::now();
+    for (auto it = leases.begin(); it != leases.end();) {
+      if (now - it->second.created < kLeaseTimeout) {
+        ++it;
+        continue;
+      }
+      FLEET_LOG(WARNING, "worker") << "weight lease " << it->first << " on block '"
+                                   << it->second.block << "' expired unreleased";
+      auto model = models_.find(it->second.model);
+      if (model != models_.end()) {
+        auto b = model->second.blocks.find(it->second.block);
+        if (b != model->second.blocks.end()) --b->second.pins;
+      }
+      it = leases.erase(it);
+    }
+  }
+
   void UpdateModelGaugesLocked(const std::string& model) {
     auto it = models_.find(model);
     const double bytes = it == models_.end() ? 0 : static_cast<double>(it->second.bytes);
@@ -239,7 +263,8 @@ struct WorkerServer::Impl {
     m->blocks_resident.Add({{"device", config.id}, {"model", model}}).Set(blocks);
   }
   void UpdateActivationGaugeLocked() {
-    m->activation_bytes.Add({{"device", config.id}}).Set(static_cast<double>(ActivationBytesLocked()));
+    m->activation_bytes.Add({{"device", config.id}})
+        .Set(static_cast<double>(ActivationBytesLocked()));
   }
 
   // ---- request handlers ----
@@ -307,17 +332,21 @@ void WorkerServer::Impl::SendError(zmq::message_t& rid, uint64_t id, const Statu
 
 void WorkerServer::Impl::OnRequest(Frames frames) {
   if (frames.size() < 2) {
-    m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}}).Increment();
-    if (!frames.empty()) SendError(frames[0], 0, InvalidArgumentError("empty message: a request is [header][data frames...]"));
+    m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}})
+        .Increment();
+    if (!frames.empty())
+      SendError(frames[0], 0,
+                InvalidArgumentError("empty message: a request is [header][data frames...]"));
     return;
   }
   auto header = std::make_shared<AlignedHeader>(frames[1]);
   auto request = protocol::VerifyWorkerRequest(header->bytes(), limits);
   const std::string rid_key = frames[0].to_string();
   if (!request.ok()) {
-    m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}}).Increment();
-    FLEET_LOG(WARNING, "worker") << "rejected a message from '"
-                                 << conns[rid_key].peer.peer_name << "': " << request.status();
+    m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}})
+        .Increment();
+    FLEET_LOG(WARNING, "worker") << "rejected a message from '" << conns[rid_key].peer.peer_name
+                                 << "': " << request.status();
     SendError(frames[0], 0, request.status());
     return;
   }
@@ -328,8 +357,10 @@ void WorkerServer::Impl::OnRequest(Frames frames) {
     protocol::HelloInfo peer = protocol::ReadHello(*(*request)->body_as_Hello());
     auto caps = protocol::Negotiate(hello, peer);
     if (!caps.ok()) {
-      m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}}).Increment();
-      FLEET_LOG(WARNING, "worker") << "refused Hello from '" << peer.peer_name << "': " << caps.status();
+      m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}})
+          .Increment();
+      FLEET_LOG(WARNING, "worker")
+          << "refused Hello from '" << peer.peer_name << "': " << caps.status();
       conns.erase(rid_key);
       SendError(frames[0], (*request)->id(), caps.status());
       return;
@@ -352,7 +383,8 @@ void WorkerServer::Impl::OnRequest(Frames frames) {
     return;
   }
   if (!conn.hello) {
-    m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}}).Increment();
+    m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}})
+        .Increment();
     conns.erase(rid_key);
     SendError(frames[0], (*request)->id(),
               FailedPreconditionError(type_name + " before Hello: the first message on a "
@@ -413,11 +445,12 @@ void WorkerServer::Impl::IoLoop() {
         uint32_t value = 0;
         std::memcpy(&id, (*event)[0].data(), 2);
         std::memcpy(&value, static_cast<const uint8_t*>((*event)[0].data()) + 2, 4);
-        FLEET_LOG(WARNING, "worker") << "refused a connection from " << (*event)[1].to_string()
-                                     << ": " << (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH ? "authentication failed"
-                                                                                         : "CURVE handshake failed")
-                                     << " (event 0x" << std::hex << id << ", code 0x" << value << std::dec
-                                     << "; wrong or missing CURVE keys?)";
+        FLEET_LOG(WARNING, "worker")
+            << "refused a connection from " << (*event)[1].to_string() << ": "
+            << (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH ? "authentication failed"
+                                                      : "CURVE handshake failed")
+            << " (event 0x" << std::hex << id << ", code 0x" << value << std::dec
+            << "; wrong or missing CURVE keys?)";
       }
     }
     if (accepting && (items[2].revents & ZMQ_POLLIN)) {
@@ -449,7 +482,8 @@ Frames WorkerServer::Impl::Execute(Task& task) {
     protocol::FinishErrorResponse(fbb, req->id(), status);
     out.push_back(transport::MessageFromBuffer(fbb.Release()));
   }
-  m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", status.ok() ? "ok" : "error"}})
+  m->requests
+      .Add({{"device", config.id}, {"type", type_name}, {"outcome", status.ok() ? "ok" : "error"}})
       .Increment();
   return out;
 }
@@ -502,10 +536,10 @@ Status WorkerServer::Impl::Dispatch(Task& task, Frames& out) {
     case wire::WorkerRequestBody::EndRunRequest:
       return HandleEndRun(task, *req->body_as_EndRunRequest(), out);
     default:
-      return UnimplementedError("request type " + std::to_string(static_cast<int>(req->body_type())) +
-                                " is not known to this worker (protocol " +
-                                std::to_string(protocol::kMajor) + "." +
-                                std::to_string(protocol::kMinor) + ")");
+      return UnimplementedError(
+          "request type " + std::to_string(static_cast<int>(req->body_type())) +
+          " is not known to this worker (protocol " + std::to_string(protocol::kMajor) + "." +
+          std::to_string(protocol::kMinor) + ")");
   }
 }
 
@@ -541,8 +575,8 @@ StatusOr<std::vector<std::pair<std::string, at::Tensor>>> WorkerServer::Impl::Re
   }
   for (size_t i = 0; i < descs->size(); ++i) {
     const wire::TensorDesc* d = descs->Get(i);
-    FLEET_RETURN_IF_ERROR(protocol::CheckTensorDesc(d, limits, frames->size(),
-                                                    std::string(what) + " tensor " + std::to_string(i)));
+    FLEET_RETURN_IF_ERROR(protocol::CheckTensorDesc(
+        d, limits, frames->size(), std::string(what) + " tensor " + std::to_string(i)));
     const std::string name = d->name()->str();
     if (!names.insert(name).second) {
       return InvalidArgumentError(std::string(what) + ": tensor '" + name + "' appears twice");
@@ -566,8 +600,10 @@ StatusOr<std::vector<std::pair<std::string, at::Tensor>>> WorkerServer::Impl::Re
       }
       case wire::PayloadKind::ShmReserved: {
         if (receiver == nullptr) {
-          return FailedPreconditionError("tensor '" + name + "' names a shm reservation but shm "
-                                         "is off on worker " + config.id);
+          return FailedPreconditionError("tensor '" + name +
+                                         "' names a shm reservation but shm "
+                                         "is off on worker " +
+                                         config.id);
         }
         FLEET_ASSIGN_OR_RETURN(auto block,
                                receiver->Claim(d->reservation(), d->offset(), d->nbytes()));
@@ -601,8 +637,9 @@ Status WorkerServer::Impl::PlaceWeight(const models::Model& model, const std::st
       std::shared_ptr<transport::ArenaBlock> shared = std::move(*dest);
       std::memcpy(shared->data(), prepared.data_ptr(), bytes);
       block.arena_offsets[name] = shared->offset();
-      prepared = internal::WrapBytes(shared->data(), internal::FromScalarType(prepared.scalar_type()),
-                                     internal::ShapeOf(prepared), shared);
+      prepared =
+          internal::WrapBytes(shared->data(), internal::FromScalarType(prepared.scalar_type()),
+                              internal::ShapeOf(prepared), shared);
     } else {
       FLEET_VLOG(1, "worker") << "weight '" << name << "' stays in the heap: " << dest.status();
       if (prepared.data_ptr() == stored.data_ptr()) prepared = prepared.clone();
@@ -638,12 +675,13 @@ StatusOr<std::shared_ptr<models::Model>> WorkerServer::Impl::GetOrCreateModelLoc
     case wire::DType::F64:
       break;
     default:
-      return InvalidArgumentError("compute dtype " + std::string(protocol::DTypeName(r.compute_dtype())) +
+      return InvalidArgumentError("compute dtype " +
+                                  std::string(protocol::DTypeName(r.compute_dtype())) +
                                   " of model '" + name + "' is not a floating type");
   }
-  FLEET_ASSIGN_OR_RETURN(std::unique_ptr<models::Model> created,
-                         models::CreateModel(family, config_json,
-                                             internal::ToScalarType(r.compute_dtype())));
+  FLEET_ASSIGN_OR_RETURN(
+      std::unique_ptr<models::Model> created,
+      models::CreateModel(family, config_json, internal::ToScalarType(r.compute_dtype())));
   ModelEntry e;
   e.family = family;
   e.config_json = config_json;
@@ -658,15 +696,17 @@ StatusOr<std::shared_ptr<models::Model>> WorkerServer::Impl::GetOrCreateModelLoc
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
-Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequest& r,
+                                           Frames& out) {
   const std::string model_name = Str(r.model());
   const std::string block_name = Str(r.block());
   FLEET_RETURN_IF_ERROR(CheckName(model_name, "LoadBlock: model name"));
   FLEET_RETURN_IF_ERROR(CheckName(block_name, "LoadBlock: block name"));
   const std::string what = "block '" + block_name + "' of model '" + model_name + "'";
   auto fail = [&](const Status& s) {
-    m->block_loads.Add({{"device", config.id},
-                        {"outcome", s.code() == StatusCode::kResourceExhausted ? "refused" : "failed"}})
+    m->block_loads
+        .Add({{"device", config.id},
+              {"outcome", s.code() == StatusCode::kResourceExhausted ? "refused" : "failed"}})
         .Increment();
     return s;
   };
@@ -700,14 +740,15 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
       std::span<const int64_t> shape;
       if (t->shape()) shape = {t->shape()->data(), t->shape()->size()};
       if (shape.size() > limits.max_rank) {
-        return fail(InvalidArgumentError(what + ": tensor '" + tname + "' has too many dimensions"));
+        return fail(
+            InvalidArgumentError(what + ": tensor '" + tname + "' has too many dimensions"));
       }
       auto need = protocol::TensorBytes(t->dtype(), shape);
       if (!need.ok()) return fail(need.status().WithContext(what + ": tensor '" + tname + "'"));
       if (*need != t->nbytes()) {
-        return fail(InvalidArgumentError(what + ": tensor '" + tname + "' declares " +
-                                         std::to_string(t->nbytes()) + " bytes, its dtype and shape need " +
-                                         std::to_string(*need)));
+        return fail(InvalidArgumentError(
+            what + ": tensor '" + tname + "' declares " + std::to_string(t->nbytes()) +
+            " bytes, its dtype and shape need " + std::to_string(*need)));
       }
       estimate += prepared_size(t->dtype(), t->nbytes());
     }
@@ -726,7 +767,8 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
     ModelEntry& e = models_.at(model_name);
     if (e.index.count(block_name) == 0) {
       return fail(NotFoundError("model '" + model_name + "' (" + e.family + ") has no block '" +
-                                block_name + "' (it has " + std::to_string(e.index.size()) + " blocks)"));
+                                block_name + "' (it has " + std::to_string(e.index.size()) +
+                                " blocks)"));
     }
     if (e.blocks.count(block_name) != 0) {
       return fail(AlreadyExistsError(what + " is already resident on " + config.id));
@@ -769,10 +811,10 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
     for (const auto* t : *file->tensors()) {
       const std::string tname = Str(t->name());
       if (t->offset() > file_size || t->nbytes() > file_size - t->offset()) {
-        return fail(OutOfRangeError("'" + Str(file->path()) + "': tensor '" + tname +
-                                    "' bytes [" + std::to_string(t->offset()) + ", " +
-                                    std::to_string(t->offset() + t->nbytes()) +
-                                    ") end past the file (" + std::to_string(file_size) + " bytes)"));
+        return fail(OutOfRangeError(
+            "'" + Str(file->path()) + "': tensor '" + tname + "' bytes [" +
+            std::to_string(t->offset()) + ", " + std::to_string(t->offset() + t->nbytes()) +
+            ") end past the file (" + std::to_string(file_size) + " bytes)"));
       }
       // Read straight into the arena's weights range when we can, else into the heap.
       std::shared_ptr<transport::ArenaBlock> dest;
@@ -793,11 +835,13 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
       }
       uint64_t done = 0;
       while (done < t->nbytes()) {
-        const ssize_t n = pread(fd, p + done, t->nbytes() - done, static_cast<off_t>(t->offset() + done));
+        const ssize_t n =
+            pread(fd, p + done, t->nbytes() - done, static_cast<off_t>(t->offset() + done));
         if (n <= 0) {
-          return fail(DataLossError("'" + Str(file->path()) + "': reading tensor '" + tname +
-                                    "' failed at byte " + std::to_string(t->offset() + done) +
-                                    (n < 0 ? std::string(": ") + std::strerror(errno) : ": end of file")));
+          return fail(
+              DataLossError("'" + Str(file->path()) + "': reading tensor '" + tname +
+                            "' failed at byte " + std::to_string(t->offset() + done) +
+                            (n < 0 ? std::string(": ") + std::strerror(errno) : ": end of file")));
         }
         done += static_cast<uint64_t>(n);
       }
@@ -816,7 +860,8 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
   } else {
     auto inbound = ReadInbound(task, wire_source->tensors(), "LoadBlock");
     if (!inbound.ok()) return fail(inbound.status().WithContext(what));
-    if (inbound->empty()) return fail(InvalidArgumentError("LoadBlock of " + what + " carries no tensors"));
+    if (inbound->empty())
+      return fail(InvalidArgumentError("LoadBlock of " + what + " carries no tensors"));
     for (auto& [name, stored] : *inbound) {
       stored_bytes += internal::TensorBytes(stored);
       Status placed = PlaceWeight(*model, name, stored, block);
@@ -829,12 +874,14 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
   {
     std::lock_guard<std::mutex> lock(mu);
     if (resident + pending - estimate + block.bytes > config.capacity_bytes) {
-      return fail(ResourceExhaustedError("prepared " + what + " takes " + config::FormatBytes(block.bytes) +
+      return fail(ResourceExhaustedError("prepared " + what + " takes " +
+                                         config::FormatBytes(block.bytes) +
                                          ", more than the capacity left on " + config.id));
     }
     auto it = models_.find(model_name);
     if (it == models_.end()) {
-      return fail(CancelledError("model '" + model_name + "' was evicted while " + what + " loaded"));
+      return fail(
+          CancelledError("model '" + model_name + "' was evicted while " + what + " loaded"));
     }
     it->second.bytes += block.bytes;
     resident += block.bytes;
@@ -842,17 +889,21 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
     UpdateModelGaugesLocked(model_name);
   }
   m->block_loads.Add({{"device", config.id}, {"outcome", "ok"}}).Increment();
-  m->load_bytes.Add({{"device", config.id}, {"source", source}}).Increment(static_cast<double>(stored_bytes));
+  m->load_bytes.Add({{"device", config.id}, {"source", source}})
+      .Increment(static_cast<double>(stored_bytes));
   FLEET_VLOG(1, "worker") << "loaded " << what << " from " << source;
   return Ack(task, out);
 }
 
-Status WorkerServer::Impl::HandleEvictBlock(Task& task, const wire::EvictBlockRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleEvictBlock(Task& task, const wire::EvictBlockRequest& r,
+                                            Frames& out) {
   const std::string model_name = Str(r.model()), block_name = Str(r.block());
   {
     std::lock_guard<std::mutex> lock(mu);
+    ExpireLeasesLocked();
     auto it = models_.find(model_name);
-    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    if (it == models_.end())
+      return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
     auto b = it->second.blocks.find(block_name);
     if (b == it->second.blocks.end()) {
       return NotFoundError("block '" + block_name + "' of model '" + model_name +
@@ -871,12 +922,15 @@ Status WorkerServer::Impl::HandleEvictBlock(Task& task, const wire::EvictBlockRe
   return Ack(task, out);
 }
 
-Status WorkerServer::Impl::HandleEvictModel(Task& task, const wire::EvictModelRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleEvictModel(Task& task, const wire::EvictModelRequest& r,
+                                            Frames& out) {
   const std::string model_name = Str(r.model());
   {
     std::lock_guard<std::mutex> lock(mu);
+    ExpireLeasesLocked();
     auto it = models_.find(model_name);
-    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    if (it == models_.end())
+      return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
     for (const auto& [name, b] : it->second.blocks) {
       if (b.pins > 0) {
         return FailedPreconditionError("block '" + name + "' of model '" + model_name +
@@ -890,19 +944,20 @@ Status WorkerServer::Impl::HandleEvictModel(Task& task, const wire::EvictModelRe
   return Ack(task, out);
 }
 
-flatbuffers::Offset<wire::StatsResponse> WorkerServer::Impl::BuildStats(flatbuffers::FlatBufferBuilder& fbb) {
+flatbuffers::Offset<wire::StatsResponse> WorkerServer::Impl::BuildStats(
+    flatbuffers::FlatBufferBuilder& fbb) {
   std::lock_guard<std::mutex> lock(mu);
   std::vector<flatbuffers::Offset<wire::ModelStats>> ms;
   for (const auto& [name, e] : models_) {
     std::vector<std::string> blocks;
     for (const auto& [b, _] : e.blocks) blocks.push_back(b);
-    ms.push_back(wire::CreateModelStats(fbb, fbb.CreateString(name), fbb.CreateVectorOfStrings(blocks), e.bytes));
+    ms.push_back(wire::CreateModelStats(fbb, fbb.CreateString(name),
+                                        fbb.CreateVectorOfStrings(blocks), e.bytes));
   }
-  return wire::CreateStatsResponse(fbb, fbb.CreateString(config.id), fbb.CreateString(config.backing),
-                                   config.capacity_bytes, config.total_bytes, resident,
-                                   fbb.CreateVector(ms), arena ? arena->size() : 0,
-                                   arena ? arena->used_bytes() : 0, ActivationBytesLocked(),
-                                   static_cast<uint32_t>(jobs.size()));
+  return wire::CreateStatsResponse(
+      fbb, fbb.CreateString(config.id), fbb.CreateString(config.backing), config.capacity_bytes,
+      config.total_bytes, resident, fbb.CreateVector(ms), arena ? arena->size() : 0,
+      arena ? arena->used_bytes() : 0, ActivationBytesLocked(), static_cast<uint32_t>(jobs.size()));
 }
 
 Status WorkerServer::Impl::HandleStats(Task& task, Frames& out) {
@@ -935,17 +990,21 @@ Status WorkerServer::Impl::HandleReserve(Task& task, const wire::ReserveRequest&
   return Reply(task, fbb, wire::WorkerResponseBody::ReserveResponse, body.Union(), {}, out);
 }
 
-Status WorkerServer::Impl::HandlePutTensors(Task& task, const wire::PutTensorsRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandlePutTensors(Task& task, const wire::PutTensorsRequest& r,
+                                            Frames& out) {
   const std::string job = Str(r.job());
   FLEET_RETURN_IF_ERROR(CheckName(job, "PutTensors: job"));
   FLEET_ASSIGN_OR_RETURN(auto tensors, ReadInbound(task, r.tensors(), "PutTensors"));
   const std::vector<std::string> constant = Strs(r.run_constant());
   const std::string run_id = Str(r.run_id());
   for (const auto& c : constant) {
-    if (run_id.empty()) return InvalidArgumentError("PutTensors: run-constant tensors need a run id");
+    if (run_id.empty())
+      return InvalidArgumentError("PutTensors: run-constant tensors need a run id");
     bool found = false;
     for (const auto& [n, t] : tensors) found = found || n == c;
-    if (!found) return InvalidArgumentError("PutTensors: run-constant '" + c + "' is not among the tensors sent");
+    if (!found)
+      return InvalidArgumentError("PutTensors: run-constant '" + c +
+                                  "' is not among the tensors sent");
   }
   uint64_t bytes = 0;
   {
@@ -954,7 +1013,8 @@ Status WorkerServer::Impl::HandlePutTensors(Task& task, const wire::PutTensorsRe
     for (auto& [name, t] : tensors) {
       bytes += internal::TensorBytes(t);
       if (device.is_cuda()) t = t.to(device);
-      if (std::find(constant.begin(), constant.end(), name) != constant.end()) runs[run_id][name] = t;
+      if (std::find(constant.begin(), constant.end(), name) != constant.end())
+        runs[run_id][name] = t;
       j.tensors[name] = t;
     }
     UpdateActivationGaugeLocked();
@@ -971,8 +1031,8 @@ Status WorkerServer::Impl::HandlePutTensors(Task& task, const wire::PutTensorsRe
 namespace {
 // Descriptors plus zero-copy frames for tensors going out in a reply.
 flatbuffers::Offset<flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>> FrameTensors(
-    flatbuffers::FlatBufferBuilder& fbb, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-    Frames& data) {
+    flatbuffers::FlatBufferBuilder& fbb,
+    const std::vector<std::pair<std::string, at::Tensor>>& tensors, Frames& data) {
   std::vector<flatbuffers::Offset<wire::TensorDesc>> descs;
   for (const auto& [name, t0] : tensors) {
     at::Tensor t = t0.to(at::kCPU).contiguous();
@@ -980,18 +1040,21 @@ flatbuffers::Offset<flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>> 
     uint32_t frame = 0;
     auto kind = wire::PayloadKind::None;
     if (bytes > 0) {
-      data.push_back(transport::ZeroCopyMessage(t.data_ptr(), bytes, std::make_shared<at::Tensor>(t)));
+      data.push_back(
+          transport::ZeroCopyMessage(t.data_ptr(), bytes, std::make_shared<at::Tensor>(t)));
       frame = static_cast<uint32_t>(data.size());
       kind = wire::PayloadKind::Frame;
     }
-    descs.push_back(wire::CreateTensorDesc(fbb, fbb.CreateString(name), internal::FromScalarType(t.scalar_type()),
-                                           fbb.CreateVector(internal::ShapeOf(t)), bytes, kind, frame));
+    descs.push_back(wire::CreateTensorDesc(
+        fbb, fbb.CreateString(name), internal::FromScalarType(t.scalar_type()),
+        fbb.CreateVector(internal::ShapeOf(t)), bytes, kind, frame));
   }
   return fbb.CreateVector(descs);
 }
 }  // namespace
 
-Status WorkerServer::Impl::HandleGetTensors(Task& task, const wire::GetTensorsRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleGetTensors(Task& task, const wire::GetTensorsRequest& r,
+                                            Frames& out) {
   const std::string job = Str(r.job());
   std::vector<std::pair<std::string, at::Tensor>> found;
   {
@@ -1018,10 +1081,12 @@ Status WorkerServer::Impl::HandleGetTensors(Task& task, const wire::GetTensorsRe
   Frames data;
   auto descs = FrameTensors(fbb, found, data);
   auto body = wire::CreateTensorsResponse(fbb, descs, 0);
-  return Reply(task, fbb, wire::WorkerResponseBody::TensorsResponse, body.Union(), std::move(data), out);
+  return Reply(task, fbb, wire::WorkerResponseBody::TensorsResponse, body.Union(), std::move(data),
+               out);
 }
 
-Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequest& r,
+                                           Frames& out) {
   const std::string job = Str(r.job()), model_name = Str(r.model()), run_id = Str(r.run_id());
   const uint32_t depth = std::clamp<uint32_t>(r.prefetch_depth(), 1, 16);
   struct Step {
@@ -1036,10 +1101,13 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = models_.find(model_name);
-    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    if (it == models_.end())
+      return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
     model = it->second.model;
     auto j = jobs.find(job);
-    if (j == jobs.end()) return NotFoundError("job '" + job + "' has no tensors on " + config.id + " (PutTensors first)");
+    if (j == jobs.end())
+      return NotFoundError("job '" + job + "' has no tensors on " + config.id +
+                           " (PutTensors first)");
     state = j->second.tensors;
     if (!run_id.empty()) {
       auto run = runs.find(run_id);
@@ -1060,10 +1128,12 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
         step.index = idx->second;
         if (s->site() == wire::WeightSite::Stream) {
           step.donor = Str(s->donor());
-          if (step.donor.empty()) return InvalidArgumentError("streamed block '" + step.block + "' names no donor");
+          if (step.donor.empty())
+            return InvalidArgumentError("streamed block '" + step.block + "' names no donor");
         } else if (it->second.blocks.count(step.block) == 0) {
-          return NotFoundError("block '" + step.block + "' of model '" + model_name + "' is not resident on " +
-                               config.id + "; load it here or stream it from a donor");
+          return NotFoundError("block '" + step.block + "' of model '" + model_name +
+                               "' is not resident on " + config.id +
+                               "; load it here or stream it from a donor");
         }
         steps.push_back(std::move(step));
       }
@@ -1117,7 +1187,8 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
         f.donor = *donor;
         auto w = (*donor)->FetchWeights(model_name, step.block);
         if (!w.ok()) {
-          f.status = w.status().WithContext("fetching block '" + step.block + "' from " + step.donor);
+          f.status =
+              w.status().WithContext("fetching block '" + step.block + "' from " + step.donor);
           if (w.status().code() == StatusCode::kUnavailable ||
               w.status().code() == StatusCode::kDeadlineExceeded) {
             DropPeer(step.donor);
@@ -1130,11 +1201,13 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
             if (device.is_cuda()) wt = wt.to(device);
             f.weights[t.name] = std::move(wt);
           }
-          const std::string src = f.donor->peer().device.empty() ? step.donor : f.donor->peer().device;
+          const std::string src =
+              f.donor->peer().device.empty() ? step.donor : f.donor->peer().device;
           m->transfer_bytes.Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}})
               .Increment(static_cast<double>(f.bytes));
           m->transfer_duration
-              .Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}}, metrics::DurationBuckets())
+              .Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}},
+                   metrics::DurationBuckets())
               .Observe(Seconds(Clock::now() - t0));
         }
       }
@@ -1151,7 +1224,8 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
     if (f.lease != 0 && f.donor) {
       f.weights.clear();
       Status s = f.donor->ReleaseWeights(f.lease);
-      if (!s.ok()) FLEET_LOG(WARNING, "worker") << "releasing weight lease " << f.lease << ": " << s;
+      if (!s.ok())
+        FLEET_LOG(WARNING, "worker") << "releasing weight lease " << f.lease << ": " << s;
     }
   };
   auto stop_prefetch = [&] {
@@ -1199,11 +1273,13 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
     result.compute_seconds += dt;
     ++result.blocks_run;
     m->block_compute_duration
-        .Add({{"device", config.id}, {"model", model_name}, {"block", step.block}}, metrics::DurationBuckets())
+        .Add({{"device", config.id}, {"model", model_name}, {"block", step.block}},
+             metrics::DurationBuckets())
         .Observe(dt);
   }
   stop_prefetch();
-  m->prefetch_stall.Add({{"device", config.id}, {"model", model_name}}).Increment(result.prefetch_stall_seconds);
+  m->prefetch_stall.Add({{"device", config.id}, {"model", model_name}})
+      .Increment(result.prefetch_stall_seconds);
   FLEET_RETURN_IF_ERROR(status.WithContext("RunBlocks of job '" + job + "'"));
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -1223,7 +1299,8 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   return Reply(task, fbb, wire::WorkerResponseBody::RunBlocksResponse, body.Union(), {}, out);
 }
 
-Status WorkerServer::Impl::HandleSendTensors(Task& task, const wire::SendTensorsRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleSendTensors(Task& task, const wire::SendTensorsRequest& r,
+                                             Frames& out) {
   const std::string job = Str(r.job()), peer = Str(r.peer()), peer_job = Str(r.peer_job());
   FLEET_RETURN_IF_ERROR(CheckName(peer, "SendTensors: peer endpoint"));
   FLEET_RETURN_IF_ERROR(CheckName(peer_job, "SendTensors: peer job"));
@@ -1257,16 +1334,19 @@ Status WorkerServer::Impl::HandleSendTensors(Task& task, const wire::SendTensors
   const auto t0 = Clock::now();
   Status s = client->PutTensors(peer_job, hosts);
   if (!s.ok()) {
-    if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) DropPeer(peer);
+    if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded)
+      DropPeer(peer);
     return s.WithContext("sending to " + peer);
   }
   flatbuffers::FlatBufferBuilder fbb;
-  auto body = wire::CreateSendTensorsResponse(fbb, bytes, fbb.CreateString(client->uses_shm() ? "shm" : "frames"),
-                                              Seconds(Clock::now() - t0));
+  auto body = wire::CreateSendTensorsResponse(
+      fbb, bytes, fbb.CreateString(client->uses_shm() ? "shm" : "frames"),
+      Seconds(Clock::now() - t0));
   return Reply(task, fbb, wire::WorkerResponseBody::SendTensorsResponse, body.Union(), {}, out);
 }
 
-Status WorkerServer::Impl::HandleFetchWeights(Task& task, const wire::FetchWeightsRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleFetchWeights(Task& task, const wire::FetchWeightsRequest& r,
+                                              Frames& out) {
   const std::string model_name = Str(r.model()), block_name = Str(r.block());
   flatbuffers::FlatBufferBuilder fbb;
   Frames data;
@@ -1275,39 +1355,46 @@ Status WorkerServer::Impl::HandleFetchWeights(Task& task, const wire::FetchWeigh
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = models_.find(model_name);
-    if (it == models_.end()) return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    if (it == models_.end())
+      return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
     auto b = it->second.blocks.find(block_name);
     if (b == it->second.blocks.end()) {
-      return NotFoundError("block '" + block_name + "' of model '" + model_name + "' is not resident on " + config.id);
+      return NotFoundError("block '" + block_name + "' of model '" + model_name +
+                           "' is not resident on " + config.id);
     }
     Block& block = b->second;
     const bool shm = (task.conn.caps & protocol::kCapShm) != 0 && arena != nullptr &&
                      block.arena_offsets.size() == block.weights.size();
     if (shm) {
       lease = next_lease++;
-      leases[lease] = {model_name, block_name};
+      leases[lease] = {model_name, block_name, Clock::now()};
       ++block.pins;
       std::vector<flatbuffers::Offset<wire::TensorDesc>> v;
       for (const auto& [name, t] : block.weights) {
-        v.push_back(wire::CreateTensorDesc(fbb, fbb.CreateString(name), internal::FromScalarType(t.scalar_type()),
-                                           fbb.CreateVector(internal::ShapeOf(t)), internal::TensorBytes(t),
-                                           wire::PayloadKind::ShmDonor, 0, block.arena_offsets.at(name)));
+        v.push_back(wire::CreateTensorDesc(
+            fbb, fbb.CreateString(name), internal::FromScalarType(t.scalar_type()),
+            fbb.CreateVector(internal::ShapeOf(t)), internal::TensorBytes(t),
+            wire::PayloadKind::ShmDonor, 0, block.arena_offsets.at(name)));
       }
       descs = fbb.CreateVector(v);
     } else {
-      std::vector<std::pair<std::string, at::Tensor>> tensors(block.weights.begin(), block.weights.end());
+      std::vector<std::pair<std::string, at::Tensor>> tensors(block.weights.begin(),
+                                                              block.weights.end());
       descs = FrameTensors(fbb, tensors, data);
     }
   }
   auto body = wire::CreateTensorsResponse(fbb, descs, lease);
-  return Reply(task, fbb, wire::WorkerResponseBody::TensorsResponse, body.Union(), std::move(data), out);
+  return Reply(task, fbb, wire::WorkerResponseBody::TensorsResponse, body.Union(), std::move(data),
+               out);
 }
 
-Status WorkerServer::Impl::HandleReleaseWeights(Task& task, const wire::ReleaseWeightsRequest& r, Frames& out) {
+Status WorkerServer::Impl::HandleReleaseWeights(Task& task, const wire::ReleaseWeightsRequest& r,
+                                                Frames& out) {
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = leases.find(r.lease());
-    if (it == leases.end()) return NotFoundError("weight lease " + std::to_string(r.lease()) + " is not held");
+    if (it == leases.end())
+      return NotFoundError("weight lease " + std::to_string(r.lease()) + " is not held");
     auto model = models_.find(it->second.model);
     if (model != models_.end()) {
       auto b = model->second.blocks.find(it->second.block);
@@ -1344,7 +1431,8 @@ void WorkerServer::Impl::HeartbeatLoop() {
   transport::SocketOptions so;
   so.curve = config.curve.enabled() ? &config.curve : nullptr;
   so.sndhwm = 4;  // never queue more than a few beats for a coordinator that is away
-  if (!transport::ConfigureSocket(dealer, so).ok() || !transport::Connect(dealer, config.coordinator).ok()) {
+  if (!transport::ConfigureSocket(dealer, so).ok() ||
+      !transport::Connect(dealer, config.coordinator).ok()) {
     FLEET_LOG(ERROR, "worker") << "cannot connect to coordinator " << config.coordinator;
     return;
   }
@@ -1359,11 +1447,11 @@ void WorkerServer::Impl::HeartbeatLoop() {
   {
     flatbuffers::FlatBufferBuilder fbb;
     const auto info = config.backing == "cpu" ? device::DiscoverCpu() : device::DeviceInfo{};
-    auto reg = wire::CreateRegister(fbb, protocol::BuildHello(fbb, hello), fbb.CreateString(endpoint),
-                                    fbb.CreateString(config.id), fbb.CreateString(config.backing),
-                                    config.total_bytes, config.capacity_bytes,
-                                    fbb.CreateString(info.name.empty() ? config.backing : info.name),
-                                    fbb.CreateString(metrics_server ? metrics_server->address() : ""));
+    auto reg = wire::CreateRegister(
+        fbb, protocol::BuildHello(fbb, hello), fbb.CreateString(endpoint),
+        fbb.CreateString(config.id), fbb.CreateString(config.backing), config.total_bytes,
+        config.capacity_bytes, fbb.CreateString(info.name.empty() ? config.backing : info.name),
+        fbb.CreateString(metrics_server ? metrics_server->address() : ""));
     fbb.Finish(wire::CreateWorkerEvent(fbb, wire::WorkerEventBody::Register, reg.Union()),
                protocol::kEventIdentifier);
     send(fbb);
@@ -1372,7 +1460,8 @@ void WorkerServer::Impl::HeartbeatLoop() {
   auto next = Clock::now() + config.heartbeat_interval;
   while (!stop) {
     if (Clock::now() < next) {
-      std::this_thread::sleep_for(std::min<Clock::duration>(next - Clock::now(), std::chrono::milliseconds(50)));
+      std::this_thread::sleep_for(
+          std::min<Clock::duration>(next - Clock::now(), std::chrono::milliseconds(50)));
       continue;
     }
     next += config.heartbeat_interval;
@@ -1458,17 +1547,20 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
         if (d.id.ToString() == config.backing) config.total_bytes = d.total_bytes;
       }
       if (config.total_bytes == 0) {
-        return NotFoundError("backing " + config.backing + " is not a visible CUDA device; give --total");
+        return NotFoundError("backing " + config.backing +
+                             " is not a visible CUDA device; give --total");
       }
     }
   }
-  if (config.capacity_bytes == 0) config.capacity_bytes = config.total_bytes - device::DefaultReserve(config.total_bytes);
+  if (config.capacity_bytes == 0)
+    config.capacity_bytes = config.total_bytes - device::DefaultReserve(config.total_bytes);
   if (config.capacity_bytes > config.total_bytes) {
     return InvalidArgumentError("--capacity " + config::FormatBytes(config.capacity_bytes) +
                                 " exceeds --total " + config::FormatBytes(config.total_bytes));
   }
   if (config.threads < 2) config.threads = 2;  // a peer request may arrive while we wait on a peer
-  if (config.max_message_bytes == 0) return InvalidArgumentError("--max-message-bytes must be positive");
+  if (config.max_message_bytes == 0)
+    return InvalidArgumentError("--max-message-bytes must be positive");
   impl->limits.max_message_bytes = config.max_message_bytes;
   at::set_num_threads(std::max(1, config.compute_threads));
 
@@ -1480,11 +1572,13 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
     }
     const std::string name = "fleet-worker-" + safe_id + "-" + std::to_string(getpid()) + "-" +
                              std::to_string(counter++);
-    const uint64_t weights = impl->device.is_cuda() ? 0
+    const uint64_t weights = impl->device.is_cuda()   ? 0
                              : config.shm_arena_bytes ? config.shm_arena_bytes
                                                       : config.capacity_bytes;
-    FLEET_ASSIGN_OR_RETURN(impl->arena, transport::ShmArena::Create(name, config.shm_staging_bytes, weights));
-    impl->receiver = std::make_unique<transport::ShmReceiver>(impl->arena, std::chrono::seconds(60));
+    FLEET_ASSIGN_OR_RETURN(impl->arena,
+                           transport::ShmArena::Create(name, config.shm_staging_bytes, weights));
+    impl->receiver =
+        std::make_unique<transport::ShmReceiver>(impl->arena, std::chrono::seconds(60));
   }
   if (config.curve.enabled()) {
     if (config.curve_authorized.empty()) config.curve_authorized.insert(config.curve.public_key);
@@ -1501,7 +1595,8 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
     const std::string monitor_endpoint =
         "inproc://fleet-worker-monitor-" + std::to_string(reinterpret_cast<uintptr_t>(impl.get()));
     if (zmq_socket_monitor(impl->router.handle(), monitor_endpoint.c_str(),
-                           ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                           ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
                                ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
       return InternalError("cannot monitor the request socket");
     }
@@ -1515,7 +1610,8 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
   FLEET_ASSIGN_OR_RETURN(impl->endpoint, transport::Bind(impl->router, config.listen));
   impl->replies_pull = zmq::socket_t(transport::Context(), zmq::socket_type::pull);
   impl->replies_pull.set(zmq::sockopt::linger, 0);
-  impl->replies_endpoint = "inproc://fleet-worker-replies-" + std::to_string(reinterpret_cast<uintptr_t>(impl.get()));
+  impl->replies_endpoint =
+      "inproc://fleet-worker-replies-" + std::to_string(reinterpret_cast<uintptr_t>(impl.get()));
   FLEET_RETURN_IF_ERROR(transport::Bind(impl->replies_pull, impl->replies_endpoint).status());
 
   impl->hello.peer_name = "worker " + config.id;
@@ -1523,16 +1619,22 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
   impl->hello.host_id = protocol::HostId();
   impl->hello.shm_arena = impl->arena ? impl->arena->name() : "";
   impl->hello.max_message_bytes = config.max_message_bytes;
-  impl->hello.capabilities = (impl->arena ? protocol::kCapShm : 0) | (config.curve.enabled() ? protocol::kCapCurve : 0);
+  impl->hello.capabilities =
+      (impl->arena ? protocol::kCapShm : 0) | (config.curve.enabled() ? protocol::kCapCurve : 0);
 
   impl->m = std::make_unique<metrics::WorkerMetrics>(*impl->registry);
-  impl->m->info.Add({{"device", config.id}, {"backing", config.backing}, {"version", metrics::Version()}}).Set(1);
-  impl->m->capacity_bytes.Add({{"device", config.id}}).Set(static_cast<double>(config.capacity_bytes));
+  impl->m->info
+      .Add({{"device", config.id}, {"backing", config.backing}, {"version", metrics::Version()}})
+      .Set(1);
+  impl->m->capacity_bytes.Add({{"device", config.id}})
+      .Set(static_cast<double>(config.capacity_bytes));
   impl->m->total_bytes.Add({{"device", config.id}}).Set(static_cast<double>(config.total_bytes));
-  impl->m->shm_arena_bytes.Add({{"device", config.id}}).Set(impl->arena ? static_cast<double>(impl->arena->size()) : 0);
+  impl->m->shm_arena_bytes.Add({{"device", config.id}})
+      .Set(impl->arena ? static_cast<double>(impl->arena->size()) : 0);
   impl->m->activation_bytes.Add({{"device", config.id}}).Set(0);
   if (!config.metrics_listen.empty()) {
-    FLEET_ASSIGN_OR_RETURN(impl->metrics_server, metrics::MetricsServer::Start(config.metrics_listen, impl->registry));
+    FLEET_ASSIGN_OR_RETURN(impl->metrics_server,
+                           metrics::MetricsServer::Start(config.metrics_listen, impl->registry));
   }
   impl->config = std::move(config);
   Impl* p = impl.get();

@@ -41,7 +41,10 @@ const std::string& Version() {
 }
 
 WorkerMetrics::WorkerMetrics(prometheus::Registry& r)
-    : info(BuildGauge().Name("fleet_worker_info").Help("Identity of this worker (always 1)").Register(r)),
+    : info(BuildGauge()
+               .Name("fleet_worker_info")
+               .Help("Identity of this worker (always 1)")
+               .Register(r)),
       capacity_bytes(BuildGauge()
                          .Name("fleet_worker_capacity_bytes")
                          .Help("Weight budget enforced by this worker")
@@ -101,7 +104,8 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
                     .Name("fleet_coordinator_worker_up")
                     .Help("1 while the worker answers heartbeats, 0 once marked down")
                     .Register(r)),
-      workers(BuildGauge().Name("fleet_coordinator_workers").Help("Registered workers").Register(r)),
+      workers(
+          BuildGauge().Name("fleet_coordinator_workers").Help("Registered workers").Register(r)),
       queue_depth(BuildGauge()
                       .Name("fleet_coordinator_queue_depth")
                       .Help("Jobs waiting in the bounded queue")
@@ -157,19 +161,37 @@ std::pair<std::string, std::string> Entry(const prometheus::Family<T>& f) {
 }  // namespace
 
 std::vector<std::pair<std::string, std::string>> WorkerMetrics::Describe() const {
-  return {Entry(info),           Entry(capacity_bytes),         Entry(total_bytes),
-          Entry(resident_bytes), Entry(blocks_resident),        Entry(activation_bytes),
-          Entry(shm_arena_bytes), Entry(transfer_bytes),        Entry(transfer_duration),
-          Entry(block_compute_duration), Entry(prefetch_stall), Entry(block_loads),
-          Entry(load_bytes),     Entry(requests)};
+  return {Entry(info),
+          Entry(capacity_bytes),
+          Entry(total_bytes),
+          Entry(resident_bytes),
+          Entry(blocks_resident),
+          Entry(activation_bytes),
+          Entry(shm_arena_bytes),
+          Entry(transfer_bytes),
+          Entry(transfer_duration),
+          Entry(block_compute_duration),
+          Entry(prefetch_stall),
+          Entry(block_loads),
+          Entry(load_bytes),
+          Entry(requests)};
 }
 
 std::vector<std::pair<std::string, std::string>> CoordinatorMetrics::Describe() const {
-  return {Entry(info),          Entry(worker_up),           Entry(workers),
-          Entry(queue_depth),   Entry(queue_capacity),      Entry(jobs),
-          Entry(step_duration), Entry(prefetch_stall),      Entry(step_transfer_bytes),
-          Entry(model_load_duration), Entry(model_loaded),  Entry(model_bytes),
-          Entry(plan_decisions), Entry(expected_bandwidth)};
+  return {Entry(info),
+          Entry(worker_up),
+          Entry(workers),
+          Entry(queue_depth),
+          Entry(queue_capacity),
+          Entry(jobs),
+          Entry(step_duration),
+          Entry(prefetch_stall),
+          Entry(step_transfer_bytes),
+          Entry(model_load_duration),
+          Entry(model_loaded),
+          Entry(model_bytes),
+          Entry(plan_decisions),
+          Entry(expected_bandwidth)};
 }
 
 // A minimal HTTP/1.0 server for GET /metrics. prometheus-cpp's Exposer (CivetWeb) cannot start
@@ -246,14 +268,16 @@ StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
     return InvalidArgumentError("metrics address '" + listen + "' is not host:port");
   }
   std::string host = listen.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
   const std::string port = listen.substr(colon + 1);
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
   addrinfo* res = nullptr;
-  if (const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &res); rc != 0) {
+  if (const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &res);
+      rc != 0) {
     return InvalidArgumentError("metrics address '" + listen + "': " + gai_strerror(rc));
   }
   auto impl = std::make_unique<Impl>();
@@ -275,8 +299,8 @@ StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
                              : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
   Impl* p = impl.get();
   impl->thread = std::thread([p] { p->Run(); });
-  return std::make_unique<MetricsServer>(std::move(impl),
-                                         listen.substr(0, colon) + ":" + std::to_string(bound_port));
+  return std::make_unique<MetricsServer>(
+      std::move(impl), listen.substr(0, colon) + ":" + std::to_string(bound_port));
 }
 
 std::string Serialize(prometheus::Registry& registry) {

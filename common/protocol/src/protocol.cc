@@ -14,7 +14,8 @@ namespace fleet::protocol {
 static_assert(static_cast<int>(wire::ErrorCode::Ok) == static_cast<int>(StatusCode::kOk));
 static_assert(static_cast<int>(wire::ErrorCode::InvalidArgument) ==
               static_cast<int>(StatusCode::kInvalidArgument));
-static_assert(static_cast<int>(wire::ErrorCode::NotFound) == static_cast<int>(StatusCode::kNotFound));
+static_assert(static_cast<int>(wire::ErrorCode::NotFound) ==
+              static_cast<int>(StatusCode::kNotFound));
 static_assert(static_cast<int>(wire::ErrorCode::AlreadyExists) ==
               static_cast<int>(StatusCode::kAlreadyExists));
 static_assert(static_cast<int>(wire::ErrorCode::OutOfRange) ==
@@ -27,12 +28,14 @@ static_assert(static_cast<int>(wire::ErrorCode::Unavailable) ==
               static_cast<int>(StatusCode::kUnavailable));
 static_assert(static_cast<int>(wire::ErrorCode::DeadlineExceeded) ==
               static_cast<int>(StatusCode::kDeadlineExceeded));
-static_assert(static_cast<int>(wire::ErrorCode::DataLoss) == static_cast<int>(StatusCode::kDataLoss));
+static_assert(static_cast<int>(wire::ErrorCode::DataLoss) ==
+              static_cast<int>(StatusCode::kDataLoss));
 static_assert(static_cast<int>(wire::ErrorCode::Cancelled) ==
               static_cast<int>(StatusCode::kCancelled));
 static_assert(static_cast<int>(wire::ErrorCode::Unimplemented) ==
               static_cast<int>(StatusCode::kUnimplemented));
-static_assert(static_cast<int>(wire::ErrorCode::Internal) == static_cast<int>(StatusCode::kInternal));
+static_assert(static_cast<int>(wire::ErrorCode::Internal) ==
+              static_cast<int>(StatusCode::kInternal));
 static_assert(static_cast<int>(wire::ErrorCode::MAX) + 1 == kStatusCodeCount,
               "schemas/common.fbs ErrorCode and fleet::StatusCode differ");
 // The union values are permanent: appending is fine, reordering is not.
@@ -192,8 +195,9 @@ Status CheckTensorDesc(const wire::TensorDesc* desc, const Limits& limits, size_
   }
   switch (desc->payload()) {
     case wire::PayloadKind::None:
-      if (*bytes != 0) return InvalidArgumentError(name + " has " + std::to_string(*bytes) +
-                                                   " bytes but no payload");
+      if (*bytes != 0)
+        return InvalidArgumentError(name + " has " + std::to_string(*bytes) +
+                                    " bytes but no payload");
       break;
     case wire::PayloadKind::Frame:
       if (desc->frame() == 0 || desc->frame() > data_frames) {
@@ -264,11 +268,10 @@ StatusOr<const wire::WorkerEvent*> VerifyWorkerEvent(std::span<const uint8_t> he
 
 flatbuffers::Offset<wire::Hello> BuildHello(flatbuffers::FlatBufferBuilder& fbb,
                                             const HelloInfo& hello) {
-  return wire::CreateHello(fbb, hello.major, hello.minor,
-                           static_cast<wire::Capability>(hello.capabilities),
-                           fbb.CreateString(hello.peer_name), fbb.CreateString(hello.host_id),
-                           fbb.CreateString(hello.shm_arena), hello.max_message_bytes,
-                           fbb.CreateString(hello.device));
+  return wire::CreateHello(
+      fbb, hello.major, hello.minor, static_cast<wire::Capability>(hello.capabilities),
+      fbb.CreateString(hello.peer_name), fbb.CreateString(hello.host_id),
+      fbb.CreateString(hello.shm_arena), hello.max_message_bytes, fbb.CreateString(hello.device));
 }
 
 HelloInfo ReadHello(const wire::Hello& hello) {
@@ -286,16 +289,15 @@ HelloInfo ReadHello(const wire::Hello& hello) {
 
 StatusOr<uint64_t> Negotiate(const HelloInfo& local, const HelloInfo& remote) {
   if (remote.major != local.major) {
-    return FailedPreconditionError(
-        "protocol version mismatch: peer '" + remote.peer_name + "' speaks " +
-        std::to_string(remote.major) + "." + std::to_string(remote.minor) + ", this side " +
-        std::to_string(local.major) + "." + std::to_string(local.minor) +
-        " (major versions must be equal: upgrade the older side)");
+    return FailedPreconditionError("protocol version mismatch: peer '" + remote.peer_name +
+                                   "' speaks " + std::to_string(remote.major) + "." +
+                                   std::to_string(remote.minor) + ", this side " +
+                                   std::to_string(local.major) + "." + std::to_string(local.minor) +
+                                   " (major versions must be equal: upgrade the older side)");
   }
   uint64_t caps = local.capabilities & remote.capabilities;
-  if ((caps & kCapShm) != 0 &&
-      (local.host_id.empty() || local.host_id != remote.host_id ||
-       (local.shm_arena.empty() && remote.shm_arena.empty()))) {
+  if ((caps & kCapShm) != 0 && (local.host_id.empty() || local.host_id != remote.host_id ||
+                                (local.shm_arena.empty() && remote.shm_arena.empty()))) {
     caps &= ~kCapShm;
   }
   return caps;
@@ -310,19 +312,20 @@ std::string HostId() {
   return boot + "/" + host;
 }
 
-void FinishRequest(flatbuffers::FlatBufferBuilder& fbb, uint64_t id,
-                   wire::WorkerRequestBody type, flatbuffers::Offset<void> body) {
+void FinishRequest(flatbuffers::FlatBufferBuilder& fbb, uint64_t id, wire::WorkerRequestBody type,
+                   flatbuffers::Offset<void> body) {
   fbb.Finish(wire::CreateWorkerRequest(fbb, id, type, body), kRequestIdentifier);
 }
 
-void FinishResponse(flatbuffers::FlatBufferBuilder& fbb, uint64_t id,
-                    wire::WorkerResponseBody type, flatbuffers::Offset<void> body) {
+void FinishResponse(flatbuffers::FlatBufferBuilder& fbb, uint64_t id, wire::WorkerResponseBody type,
+                    flatbuffers::Offset<void> body) {
   fbb.Finish(wire::CreateWorkerResponse(fbb, id, type, body), kResponseIdentifier);
 }
 
 void FinishErrorResponse(flatbuffers::FlatBufferBuilder& fbb, uint64_t id, const Status& status) {
-  auto error = wire::CreateError(fbb, ToWireCode(status.ok() ? StatusCode::kInternal : status.code()),
-                                 fbb.CreateString(status.message()));
+  auto error =
+      wire::CreateError(fbb, ToWireCode(status.ok() ? StatusCode::kInternal : status.code()),
+                        fbb.CreateString(status.message()));
   FinishResponse(fbb, id, wire::WorkerResponseBody::Error, error.Union());
 }
 

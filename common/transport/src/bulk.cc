@@ -42,8 +42,8 @@ class ShmTransport final : public BulkTransport {
     if (sizes.empty()) return refs;
     FLEET_ASSIGN_OR_RETURN(Reservation grant, reserve_(sizes));
     if (grant.offsets.size() != sizes.size()) {
-      return InternalError("peer granted " + std::to_string(grant.offsets.size()) +
-                           " ranges for " + std::to_string(sizes.size()) + " tensors");
+      return InternalError("peer granted " + std::to_string(grant.offsets.size()) + " ranges for " +
+                           std::to_string(sizes.size()) + " tensors");
     }
     for (size_t k = 0; k < which.size(); ++k) {
       const OutPayload& p = payloads[which[k]];
@@ -81,10 +81,9 @@ StatusOr<std::span<const uint8_t>> FramePayload(const wire::TensorDesc& desc,
   }
   const zmq::message_t& m = data_frames[desc.frame() - 1];
   if (m.size() != desc.nbytes()) {
-    return InvalidArgumentError("tensor '" + name + "': data frame " +
-                                std::to_string(desc.frame()) + " holds " +
-                                std::to_string(m.size()) + " bytes, the descriptor says " +
-                                std::to_string(desc.nbytes()));
+    return InvalidArgumentError(
+        "tensor '" + name + "': data frame " + std::to_string(desc.frame()) + " holds " +
+        std::to_string(m.size()) + " bytes, the descriptor says " + std::to_string(desc.nbytes()));
   }
   return FrameBytes(m);
 }
@@ -131,9 +130,8 @@ StatusOr<std::unique_ptr<ArenaBlock>> ShmReceiver::Claim(uint64_t id, uint64_t o
   }
   auto b = it->second.blocks.find(offset);
   if (b == it->second.blocks.end() || b->second->size() < nbytes) {
-    return OutOfRangeError("shm range [" + std::to_string(offset) + ", +" +
-                           std::to_string(nbytes) + ") was not granted by reservation " +
-                           std::to_string(id));
+    return OutOfRangeError("shm range [" + std::to_string(offset) + ", +" + std::to_string(nbytes) +
+                           ") was not granted by reservation " + std::to_string(id));
   }
   auto block = std::move(b->second);
   it->second.blocks.erase(b);

@@ -143,8 +143,8 @@ void ZapAuthenticator::Run(zmq::socket_t socket) {
         status = "400";
         reason = "public key not authorized";
         ++refused_;
-        FLEET_LOG(WARNING, "transport") << "refused CURVE client from " << text(3) << ": public key "
-                                        << z85 << " is not authorized";
+        FLEET_LOG(WARNING, "transport") << "refused CURVE client from " << text(3)
+                                        << ": public key " << z85 << " is not authorized";
       } else {
         user = z85;
       }

@@ -54,7 +54,11 @@ uint8_t* ArenaBlock::data() const { return arena_->base() + offset_; }
 const std::string& ArenaBlock::arena_name() const { return arena_->name(); }
 
 ShmArena::ShmArena(std::string name, int fd, uint8_t* base, uint64_t staging, uint64_t weights)
-    : name_(std::move(name)), fd_(fd), base_(base), staging_bytes_(staging), weights_bytes_(weights) {
+    : name_(std::move(name)),
+      fd_(fd),
+      base_(base),
+      staging_bytes_(staging),
+      weights_bytes_(weights) {
   staging_.begin = 0;
   staging_.end = staging;
   if (staging > 0) staging_.free[0] = staging;
@@ -75,8 +79,8 @@ StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const std::string& name,
   const int fd = shm_open(("/" + name).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
   if (fd < 0) return UnavailableError(Errno("shm_open /dev/shm/" + name));
   if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
-    Status s = ResourceExhaustedError(Errno("ftruncate /dev/shm/" + name + " to " +
-                                            std::to_string(total) + " bytes"));
+    Status s = ResourceExhaustedError(
+        Errno("ftruncate /dev/shm/" + name + " to " + std::to_string(total) + " bytes"));
     close(fd);
     shm_unlink(("/" + name).c_str());
     return s;
@@ -172,7 +176,8 @@ uint64_t ShmArena::used_bytes() const {
 
 bool ShmArena::Contains(const void* p, uint64_t size) const {
   const auto* b = static_cast<const uint8_t*>(p);
-  return b >= base_ && size <= this->size() && static_cast<uint64_t>(b - base_) <= this->size() - size;
+  return b >= base_ && size <= this->size() &&
+         static_cast<uint64_t>(b - base_) <= this->size() - size;
 }
 
 ShmMapping::ShmMapping(std::string name, uint8_t* base, uint64_t size)
@@ -202,8 +207,8 @@ StatusOr<std::shared_ptr<ShmMapping>> ShmMapping::Open(const std::string& name, 
 StatusOr<uint8_t*> ShmMapping::At(uint64_t offset, uint64_t bytes) const {
   if (offset > size_ || bytes > size_ - offset) {
     return OutOfRangeError("range [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
-                           ") is outside peer arena '" + name_ + "' of " +
-                           std::to_string(size_) + " bytes");
+                           ") is outside peer arena '" + name_ + "' of " + std::to_string(size_) +
+                           " bytes");
   }
   return base_ + offset;
 }

@@ -31,8 +31,9 @@ Status ConfigureSocket(zmq::socket_t& socket, const SocketOptions& options) {
         socket.set(zmq::sockopt::curve_secretkey, c.secret_key);
       } else {
         if (c.server_key.empty()) {
-          return InvalidArgumentError("CURVE is on but no server public key is configured "
-                                      "(--curve-server-key-file)");
+          return InvalidArgumentError(
+              "CURVE is on but no server public key is configured "
+              "(--curve-server-key-file)");
         }
         socket.set(zmq::sockopt::curve_serverkey, c.server_key);
         socket.set(zmq::sockopt::curve_publickey, c.public_key);
@@ -102,7 +103,8 @@ zmq::message_t MessageFromBuffer(flatbuffers::DetachedBuffer buffer) {
       [](void*, void* hint) { delete static_cast<flatbuffers::DetachedBuffer*>(hint); }, owned);
 }
 
-zmq::message_t ZeroCopyMessage(const void* data, size_t size, std::shared_ptr<const void> keepalive) {
+zmq::message_t ZeroCopyMessage(const void* data, size_t size,
+                               std::shared_ptr<const void> keepalive) {
   if (size == 0) return zmq::message_t();
   auto* hold = new std::shared_ptr<const void>(std::move(keepalive));
   return zmq::message_t(

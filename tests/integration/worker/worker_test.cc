@@ -74,24 +74,29 @@ struct ModelFixture {
       for (auto& v : w[i]) v = dist(rng);
       for (auto& v : b[i]) v = dist(rng);
       const std::string name = "linear_blocks." + std::to_string(i);
-      specs[i].push_back({name + ".weight", wire::DType::F32, {kDim, kDim}, offset,
-                          uint64_t(kDim * kDim * 4), Sha256Hex(w[i].data(), w[i].size() * 4)});
+      specs[i].push_back({name + ".weight",
+                          wire::DType::F32,
+                          {kDim, kDim},
+                          offset,
+                          uint64_t(kDim * kDim * 4),
+                          Sha256Hex(w[i].data(), w[i].size() * 4)});
       out.write(reinterpret_cast<const char*>(w[i].data()), w[i].size() * 4);
       offset += w[i].size() * 4;
-      specs[i].push_back({name + ".bias", wire::DType::F32, {kDim}, offset, uint64_t(kDim * 4), ""});
+      specs[i].push_back(
+          {name + ".bias", wire::DType::F32, {kDim}, offset, uint64_t(kDim * 4), ""});
       out.write(reinterpret_cast<const char*>(b[i].data()), b[i].size() * 4);
       offset += b[i].size() * 4;
     }
   }
   ~ModelFixture() { fs::remove_all(root); }
 
-  static ModelSpec Spec() {
-    return {"toy", "linear", R"({"dim":64,"depth":4})", wire::DType::F32};
-  }
+  static ModelSpec Spec() { return {"toy", "linear", R"({"dim":64,"depth":4})", wire::DType::F32}; }
   std::string Block(int i) const { return "linear_blocks." + std::to_string(i); }
   std::vector<HostTensor> WireTensors(int i) const {
-    return {HostTensor::Copy(Block(i) + ".weight", wire::DType::F32, {kDim, kDim}, w[i].data(), w[i].size() * 4),
-            HostTensor::Copy(Block(i) + ".bias", wire::DType::F32, {kDim}, b[i].data(), b[i].size() * 4)};
+    return {HostTensor::Copy(Block(i) + ".weight", wire::DType::F32, {kDim, kDim}, w[i].data(),
+                             w[i].size() * 4),
+            HostTensor::Copy(Block(i) + ".bias", wire::DType::F32, {kDim}, b[i].data(),
+                             b[i].size() * 4)};
   }
   // Reference forward of blocks [first, last) in double precision.
   std::vector<double> Reference(std::vector<double> x, int rows, int first, int last) const {
@@ -117,8 +122,10 @@ const ModelFixture& Model() {
 }
 
 std::unique_ptr<WorkerProcess> StartWorker(std::vector<std::string> args) {
-  std::vector<std::string> all = {"--model-root", Model().root.string(), "--shm-staging-bytes", "64mb",
-                                  "--threads", "4", "--compute-threads", "1"};
+  std::vector<std::string> all = {"--model-root",        Model().root.string(),
+                                  "--shm-staging-bytes", "64mb",
+                                  "--threads",           "4",
+                                  "--compute-threads",   "1"};
   all.insert(all.end(), args.begin(), args.end());
   auto w = WorkerProcess::Start(WorkerBinary(), all);
   EXPECT_TRUE(w.ok()) << w.status();
@@ -166,8 +173,10 @@ TEST(Worker, LoadsFromFileAndWireRunsAndEvicts) {
 
   ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).ok());
   ASSERT_TRUE(c->LoadBlockFromWire(m.Spec(), m.Block(1), m.WireTensors(1)).ok());
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).code(), StatusCode::kAlreadyExists);
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), "linear_blocks.9", m.file, m.specs[0]).code(), StatusCode::kNotFound);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).code(),
+            StatusCode::kAlreadyExists);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), "linear_blocks.9", m.file, m.specs[0]).code(),
+            StatusCode::kNotFound);
 
   auto stats = c->Stats();
   ASSERT_TRUE(stats.ok()) << stats.status();
@@ -196,7 +205,8 @@ TEST(Worker, LoadsFromFileAndWireRunsAndEvicts) {
   EXPECT_EQ(stats->resident_bytes, block_bytes);
   auto missing = c->RunBlocks("job1", "toy", {{m.Block(0), ""}});
   EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
-  EXPECT_NE(missing.status().message().find("not resident on cuda:1"), std::string_view::npos) << missing.status();
+  EXPECT_NE(missing.status().message().find("not resident on cuda:1"), std::string_view::npos)
+      << missing.status();
   EXPECT_EQ(c->GetTensors("job1", {"nope"}).status().code(), StatusCode::kNotFound);
   ASSERT_TRUE(c->DropJob("job1").ok());
   EXPECT_EQ(c->GetTensors("job1", {"x"}).status().code(), StatusCode::kNotFound);
@@ -225,12 +235,17 @@ TEST(Worker, RefusesLoadsPastCapacityWithTheNumbers) {
 
   auto text = HttpGet(w->metrics(), "/metrics");
   ASSERT_TRUE(text.ok()) << text.status();
-  EXPECT_NE(text->find("fleet_worker_block_loads_total{device=\"cuda:2\",outcome=\"refused\"} 1"), std::string::npos) << *text;
-  EXPECT_NE(text->find("fleet_worker_capacity_bytes{device=\"cuda:2\"} " + std::to_string(2 * block_bytes + 100)),
+  EXPECT_NE(text->find("fleet_worker_block_loads_total{device=\"cuda:2\",outcome=\"refused\"} 1"),
+            std::string::npos)
+      << *text;
+  EXPECT_NE(text->find("fleet_worker_capacity_bytes{device=\"cuda:2\"} " +
+                       std::to_string(2 * block_bytes + 100)),
             std::string::npos);
-  EXPECT_NE(text->find("fleet_worker_resident_bytes{device=\"cuda:2\",model=\"toy\"} " + std::to_string(2 * block_bytes)),
+  EXPECT_NE(text->find("fleet_worker_resident_bytes{device=\"cuda:2\",model=\"toy\"} " +
+                       std::to_string(2 * block_bytes)),
             std::string::npos);
-  EXPECT_NE(text->find("fleet_worker_load_bytes_total{device=\"cuda:2\",source=\"file\"}"), std::string::npos);
+  EXPECT_NE(text->find("fleet_worker_load_bytes_total{device=\"cuda:2\",source=\"file\"}"),
+            std::string::npos);
 }
 
 TEST(Worker, ModelFilesStayInsideTheRootsAndAreVerified) {
@@ -239,12 +254,16 @@ TEST(Worker, ModelFilesStayInsideTheRootsAndAreVerified) {
   ASSERT_TRUE(w);
   auto c = ConnectTo(*w);
   ASSERT_TRUE(c);
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "../etc/passwd", m.specs[0]).code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "linear/../linear/model.bin", m.specs[0]).code(),
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "../etc/passwd", m.specs[0]).code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), (m.root / m.file).string(), m.specs[0]).code(),
-            StatusCode::kInvalidArgument);
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "linear/missing.bin", m.specs[0]).code(), StatusCode::kNotFound);
+  EXPECT_EQ(
+      c->LoadBlockFromFile(m.Spec(), m.Block(0), "linear/../linear/model.bin", m.specs[0]).code(),
+      StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      c->LoadBlockFromFile(m.Spec(), m.Block(0), (m.root / m.file).string(), m.specs[0]).code(),
+      StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), "linear/missing.bin", m.specs[0]).code(),
+            StatusCode::kNotFound);
   fs::create_symlink("/etc", m.root / "escape");
   Status link = c->LoadBlockFromFile(m.Spec(), m.Block(0), "escape/hostname", m.specs[0]);
   EXPECT_EQ(link.code(), StatusCode::kInvalidArgument) << link;
@@ -260,10 +279,12 @@ TEST(Worker, ModelFilesStayInsideTheRootsAndAreVerified) {
   EXPECT_EQ(s.code(), StatusCode::kOutOfRange) << s;
   auto wrong_bytes = m.specs[0];
   wrong_bytes[1].nbytes = 4;
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, wrong_bytes).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, wrong_bytes).code(),
+            StatusCode::kInvalidArgument);
   auto bad_dtype = m.specs[0];
   bad_dtype[1].dtype = static_cast<wire::DType>(200);
-  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, bad_dtype).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, bad_dtype).code(),
+            StatusCode::kInvalidArgument);
   ModelSpec other = m.Spec();
   other.family = "nonexistent";
   EXPECT_FALSE(c->LoadBlockFromFile(other, m.Block(0), m.file, m.specs[0]).ok());
@@ -273,7 +294,8 @@ TEST(Worker, ModelFilesStayInsideTheRootsAndAreVerified) {
 }
 
 void SendBetweenWorkers(bool shm) {
-  std::vector<std::string> extra = shm ? std::vector<std::string>{} : std::vector<std::string>{"--shm=false"};
+  std::vector<std::string> extra =
+      shm ? std::vector<std::string>{} : std::vector<std::string>{"--shm=false"};
   auto a_args = extra, b_args = extra;
   a_args.insert(a_args.end(), {"--id", "cuda:0", "--capacity", "1mb"});
   b_args.insert(b_args.end(), {"--id", "cuda:1", "--capacity", "1mb"});
@@ -287,10 +309,11 @@ void SendBetweenWorkers(bool shm) {
   std::vector<uint8_t> big(8 << 20);
   for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<uint8_t>(i * 31 + 7);
   std::vector<int64_t> ids = {1, -2, 3};
-  ASSERT_TRUE(ca->PutTensors("j", {HostTensor::Own("big", wire::DType::U8, {int64_t(big.size())}, big),
-                                   HostTensor::Copy("ids", wire::DType::I64, {3}, ids.data(), 24),
-                                   HostTensor::Copy("empty", wire::DType::F32, {0, 4}, nullptr, 0)})
-                  .ok());
+  ASSERT_TRUE(
+      ca->PutTensors("j", {HostTensor::Own("big", wire::DType::U8, {int64_t(big.size())}, big),
+                           HostTensor::Copy("ids", wire::DType::I64, {3}, ids.data(), 24),
+                           HostTensor::Copy("empty", wire::DType::F32, {0, 4}, nullptr, 0)})
+          .ok());
   auto sent = ca->SendTensors("j", {"big", "ids", "empty"}, b->endpoint(), "k");
   ASSERT_TRUE(sent.ok()) << sent.status();
   EXPECT_EQ(sent->transport, shm ? "shm" : "frames");
@@ -303,14 +326,18 @@ void SendBetweenWorkers(bool shm) {
   EXPECT_EQ((*got)[1].dtype, wire::DType::I64);
   EXPECT_EQ(std::memcmp((*got)[1].data, ids.data(), 24), 0);
   EXPECT_EQ((*got)[2].shape, (std::vector<int64_t>{0, 4}));
-  EXPECT_EQ(ca->SendTensors("j", {"nope"}, b->endpoint(), "k").status().code(), StatusCode::kNotFound);
-  EXPECT_EQ(ca->SendTensors("j", {"big"}, "tcp://127.0.0.1:1", "k").status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(ca->SendTensors("j", {"nope"}, b->endpoint(), "k").status().code(),
+            StatusCode::kNotFound);
+  EXPECT_EQ(ca->SendTensors("j", {"big"}, "tcp://127.0.0.1:1", "k").status().code(),
+            StatusCode::kDeadlineExceeded);
 
   auto text = HttpGet(b->metrics(), "/metrics");
   ASSERT_TRUE(text.ok());
-  EXPECT_NE(text->find("fleet_worker_transfer_bytes_total{dst=\"cuda:1\",kind=\"activations\",src=\"cuda:0\"} " +
-                       std::to_string(big.size() + 24)),
-            std::string::npos)
+  EXPECT_NE(
+      text->find(
+          "fleet_worker_transfer_bytes_total{dst=\"cuda:1\",kind=\"activations\",src=\"cuda:0\"} " +
+          std::to_string(big.size() + 24)),
+      std::string::npos)
       << *text;
   EXPECT_EQ(a->Terminate(), 0);
   EXPECT_EQ(b->Terminate(), 0);
@@ -333,8 +360,10 @@ TEST(Worker, PipelinedAndStreamedRunsAreBitIdenticalToOneWorker) {
     all.push_back({m.Block(i), ""});
   }
   // a holds blocks 0-1, b holds 2-3.
-  for (int i = 0; i < 2; ++i) ASSERT_TRUE(ca->LoadBlockFromFile(m.Spec(), m.Block(i), m.file, m.specs[i]).ok());
-  for (int i = 2; i < 4; ++i) ASSERT_TRUE(cb->LoadBlockFromWire(m.Spec(), m.Block(i), m.WireTensors(i)).ok());
+  for (int i = 0; i < 2; ++i)
+    ASSERT_TRUE(ca->LoadBlockFromFile(m.Spec(), m.Block(i), m.file, m.specs[i]).ok());
+  for (int i = 2; i < 4; ++i)
+    ASSERT_TRUE(cb->LoadBlockFromWire(m.Spec(), m.Block(i), m.WireTensors(i)).ok());
   std::vector<double> x;
   const HostTensor in = Input(5, &x);
 
@@ -357,7 +386,10 @@ TEST(Worker, PipelinedAndStreamedRunsAreBitIdenticalToOneWorker) {
   // Stream: b pulls blocks 0-1 from a (shm, zero copy), prefetching while it computes.
   ASSERT_TRUE(cb->PutTensors("st", {in}).ok());
   auto run = cb->RunBlocks("st", "toy",
-                           {{m.Block(0), a->endpoint()}, {m.Block(1), a->endpoint()}, {m.Block(2), ""}, {m.Block(3), ""}},
+                           {{m.Block(0), a->endpoint()},
+                            {m.Block(1), a->endpoint()},
+                            {m.Block(2), ""},
+                            {m.Block(3), ""}},
                            /*prefetch_depth=*/2);
   ASSERT_TRUE(run.ok()) << run.status();
   EXPECT_EQ(run->blocks_run, 4u);
@@ -374,14 +406,19 @@ TEST(Worker, PipelinedAndStreamedRunsAreBitIdenticalToOneWorker) {
   ASSERT_TRUE(fetched.ok()) << fetched.status();
   ASSERT_TRUE(fetched->lease != 0);  // shm: zero copy into b's arena
   ASSERT_EQ(fetched->tensors.size(), 2u);
-  EXPECT_EQ(std::memcmp(fetched->tensors[0].data, m.b[2].data(), kDim * 4), 0);  // ".bias" sorts first
+  EXPECT_EQ(std::memcmp(fetched->tensors[0].data, m.b[2].data(), kDim * 4),
+            0);  // ".bias" sorts first
   EXPECT_EQ(cb->EvictBlock("toy", m.Block(2)).code(), StatusCode::kFailedPrecondition);
   ASSERT_TRUE(cb->ReleaseWeights(fetched->lease).ok());
   EXPECT_TRUE(cb->EvictBlock("toy", m.Block(2)).ok());
   auto text = HttpGet(b->metrics(), "/metrics");
   ASSERT_TRUE(text.ok());
-  EXPECT_NE(text->find("fleet_worker_transfer_bytes_total{dst=\"cuda:2\",kind=\"weights\",src=\"cuda:1\"}"), std::string::npos);
-  EXPECT_NE(text->find("fleet_worker_block_compute_duration_seconds_count{block=\"linear_blocks.0\",device=\"cuda:2\",model=\"toy\"} 1"),
+  EXPECT_NE(
+      text->find(
+          "fleet_worker_transfer_bytes_total{dst=\"cuda:2\",kind=\"weights\",src=\"cuda:1\"}"),
+      std::string::npos);
+  EXPECT_NE(text->find("fleet_worker_block_compute_duration_seconds_count{block=\"linear_blocks."
+                       "0\",device=\"cuda:2\",model=\"toy\"} 1"),
             std::string::npos);
 }
 
@@ -395,17 +432,22 @@ TEST(Worker, RunConstantInputsAreCachedUntilEndRun) {
   HostTensor in = Input(2, &x);
   // "x" is cached for run r1; job j2 never receives it but finds it through the run.
   ASSERT_TRUE(c->PutTensors("j1", {in}, "r1", {"x"}).ok());
-  ASSERT_TRUE(c->PutTensors("j2", {HostTensor::Copy("other", wire::DType::F32, {1}, &x[0], 0)}, "r1").ok() == false);
+  ASSERT_TRUE(
+      c->PutTensors("j2", {HostTensor::Copy("other", wire::DType::F32, {1}, &x[0], 0)}, "r1")
+          .ok() == false);
   float one = 1.f;
-  ASSERT_TRUE(c->PutTensors("j2", {HostTensor::Copy("other", wire::DType::F32, {1}, &one, 4)}).ok());
+  ASSERT_TRUE(
+      c->PutTensors("j2", {HostTensor::Copy("other", wire::DType::F32, {1}, &one, 4)}).ok());
   ASSERT_TRUE(c->RunBlocks("j2", "toy", {{m.Block(0), ""}}, 1, "r1").ok());
   auto y = GetX(*c, "j2");
   ASSERT_TRUE(y.ok()) << y.status();
   const auto ref = m.Reference(x, 2, 0, 1);
   for (size_t i = 0; i < ref.size(); ++i) EXPECT_NEAR((*y)[i], ref[i], 1e-5);
   ASSERT_TRUE(c->EndRun("r1").ok());
-  ASSERT_TRUE(c->PutTensors("j3", {HostTensor::Copy("other", wire::DType::F32, {1}, &one, 4)}).ok());
-  EXPECT_EQ(c->RunBlocks("j3", "toy", {{m.Block(0), ""}}, 1, "r1").status().code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(
+      c->PutTensors("j3", {HostTensor::Copy("other", wire::DType::F32, {1}, &one, 4)}).ok());
+  EXPECT_EQ(c->RunBlocks("j3", "toy", {{m.Block(0), ""}}, 1, "r1").status().code(),
+            StatusCode::kInvalidArgument);
 }
 
 // Garbage of every kind; after each the worker still answers a well-behaved client.
@@ -423,7 +465,8 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
     if (frames.empty()) return InternalError("no frames");
     std::vector<uint64_t> aligned((frames[0].size() + 7) / 8);
     std::memcpy(aligned.data(), frames[0].data(), frames[0].size());
-    auto r = protocol::VerifyWorkerResponse({reinterpret_cast<const uint8_t*>(aligned.data()), frames[0].size()}, {});
+    auto r = protocol::VerifyWorkerResponse(
+        {reinterpret_cast<const uint8_t*>(aligned.data()), frames[0].size()}, {});
     if (!r.ok()) return r.status();
     if ((*r)->body_type() != wire::WorkerResponseBody::Error) return Status::OK();
     return protocol::FromWireError((*r)->body_as_Error());
@@ -444,8 +487,9 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
   // A truncated LoadBlockRequest.
   {
     flatbuffers::FlatBufferBuilder fbb;
-    auto body = wire::CreateLoadBlockRequest(fbb, fbb.CreateString("toy"), fbb.CreateString("linear"),
-                                             fbb.CreateString("{}"), wire::DType::F32, fbb.CreateString("b"));
+    auto body = wire::CreateLoadBlockRequest(fbb, fbb.CreateString("toy"),
+                                             fbb.CreateString("linear"), fbb.CreateString("{}"),
+                                             wire::DType::F32, fbb.CreateString("b"));
     protocol::FinishRequest(fbb, 5, wire::WorkerRequestBody::LoadBlockRequest, body.Union());
     for (size_t cut : {size_t{8}, size_t{fbb.GetSize() / 2}, size_t{fbb.GetSize() - 12}}) {
       transport::Frames f;
@@ -461,8 +505,8 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
   {
     flatbuffers::FlatBufferBuilder fbb;
     const int64_t shape[] = {4};
-    auto d = wire::CreateTensorDesc(fbb, fbb.CreateString("x"), wire::DType::F32, fbb.CreateVector(shape, 1), 16,
-                                    wire::PayloadKind::Frame, 3);
+    auto d = wire::CreateTensorDesc(fbb, fbb.CreateString("x"), wire::DType::F32,
+                                    fbb.CreateVector(shape, 1), 16, wire::PayloadKind::Frame, 3);
     auto body = wire::CreatePutTensorsRequest(fbb, fbb.CreateString("j"), fbb.CreateVector(&d, 1));
     protocol::FinishRequest(fbb, 6, wire::WorkerRequestBody::PutTensorsRequest, body.Union());
     transport::Frames f;
@@ -478,8 +522,9 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
   {
     flatbuffers::FlatBufferBuilder fbb;
     const int64_t shape[] = {4};
-    auto d = wire::CreateTensorDesc(fbb, fbb.CreateString("x"), wire::DType::F32, fbb.CreateVector(shape, 1), 16,
-                                    wire::PayloadKind::ShmReserved, 0, 4096, 999);
+    auto d = wire::CreateTensorDesc(fbb, fbb.CreateString("x"), wire::DType::F32,
+                                    fbb.CreateVector(shape, 1), 16, wire::PayloadKind::ShmReserved,
+                                    0, 4096, 999);
     auto body = wire::CreatePutTensorsRequest(fbb, fbb.CreateString("j"), fbb.CreateVector(&d, 1));
     protocol::FinishRequest(fbb, 7, wire::WorkerRequestBody::PutTensorsRequest, body.Union());
     transport::Frames f;
@@ -495,7 +540,8 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
     ASSERT_TRUE(transport::ConfigureSocket(raw, {}).ok());
     ASSERT_TRUE(transport::Connect(raw, w->endpoint()).ok());
     flatbuffers::FlatBufferBuilder fbb;
-    protocol::FinishRequest(fbb, 1, wire::WorkerRequestBody::StatsRequest, wire::CreateStatsRequest(fbb).Union());
+    protocol::FinishRequest(fbb, 1, wire::WorkerRequestBody::StatsRequest,
+                            wire::CreateStatsRequest(fbb).Union());
     transport::Frames f;
     f.emplace_back(fbb.GetBufferPointer(), fbb.GetSize());
     ASSERT_TRUE(transport::SendFrames(raw, f).ok());
@@ -509,7 +555,8 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
     future.major = protocol::kMajor + 1;
     future.peer_name = "from the future";
     flatbuffers::FlatBufferBuilder hb;
-    protocol::FinishRequest(hb, 2, wire::WorkerRequestBody::Hello, protocol::BuildHello(hb, future).Union());
+    protocol::FinishRequest(hb, 2, wire::WorkerRequestBody::Hello,
+                            protocol::BuildHello(hb, future).Union());
     transport::Frames h;
     h.emplace_back(hb.GetBufferPointer(), hb.GetSize());
     ASSERT_TRUE(transport::SendFrames(raw, h).ok());
@@ -534,8 +581,10 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
   healthy();
   auto text = HttpGet(w->metrics(), "/metrics");
   ASSERT_TRUE(text.ok());
-  EXPECT_NE(text->find("fleet_worker_requests_total{device=\"cuda:3\",outcome=\"rejected\",type=\"Unknown\"}"),
-            std::string::npos);
+  EXPECT_NE(
+      text->find(
+          "fleet_worker_requests_total{device=\"cuda:3\",outcome=\"rejected\",type=\"Unknown\"}"),
+      std::string::npos);
   EXPECT_EQ(w->Terminate(), 0);
 }
 
@@ -554,7 +603,8 @@ TEST(Worker, RegistersAndSendsHeartbeats) {
   ASSERT_TRUE(transport::ConfigureSocket(coordinator, {}).ok());
   auto ep = transport::Bind(coordinator, "tcp://127.0.0.1:*");
   ASSERT_TRUE(ep.ok());
-  auto w = StartWorker({"--id", "cuda:5", "--capacity", "1mb", "--coordinator", *ep, "--heartbeat-interval", "100ms"});
+  auto w = StartWorker({"--id", "cuda:5", "--capacity", "1mb", "--coordinator", *ep,
+                        "--heartbeat-interval", "100ms"});
   ASSERT_TRUE(w);
   auto next = [&]() -> const wire::WorkerEvent* {
     static std::vector<uint64_t> buf;
@@ -562,7 +612,8 @@ TEST(Worker, RegistersAndSendsHeartbeats) {
     if (!frames.ok() || frames->size() != 2) return nullptr;
     buf.assign(((*frames)[1].size() + 7) / 8, 0);
     std::memcpy(buf.data(), (*frames)[1].data(), (*frames)[1].size());
-    auto e = protocol::VerifyWorkerEvent({reinterpret_cast<const uint8_t*>(buf.data()), (*frames)[1].size()}, {});
+    auto e = protocol::VerifyWorkerEvent(
+        {reinterpret_cast<const uint8_t*>(buf.data()), (*frames)[1].size()}, {});
     return e.ok() ? *e : nullptr;
   };
   const auto* reg = next();
@@ -590,8 +641,11 @@ TEST(Worker, CurveAdmitsTheClusterKeyAndRefusesOthers) {
   auto cluster = transport::GenerateKeyPair();
   auto stranger = transport::GenerateKeyPair();
   ASSERT_TRUE(cluster.ok() && stranger.ok());
-  ASSERT_TRUE(transport::WriteKeyFile((dir / "cluster.key").string(), cluster->second, "cluster secret").ok());
-  auto w = StartWorker({"--id", "cpu", "--capacity", "1mb", "--curve-secret-key-file", (dir / "cluster.key").string()});
+  ASSERT_TRUE(
+      transport::WriteKeyFile((dir / "cluster.key").string(), cluster->second, "cluster secret")
+          .ok());
+  auto w = StartWorker({"--id", "cpu", "--capacity", "1mb", "--curve-secret-key-file",
+                        (dir / "cluster.key").string()});
   ASSERT_TRUE(w);
   transport::CurveConfig good{cluster->second, cluster->first, cluster->first};
   ClientOptions o;
@@ -607,7 +661,8 @@ TEST(Worker, CurveAdmitsTheClusterKeyAndRefusesOthers) {
   EXPECT_EQ(WorkerClient::Connect(w->endpoint(), o).status().code(), StatusCode::kDeadlineExceeded);
   ClientOptions plain;
   plain.timeout = std::chrono::seconds(2);
-  EXPECT_EQ(WorkerClient::Connect(w->endpoint(), plain).status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(WorkerClient::Connect(w->endpoint(), plain).status().code(),
+            StatusCode::kDeadlineExceeded);
   // Still serving the right key.
   EXPECT_TRUE((*c)->Stats().ok());
   fs::remove_all(dir);

@@ -49,7 +49,8 @@ TEST(Metrics, EveryDocumentedFamilyIsDeclaredWithItsType) {
 TEST(Metrics, ServerExposesTheRegistry) {
   auto registry = std::make_shared<prometheus::Registry>();
   WorkerMetrics m(*registry);
-  m.transfer_bytes.Add({{"src", "cuda:0"}, {"dst", "cuda:1"}, {"kind", "activations"}}).Increment(42);
+  m.transfer_bytes.Add({{"src", "cuda:0"}, {"dst", "cuda:1"}, {"kind", "activations"}})
+      .Increment(42);
   auto server = MetricsServer::Start("127.0.0.1:0", registry);
   ASSERT_TRUE(server.ok()) << server.status();
   const std::string addr = (*server)->address();
@@ -67,7 +68,8 @@ TEST(Metrics, ServerExposesTheRegistry) {
   char buf[4096];
   for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
   close(fd);
-  EXPECT_NE(body.find("fleet_worker_transfer_bytes_total{dst=\"cuda:1\",kind=\"activations\",src=\"cuda:0\"} 42"),
+  EXPECT_NE(body.find("fleet_worker_transfer_bytes_total{dst=\"cuda:1\",kind=\"activations\",src="
+                      "\"cuda:0\"} 42"),
             std::string::npos)
       << body;
   EXPECT_FALSE(MetricsServer::Start("256.0.0.1:0", registry).ok());

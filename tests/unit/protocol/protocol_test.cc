@@ -15,7 +15,9 @@ flatbuffers::DetachedBuffer StatsRequestBuffer(uint64_t id) {
   return fbb.Release();
 }
 
-std::span<const uint8_t> Bytes(const flatbuffers::DetachedBuffer& b) { return {b.data(), b.size()}; }
+std::span<const uint8_t> Bytes(const flatbuffers::DetachedBuffer& b) {
+  return {b.data(), b.size()};
+}
 
 TEST(Protocol, VerifiesAWellFormedRequest) {
   auto buf = StatsRequestBuffer(7);
@@ -100,18 +102,25 @@ flatbuffers::DetachedBuffer Desc(const char* name, wire::DType dtype, std::vecto
 TEST(Protocol, ChecksTensorDescriptors) {
   Limits limits;
   auto ok = Desc("x", wire::DType::BF16, {2, 3}, 12, wire::PayloadKind::Frame, 1);
-  EXPECT_TRUE(CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(ok.data()), limits, 1, "t").ok());
+  EXPECT_TRUE(
+      CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(ok.data()), limits, 1, "t").ok());
 
   auto wrong_bytes = Desc("x", wire::DType::F32, {2, 3}, 12, wire::PayloadKind::Frame, 1);
-  Status s = CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(wrong_bytes.data()), limits, 1, "t");
+  Status s =
+      CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(wrong_bytes.data()), limits, 1, "t");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("need 24"), std::string_view::npos) << s;
 
   auto negative = Desc("x", wire::DType::F32, {-1, 3}, 0, wire::PayloadKind::None, 0);
-  EXPECT_FALSE(CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(negative.data()), limits, 0, "t").ok());
+  EXPECT_FALSE(
+      CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(negative.data()), limits, 0, "t")
+          .ok());
 
-  auto overflow = Desc("x", wire::DType::F64, {1ll << 40, 1ll << 40}, 0, wire::PayloadKind::None, 0);
-  EXPECT_FALSE(CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(overflow.data()), limits, 0, "t").ok());
+  auto overflow =
+      Desc("x", wire::DType::F64, {1ll << 40, 1ll << 40}, 0, wire::PayloadKind::None, 0);
+  EXPECT_FALSE(
+      CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(overflow.data()), limits, 0, "t")
+          .ok());
 
   auto bad_frame = Desc("x", wire::DType::U8, {4}, 4, wire::PayloadKind::Frame, 2);
   s = CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(bad_frame.data()), limits, 1, "t");
@@ -119,8 +128,9 @@ TEST(Protocol, ChecksTensorDescriptors) {
 
   auto huge = Desc("x", wire::DType::U8, {1 << 20}, 1 << 20, wire::PayloadKind::Frame, 1);
   limits.max_message_bytes = 1000;
-  EXPECT_EQ(CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(huge.data()), limits, 1, "t").code(),
-            StatusCode::kResourceExhausted);
+  EXPECT_EQ(
+      CheckTensorDesc(flatbuffers::GetRoot<wire::TensorDesc>(huge.data()), limits, 1, "t").code(),
+      StatusCode::kResourceExhausted);
 }
 
 TEST(Protocol, NegotiatesVersionsAndCapabilities) {

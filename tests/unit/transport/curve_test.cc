@@ -35,7 +35,8 @@ bool RoundTrip(const std::string& endpoint, const CurveConfig& client, zmq::sock
 
 TEST(Curve, KeyFilesAndAuthorization) {
   const Pair cluster = NewPair(), stranger = NewPair();
-  const std::string dir = std::filesystem::temp_directory_path() / ("fleet-curve-" + std::to_string(getpid()));
+  const std::string dir =
+      std::filesystem::temp_directory_path() / ("fleet-curve-" + std::to_string(getpid()));
   std::filesystem::create_directories(dir);
   ASSERT_TRUE(WriteKeyFile(dir + "/cluster.key", cluster.sec, "secret").ok());
   ASSERT_TRUE(WriteKeyFile(dir + "/cluster.pub", cluster.pub, "public").ok());

@@ -75,14 +75,13 @@ TEST(ShmChannel, CopiesIntoReservationsAndClaimsThem) {
   ShmReceiver receiver(*arena, std::chrono::seconds(60));
   auto mapping = ShmMapping::Open((*arena)->name(), /*writable=*/true);
   ASSERT_TRUE(mapping.ok());
-  auto shm = MakeShmTransport(*mapping, [&](std::span<const uint64_t> sizes) {
-    return receiver.Reserve(sizes);
-  });
+  auto shm = MakeShmTransport(
+      *mapping, [&](std::span<const uint64_t> sizes) { return receiver.Reserve(sizes); });
   std::vector<float> x(1000);
   std::iota(x.begin(), x.end(), 0.5f);
   std::vector<uint8_t> y(77, 9);
-  std::vector<OutPayload> out = {{x.data(), x.size() * 4, nullptr}, {nullptr, 0, nullptr},
-                                 {y.data(), y.size(), nullptr}};
+  std::vector<OutPayload> out = {
+      {x.data(), x.size() * 4, nullptr}, {nullptr, 0, nullptr}, {y.data(), y.size(), nullptr}};
   Frames frames;
   auto refs = shm->Stage(out, frames);
   ASSERT_TRUE(refs.ok()) << refs.status();

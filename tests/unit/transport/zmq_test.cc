@@ -58,11 +58,13 @@ TEST(Zmq, FrameTransportCarriesPayloadsZeroCopy) {
   flatbuffers::FlatBufferBuilder fbb;
   const int64_t shape[] = {3 << 20};
   fbb.Finish(wire::CreateTensorDesc(fbb, fbb.CreateString("t"), wire::DType::U8,
-                                    fbb.CreateVector(shape, 1), 3 << 20, wire::PayloadKind::Frame, 1));
+                                    fbb.CreateVector(shape, 1), 3 << 20, wire::PayloadKind::Frame,
+                                    1));
   const auto* desc = flatbuffers::GetRoot<wire::TensorDesc>(fbb.GetBufferPointer());
   auto bytes = FramePayload(*desc, rx_data);
   ASSERT_TRUE(bytes.ok()) << bytes.status();
-  for (size_t i = 0; i < bytes->size(); i += 4099) ASSERT_EQ((*bytes)[i], static_cast<uint8_t>(i * 7));
+  for (size_t i = 0; i < bytes->size(); i += 4099)
+    ASSERT_EQ((*bytes)[i], static_cast<uint8_t>(i * 7));
   // The sender's buffer was released once ZeroMQ sent it.
   for (int i = 0; i < 100 && !watch.expired(); ++i) usleep(10000);
   EXPECT_TRUE(watch.expired());

@@ -50,9 +50,9 @@ struct HostTensor {
 
 /// Which model a block belongs to; the worker creates the model once per name.
 struct ModelSpec {
-  std::string name;          // the coordinator's name for the model
-  std::string family;        // "linear", "flux"
-  std::string config_json;   // fleet::models config
+  std::string name;         // the coordinator's name for the model
+  std::string family;       // "linear", "flux"
+  std::string config_json;  // fleet::models config
   wire::DType compute_dtype = wire::DType::F32;
 };
 
@@ -61,15 +61,15 @@ struct FileTensorSpec {
   std::string name;
   wire::DType dtype = wire::DType::F32;
   std::vector<int64_t> shape;
-  uint64_t offset = 0;   // absolute offset in the file
+  uint64_t offset = 0;  // absolute offset in the file
   uint64_t nbytes = 0;
-  std::string sha256;    // optional lowercase hex
+  std::string sha256;  // optional lowercase hex
 };
 
 /// One block of a RunBlocks: resident on the worker, or streamed from a donor worker.
 struct BlockStep {
   std::string block;
-  std::string donor;     // empty = resident; else the donor worker's endpoint
+  std::string donor;  // empty = resident; else the donor worker's endpoint
 };
 
 struct RunBlocksResult {
@@ -111,8 +111,8 @@ struct ClientOptions {
   std::string name = "fleet-client";  // peer_name in Hello (logs)
   std::string device;                 // the device id of a worker acting as client (metrics)
   const transport::CurveConfig* curve = nullptr;
-  bool allow_shm = true;              // offer the shm capability
-  std::chrono::milliseconds timeout{std::chrono::minutes(10)};         // per request
+  bool allow_shm = true;                                                // offer the shm capability
+  std::chrono::milliseconds timeout{std::chrono::minutes(10)};          // per request
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(10)};  // for the Hello
   protocol::Limits limits;
   /// Polled (every 100 ms) while waiting for a reply: when it returns false the call fails at
@@ -145,7 +145,8 @@ class WorkerClient {
   /// Puts tensors into job `job`'s table (replacing same names). Tensors named in
   /// `run_constant` are also cached for sampling run `run_id` until EndRun.
   Status PutTensors(const std::string& job, const std::vector<HostTensor>& tensors,
-                    const std::string& run_id = "", const std::vector<std::string>& run_constant = {});
+                    const std::string& run_id = "",
+                    const std::vector<std::string>& run_constant = {});
   StatusOr<std::vector<HostTensor>> GetTensors(const std::string& job,
                                                const std::vector<std::string>& names);
   StatusOr<RunBlocksResult> RunBlocks(const std::string& job, const std::string& model,
@@ -183,14 +184,15 @@ class WorkerClient {
   StageTensors(flatbuffers::FlatBufferBuilder& fbb, const std::vector<HostTensor>& tensors,
                transport::Frames& data_frames);
   StatusOr<transport::Reservation> ReserveLocked(std::span<const uint64_t> sizes);
-  StatusOr<std::vector<HostTensor>> ReadTensors(const flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>* descs,
-                                                transport::Frames& frames, bool donor_shm);
+  StatusOr<std::vector<HostTensor>> ReadTensors(
+      const flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>* descs,
+      transport::Frames& frames, bool donor_shm);
 
   const std::string endpoint_;
   const ClientOptions options_;
   std::mutex mu_;
-  zmq::socket_t socket_;                               // GUARDED_BY(mu_)
-  uint64_t next_id_ = 1;                               // GUARDED_BY(mu_)
+  zmq::socket_t socket_;  // GUARDED_BY(mu_)
+  uint64_t next_id_ = 1;  // GUARDED_BY(mu_)
   protocol::HelloInfo peer_;
   uint64_t caps_ = 0;
   std::shared_ptr<transport::ShmMapping> peer_arena_rw_;  // for shm puts

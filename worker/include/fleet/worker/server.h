@@ -29,19 +29,19 @@
 namespace fleet::worker {
 
 struct WorkerConfig {
-  std::string id = "cpu";          // device id ("cuda:1")
-  std::string backing = "cpu";     // "cpu" or "cuda:N"
-  uint64_t capacity_bytes = 0;     // 0 = total minus the default reserve
-  uint64_t total_bytes = 0;        // 0 = physical memory of the backing
+  std::string id = "cpu";       // device id ("cuda:1")
+  std::string backing = "cpu";  // "cpu" or "cuda:N"
+  uint64_t capacity_bytes = 0;  // 0 = total minus the default reserve
+  uint64_t total_bytes = 0;     // 0 = physical memory of the backing
   std::string listen = "tcp://127.0.0.1:*";
   std::vector<std::string> model_roots;
-  std::string coordinator;         // empty = no heartbeats
+  std::string coordinator;  // empty = no heartbeats
   std::chrono::milliseconds heartbeat_interval{1000};
   std::string metrics_listen = "127.0.0.1:0";  // empty = no /metrics
   bool shm = true;
-  uint64_t shm_arena_bytes = 0;    // weights range; 0 = capacity
+  uint64_t shm_arena_bytes = 0;  // weights range; 0 = capacity
   uint64_t shm_staging_bytes = 256ull << 20;
-  transport::CurveConfig curve;    // disabled = plain
+  transport::CurveConfig curve;            // disabled = plain
   std::set<std::string> curve_authorized;  // empty with CURVE on = {curve.public_key}
   uint64_t max_message_bytes = 8ull << 30;
   int threads = 4;

@@ -33,20 +33,20 @@ const prometheus::Histogram::BucketBoundaries& LoadBuckets();
 struct WorkerMetrics {
   explicit WorkerMetrics(prometheus::Registry& registry);
 
-  prometheus::Family<prometheus::Gauge>& info;               // device, backing, version
-  prometheus::Family<prometheus::Gauge>& capacity_bytes;     // device
-  prometheus::Family<prometheus::Gauge>& total_bytes;        // device
-  prometheus::Family<prometheus::Gauge>& resident_bytes;     // device, model
-  prometheus::Family<prometheus::Gauge>& blocks_resident;    // device, model
-  prometheus::Family<prometheus::Gauge>& activation_bytes;   // device
-  prometheus::Family<prometheus::Gauge>& shm_arena_bytes;    // device
-  prometheus::Family<prometheus::Counter>& transfer_bytes;   // src, dst, kind
-  prometheus::Family<prometheus::Histogram>& transfer_duration;  // src, dst, kind
+  prometheus::Family<prometheus::Gauge>& info;                        // device, backing, version
+  prometheus::Family<prometheus::Gauge>& capacity_bytes;              // device
+  prometheus::Family<prometheus::Gauge>& total_bytes;                 // device
+  prometheus::Family<prometheus::Gauge>& resident_bytes;              // device, model
+  prometheus::Family<prometheus::Gauge>& blocks_resident;             // device, model
+  prometheus::Family<prometheus::Gauge>& activation_bytes;            // device
+  prometheus::Family<prometheus::Gauge>& shm_arena_bytes;             // device
+  prometheus::Family<prometheus::Counter>& transfer_bytes;            // src, dst, kind
+  prometheus::Family<prometheus::Histogram>& transfer_duration;       // src, dst, kind
   prometheus::Family<prometheus::Histogram>& block_compute_duration;  // device, model, block
-  prometheus::Family<prometheus::Counter>& prefetch_stall;   // device, model
-  prometheus::Family<prometheus::Counter>& block_loads;      // device, outcome
-  prometheus::Family<prometheus::Counter>& load_bytes;       // device, source
-  prometheus::Family<prometheus::Counter>& requests;         // device, type, outcome
+  prometheus::Family<prometheus::Counter>& prefetch_stall;            // device, model
+  prometheus::Family<prometheus::Counter>& block_loads;               // device, outcome
+  prometheus::Family<prometheus::Counter>& load_bytes;                // device, source
+  prometheus::Family<prometheus::Counter>& requests;                  // device, type, outcome
 
   /// {name, "gauge"|"counter"|"histogram"} of every family above.
   std::vector<std::pair<std::string, std::string>> Describe() const;
@@ -56,20 +56,20 @@ struct WorkerMetrics {
 struct CoordinatorMetrics {
   explicit CoordinatorMetrics(prometheus::Registry& registry);
 
-  prometheus::Family<prometheus::Gauge>& info;                    // version
-  prometheus::Family<prometheus::Gauge>& worker_up;               // worker, device
+  prometheus::Family<prometheus::Gauge>& info;       // version
+  prometheus::Family<prometheus::Gauge>& worker_up;  // worker, device
   prometheus::Family<prometheus::Gauge>& workers;
   prometheus::Family<prometheus::Gauge>& queue_depth;
   prometheus::Family<prometheus::Gauge>& queue_capacity;
-  prometheus::Family<prometheus::Counter>& jobs;                  // type, outcome
-  prometheus::Family<prometheus::Histogram>& step_duration;       // model, mode
-  prometheus::Family<prometheus::Counter>& prefetch_stall;        // model
-  prometheus::Family<prometheus::Counter>& step_transfer_bytes;   // model, kind
-  prometheus::Family<prometheus::Histogram>& model_load_duration; // model
-  prometheus::Family<prometheus::Gauge>& model_loaded;            // model
-  prometheus::Family<prometheus::Gauge>& model_bytes;             // model, device
-  prometheus::Family<prometheus::Counter>& plan_decisions;        // model, mode
-  prometheus::Family<prometheus::Gauge>& expected_bandwidth;      // src, dst
+  prometheus::Family<prometheus::Counter>& jobs;                   // type, outcome
+  prometheus::Family<prometheus::Histogram>& step_duration;        // model, mode
+  prometheus::Family<prometheus::Counter>& prefetch_stall;         // model
+  prometheus::Family<prometheus::Counter>& step_transfer_bytes;    // model, kind
+  prometheus::Family<prometheus::Histogram>& model_load_duration;  // model
+  prometheus::Family<prometheus::Gauge>& model_loaded;             // model
+  prometheus::Family<prometheus::Gauge>& model_bytes;              // model, device
+  prometheus::Family<prometheus::Counter>& plan_decisions;         // model, mode
+  prometheus::Family<prometheus::Gauge>& expected_bandwidth;       // src, dst
 
   /// {name, "gauge"|"counter"|"histogram"} of every family above.
   std::vector<std::pair<std::string, std::string>> Describe() const;

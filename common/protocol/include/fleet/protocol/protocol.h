@@ -104,10 +104,10 @@ StatusOr<uint64_t> Negotiate(const HelloInfo& local, const HelloInfo& remote);
 std::string HostId();
 
 /// Finishes `fbb` as a WorkerRequest / WorkerResponse / WorkerEvent buffer.
-void FinishRequest(flatbuffers::FlatBufferBuilder& fbb, uint64_t id,
-                   wire::WorkerRequestBody type, flatbuffers::Offset<void> body);
-void FinishResponse(flatbuffers::FlatBufferBuilder& fbb, uint64_t id,
-                    wire::WorkerResponseBody type, flatbuffers::Offset<void> body);
+void FinishRequest(flatbuffers::FlatBufferBuilder& fbb, uint64_t id, wire::WorkerRequestBody type,
+                   flatbuffers::Offset<void> body);
+void FinishResponse(flatbuffers::FlatBufferBuilder& fbb, uint64_t id, wire::WorkerResponseBody type,
+                    flatbuffers::Offset<void> body);
 /// Finishes an Error response carrying `status` (REQUIRES: !status.ok()).
 void FinishErrorResponse(flatbuffers::FlatBufferBuilder& fbb, uint64_t id, const Status& status);
 

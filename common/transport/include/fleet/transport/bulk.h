@@ -108,8 +108,8 @@ class ShmReceiver {
   const std::shared_ptr<ShmArena> arena_;
   const std::chrono::milliseconds expiry_;
   mutable std::mutex mu_;
-  uint64_t next_id_ = 1;                  // GUARDED_BY(mu_)
-  std::map<uint64_t, Pending> pending_;   // GUARDED_BY(mu_)
+  uint64_t next_id_ = 1;                 // GUARDED_BY(mu_)
+  std::map<uint64_t, Pending> pending_;  // GUARDED_BY(mu_)
 };
 
 }  // namespace fleet::transport

@@ -61,7 +61,8 @@ StatusOr<Frames> RecvFrames(zmq::socket_t& socket, std::chrono::milliseconds tim
 /// A frame that owns a finished FlatBuffer without copying it.
 zmq::message_t MessageFromBuffer(flatbuffers::DetachedBuffer buffer);
 /// A frame pointing at `data` (no copy); `keepalive` is released when ZeroMQ is done with it.
-zmq::message_t ZeroCopyMessage(const void* data, size_t size, std::shared_ptr<const void> keepalive);
+zmq::message_t ZeroCopyMessage(const void* data, size_t size,
+                               std::shared_ptr<const void> keepalive);
 
 /// The bytes of a frame.
 inline std::span<const uint8_t> FrameBytes(const zmq::message_t& m) {
