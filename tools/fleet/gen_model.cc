@@ -34,7 +34,9 @@ class Rng {
     return z ^ (z >> 31);
   }
   /// Uniform in (0, 1).
-  double Uniform() { return (static_cast<double>(Next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+  double Uniform() {
+    return (static_cast<double>(Next() >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+  }
   /// Standard normal (Box-Muller).
   double Normal() {
     if (has_spare_) {
@@ -67,8 +69,10 @@ struct DtypeChoice {
 
 StatusOr<DtypeChoice> ParseDtypeFlag(const std::string& text) {
   if (text == "bf16" || text == "bfloat16") return DtypeChoice{formats::DType::kBF16, 2};
-  if (text == "f16" || text == "fp16" || text == "float16") return DtypeChoice{formats::DType::kF16, 2};
-  if (text == "f32" || text == "fp32" || text == "float32") return DtypeChoice{formats::DType::kF32, 4};
+  if (text == "f16" || text == "fp16" || text == "float16")
+    return DtypeChoice{formats::DType::kF16, 2};
+  if (text == "f32" || text == "fp32" || text == "float32")
+    return DtypeChoice{formats::DType::kF32, 4};
   return InvalidArgumentError("--dtype '" + text + "': expected bf16, f16 or f32");
 }
 
@@ -253,8 +257,8 @@ int RunGenModel(const std::vector<std::string>& args) {
     size_t pos = 0;
     while (pos <= axes_text.size()) {
       size_t comma = axes_text.find(',', pos);
-      std::string tok = axes_text.substr(pos, comma == std::string::npos ? std::string::npos
-                                                                        : comma - pos);
+      std::string tok =
+          axes_text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
       char* end = nullptr;
       long long v = std::strtoll(tok.c_str(), &end, 10);
       if (tok.empty() || *end != '\0' || v <= 0 || v % 2 != 0) {
@@ -280,8 +284,8 @@ int RunGenModel(const std::vector<std::string>& args) {
   }
   auto dtype = ParseDtypeFlag(dtype_text);
   if (!dtype.ok()) return Fail("gen-model", dtype.status(), 2);
-  Status st = WriteFluxModel(s, static_cast<uint64_t>(seed), dtype->dtype, prefix,
-                             parsed->positional[0]);
+  Status st =
+      WriteFluxModel(s, static_cast<uint64_t>(seed), dtype->dtype, prefix, parsed->positional[0]);
   if (!st.ok()) return Fail("gen-model", st, 1);
   return 0;
 }

@@ -80,8 +80,8 @@ int main(int argc, char** argv) {
     state = *input;
     auto start = std::chrono::steady_clock::now();
     Status s = (*runner)->Run(state, trace_path.empty() || r > 0 ? nullptr : &trace);
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-                    .count();
+    double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     if (!s.ok()) return Fail(s.WithContext(inputs), 2);
     if (repeat > 1) std::printf("forward_ms %.3f\n", ms);
   }

@@ -47,8 +47,8 @@ class LocalRunner {
     bool e5m2;         // F8_E5M2, else F8_E4M3 (e4m3fn)
   };
   struct Block {
-    models::TensorMap weights;                  // prepared, keyed without the file prefix
-    std::map<std::string, Fp8Weight> fp8;       // upcast on use
+    models::TensorMap weights;             // prepared, keyed without the file prefix
+    std::map<std::string, Fp8Weight> fp8;  // upcast on use
   };
   LocalRunner() = default;
 

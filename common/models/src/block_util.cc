@@ -82,8 +82,8 @@ StatusOr<int64_t> IntField(const nlohmann::json& config, std::string_view family
   int64_t v = it->get<int64_t>();
   if (v < min) {
     return InvalidArgumentError(std::string(family) + " config: field '" + std::string(key) +
-                                "' is " + std::to_string(v) + ", must be >= " +
-                                std::to_string(min));
+                                "' is " + std::to_string(v) +
+                                ", must be >= " + std::to_string(min));
   }
   return v;
 }

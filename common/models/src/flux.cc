@@ -114,17 +114,19 @@ StatusOr<FluxConfig> ParseFluxConfig(std::string_view text) {
     }
     for (const auto& v : a) {
       if (!v.is_number_integer() || v.get<int64_t>() <= 0 || v.get<int64_t>() % 2 != 0) {
-        return InvalidArgumentError("flux config: 'axes_dim' entries must be positive even "
-                                    "integers, got " + a.dump());
+        return InvalidArgumentError(
+            "flux config: 'axes_dim' entries must be positive even "
+            "integers, got " +
+            a.dump());
       }
       c.axes.push_back(v.get<int64_t>());
       axes_sum += c.axes.back();
     }
   }
   if (axes_sum != c.head_dim()) {
-    return InvalidArgumentError("flux config: 'axes_dim' sums to " + std::to_string(axes_sum) +
-                                ", must equal the head width hidden_size/num_heads = " +
-                                std::to_string(c.head_dim()));
+    return InvalidArgumentError(
+        "flux config: 'axes_dim' sums to " + std::to_string(axes_sum) +
+        ", must equal the head width hidden_size/num_heads = " + std::to_string(c.head_dim()));
   }
   if (c.axes.size() != 3) {
     return InvalidArgumentError("flux config: 'axes_dim' must have 3 entries (index, row, column)");
@@ -369,7 +371,8 @@ class FluxModel final : public Model {
   Status Common(const TensorMap& state, int64_t batch, int64_t tokens, at::Tensor* vec,
                 at::Tensor* pe) const {
     FLEET_ASSIGN_OR_RETURN(*vec, Activation(state, "vec", {batch, c_.hidden}));
-    FLEET_ASSIGN_OR_RETURN(*pe, Find(state, "state", "pe", {-1, 1, tokens, c_.head_dim() / 2, 2, 2}));
+    FLEET_ASSIGN_OR_RETURN(*pe,
+                           Find(state, "state", "pe", {-1, 1, tokens, c_.head_dim() / 2, 2, 2}));
     if (pe->scalar_type() != at::kFloat) {
       return InvalidArgumentError("state 'pe' must be float32");
     }
@@ -451,7 +454,8 @@ class FluxModel final : public Model {
     const int64_t hd = c_.head_dim();
     FLEET_ASSIGN_OR_RETURN(at::Tensor qs, w.Get(norm_prefix + "query_norm.scale", {hd}));
     FLEET_ASSIGN_OR_RETURN(at::Tensor ks, w.Get(norm_prefix + "key_norm.scale", {hd}));
-    at::Tensor split = qkv.view({qkv.size(0), qkv.size(1), 3, c_.heads, hd}).permute({2, 0, 3, 1, 4});
+    at::Tensor split =
+        qkv.view({qkv.size(0), qkv.size(1), 3, c_.heads, hd}).permute({2, 0, 3, 1, 4});
     at::Tensor v = split[2];
     return std::vector<at::Tensor>{RmsNorm(split[0], qs, v.scalar_type()),
                                    RmsNorm(split[1], ks, v.scalar_type()), v};
@@ -502,9 +506,9 @@ class FluxModel final : public Model {
     at::Tensor silu_vec = Silu(vec.unsqueeze(1));
     FLEET_ASSIGN_OR_RETURN(Stream is, PrepareStream(w, "img", img, silu_vec));
     FLEET_ASSIGN_OR_RETURN(Stream ts, PrepareStream(w, "txt", txt, silu_vec));
-    at::Tensor attn = Attention(at::cat({ts.qkv[0], is.qkv[0]}, 2),
-                                at::cat({ts.qkv[1], is.qkv[1]}, 2),
-                                at::cat({ts.qkv[2], is.qkv[2]}, 2), pe);
+    at::Tensor attn =
+        Attention(at::cat({ts.qkv[0], is.qkv[0]}, 2), at::cat({ts.qkv[1], is.qkv[1]}, 2),
+                  at::cat({ts.qkv[2], is.qkv[2]}, 2), pe);
     at::Tensor txt_attn = attn.narrow(1, 0, txt_len);
     at::Tensor img_attn = attn.narrow(1, txt_len, n);
     FLEET_ASSIGN_OR_RETURN(img, FinishStream(w, "img", img, img_attn, is));

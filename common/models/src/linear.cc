@@ -30,7 +30,8 @@ class LinearModel final : public Model {
     }
     const std::string& block = names_[index];
     return GuardTorch(block, [&]() -> Status {
-      FLEET_ASSIGN_OR_RETURN(at::Tensor w, Find(weights, "weight", block + ".weight", {dim_, dim_}));
+      FLEET_ASSIGN_OR_RETURN(at::Tensor w,
+                             Find(weights, "weight", block + ".weight", {dim_, dim_}));
       FLEET_ASSIGN_OR_RETURN(at::Tensor b, Find(weights, "weight", block + ".bias", {dim_}));
       FLEET_ASSIGN_OR_RETURN(at::Tensor x, Find(state, "state", "x"));
       if (x.dim() < 1 || x.size(-1) != dim_) {

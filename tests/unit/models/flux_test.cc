@@ -67,8 +67,9 @@ TensorMap TinyInputs(int64_t batch, int64_t h, int64_t w, int64_t txt) {
 TEST(FluxModel, BlockListAndRunConstants) {
   auto model = CreateModel("flux", kTiny, at::kFloat);
   ASSERT_TRUE(model.ok()) << model.status();
-  std::vector<std::string> want = {"stem",           "double_blocks.0", "double_blocks.1",
-                                   "single_blocks.0", "single_blocks.1", "final_layer"};
+  std::vector<std::string> want = {
+      "stem",       "double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1",
+      "final_layer"};
   EXPECT_EQ((*model)->block_names(), want);
   EXPECT_TRUE((*model)->IsRunConstant("pe"));
   EXPECT_FALSE((*model)->IsRunConstant("img"));
