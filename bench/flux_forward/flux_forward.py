@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,7 @@ def main():
         py_ms += t
     cpp_out, _ = ref.load_safetensors(out)
     diff = (cpp_out["out"] - py_out).abs().max().item()
+    shutil.rmtree(tmp, ignore_errors=True)
 
     c, py = statistics.median(cpp_ms), statistics.median(py_ms)
     print(f"flux_forward: hidden 256, head 128, 2+4 blocks, latent {args.size}x{args.size}, "
