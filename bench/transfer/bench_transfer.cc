@@ -51,10 +51,13 @@ int main(int argc, char** argv) {
   std::vector<std::string> sizes_mib = {"1", "4", "16", "64", "256"};
   std::vector<std::string> transports = {"shm", "ipc", "tcp"};
   int64_t reps = 7;
+  int64_t copy_threads = 2;
   fleet::config::OptionSet set("bench_transfer", "Tensor throughput between two worker processes");
   set.Add("sizes", &sizes_mib, "Tensor sizes in MiB");
   set.Add("transports", &transports, "shm, ipc, tcp");
   set.Add("reps", &reps, "Transfers per size (median reported)");
+  set.Add("shm_copy_threads", &copy_threads,
+          "Threads a worker uses for one copy into a peer's arena");
   set.ParseOrExit(argc, argv);
   uint64_t largest = 0;
   for (const auto& s : sizes_mib) largest = std::max<uint64_t>(largest, std::stoull(s) << 20);
@@ -83,7 +86,9 @@ int main(int argc, char** argv) {
                                     "--threads",
                                     "2",
                                     "--compute-threads",
-                                    "1"};
+                                    "1",
+                                    "--shm-copy-threads",
+                                    std::to_string(copy_threads)};
       if (!shm) a.push_back("--shm=false");
       return a;
     };

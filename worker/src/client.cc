@@ -72,7 +72,8 @@ Status WorkerClient::Hello() {
       peer_arena_rw_ = *rw;
       peer_arena_ro_ = *ro;
       shm_ = transport::MakeShmTransport(
-          peer_arena_rw_, [this](std::span<const uint64_t> sizes) { return ReserveLocked(sizes); });
+          peer_arena_rw_, [this](std::span<const uint64_t> sizes) { return ReserveLocked(sizes); },
+          options_.shm_copy_threads);
     } else {
       FLEET_LOG(WARNING, "client")
           << "worker " << endpoint_ << " offers shm but its arena '" << peer_.shm_arena

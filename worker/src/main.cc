@@ -4,6 +4,7 @@
 // ~10 us on our VMs; glibc's hugetlb tunable makes those buffers 6-8x cheaper but is read only
 // at process start. So unless FLEET_WORKER_NO_REEXEC is set, the worker re-executes itself once
 // with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 added (one exec, ~1 ms before libtorch loads).
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -60,6 +61,10 @@ int main(int argc, char** argv) {
   }
   fleet::log::SetProcessTag("worker[" + o.id + "]");
   fleet::models::TuneHostAllocator();
+  // One malloc arena: ZeroMQ's I/O threads allocate the big inbound messages, and a per-thread
+  // arena (at most 64 MiB per heap) would map fresh, unfaulted memory for each of them instead
+  // of reusing what the main heap already holds.
+  mallopt(M_ARENA_MAX, 1);
 
   fleet::worker::WorkerConfig c;
   c.id = o.id;
@@ -74,6 +79,7 @@ int main(int argc, char** argv) {
   c.shm = o.shm;
   c.shm_arena_bytes = o.shm_arena_bytes.value;
   c.shm_staging_bytes = o.shm_staging_bytes.value;
+  c.shm_copy_threads = static_cast<int>(o.shm_copy_threads);
   c.max_message_bytes = o.max_message_bytes.value;
   c.threads = static_cast<int>(o.threads);
   c.compute_threads = static_cast<int>(o.compute_threads);

@@ -213,6 +213,7 @@ struct WorkerServer::Impl {
     o.device = config.id;
     o.curve = config.curve.enabled() ? &config.curve : nullptr;
     o.allow_shm = config.shm;
+    o.shm_copy_threads = config.shm_copy_threads;
     o.limits = limits;
     o.timeout = std::chrono::minutes(10);
     o.connect_timeout = std::chrono::seconds(5);
@@ -405,6 +406,9 @@ void WorkerServer::Impl::OnRequest(Frames frames) {
   if (!blocks) {
     Frames out = Execute(task);
     transport::SendFrames(router, out).IgnoreError();
+    FLEET_VLOG(2, "worker")
+        << type_name << " served inline in "
+        << std::chrono::duration<double, std::micro>(Clock::now() - task.received).count() << " us";
     return;
   }
   ++in_flight;
@@ -1061,7 +1065,12 @@ Status WorkerServer::Impl::HandleGetTensors(Task& task, const wire::GetTensorsRe
     std::lock_guard<std::mutex> lock(mu);
     auto it = jobs.find(job);
     if (it == jobs.end()) return NotFoundError("job '" + job + "' has no tensors on " + config.id);
-    for (const auto& name : Strs(r.names())) {
+    // No names: the whole state of the job moves (a pipelined range boundary).
+    std::vector<std::string> names = Strs(r.names());
+    if (names.empty()) {
+      for (const auto& [name, tensor] : it->second.tensors) names.push_back(name);
+    }
+    for (const auto& name : names) {
       auto t = it->second.tensors.find(name);
       if (t == it->second.tensors.end()) {
         std::string have;
@@ -1310,7 +1319,12 @@ Status WorkerServer::Impl::HandleSendTensors(Task& task, const wire::SendTensors
     std::lock_guard<std::mutex> lock(mu);
     auto it = jobs.find(job);
     if (it == jobs.end()) return NotFoundError("job '" + job + "' has no tensors on " + config.id);
-    for (const auto& name : Strs(r.names())) {
+    // No names: the whole state of the job moves (a pipelined range boundary).
+    std::vector<std::string> names = Strs(r.names());
+    if (names.empty()) {
+      for (const auto& [name, tensor] : it->second.tensors) names.push_back(name);
+    }
+    for (const auto& name : names) {
       auto t = it->second.tensors.find(name);
       if (t == it->second.tensors.end()) {
         return NotFoundError("job '" + job + "' has no tensor '" + name + "' on " + config.id);

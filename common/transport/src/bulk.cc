@@ -1,6 +1,8 @@
 #include "fleet/transport/bulk.h"
 
+#include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "fleet/log/log.h"
 
@@ -24,10 +26,32 @@ class FrameTransport final : public BulkTransport {
   }
 };
 
+// Copies with up to `threads` threads: one thread cannot saturate memory bandwidth (its copy
+// is latency-bound at ~10-17 GB/s here), two get closer to it.
+void ParallelCopy(uint8_t* dst, const uint8_t* src, uint64_t size, int threads) {
+  constexpr uint64_t kMinPerThread = 4ull << 20;
+  const int n =
+      static_cast<int>(std::clamp<uint64_t>(size / kMinPerThread, 1, std::max(threads, 1)));
+  if (n == 1) {
+    std::memcpy(dst, src, size);
+    return;
+  }
+  const uint64_t chunk = (size / n + 4095) / 4096 * 4096;
+  std::vector<std::thread> helpers;
+  for (int i = 1; i < n; ++i) {
+    const uint64_t begin = chunk * i;
+    if (begin >= size) break;
+    const uint64_t len = std::min(chunk, size - begin);
+    helpers.emplace_back([=] { std::memcpy(dst + begin, src + begin, len); });
+  }
+  std::memcpy(dst, src, std::min(chunk, size));
+  for (auto& t : helpers) t.join();
+}
+
 class ShmTransport final : public BulkTransport {
  public:
-  ShmTransport(std::shared_ptr<ShmMapping> peer, Reserver reserve)
-      : peer_(std::move(peer)), reserve_(std::move(reserve)) {}
+  ShmTransport(std::shared_ptr<ShmMapping> peer, Reserver reserve, int copy_threads)
+      : peer_(std::move(peer)), reserve_(std::move(reserve)), copy_threads_(copy_threads) {}
   std::string_view name() const override { return "shm"; }
   StatusOr<std::vector<PayloadRef>> Stage(std::span<const OutPayload> payloads,
                                           Frames& /*data_frames*/) override {
@@ -40,7 +64,9 @@ class ShmTransport final : public BulkTransport {
     }
     std::vector<PayloadRef> refs(payloads.size());
     if (sizes.empty()) return refs;
+    const auto t0 = std::chrono::steady_clock::now();
     FLEET_ASSIGN_OR_RETURN(Reservation grant, reserve_(sizes));
+    const auto t1 = std::chrono::steady_clock::now();
     if (grant.offsets.size() != sizes.size()) {
       return InternalError("peer granted " + std::to_string(grant.offsets.size()) + " ranges for " +
                            std::to_string(sizes.size()) + " tensors");
@@ -48,18 +74,24 @@ class ShmTransport final : public BulkTransport {
     for (size_t k = 0; k < which.size(); ++k) {
       const OutPayload& p = payloads[which[k]];
       FLEET_ASSIGN_OR_RETURN(uint8_t * dst, peer_->At(grant.offsets[k], p.size));
-      std::memcpy(dst, p.data, p.size);
+      ParallelCopy(dst, static_cast<const uint8_t*>(p.data), p.size, copy_threads_);
       PayloadRef& ref = refs[which[k]];
       ref.kind = wire::PayloadKind::ShmReserved;
       ref.offset = grant.offsets[k];
       ref.reservation = grant.id;
     }
+    FLEET_VLOG(1, "transport")
+        << "shm stage: reserve " << std::chrono::duration<double, std::micro>(t1 - t0).count()
+        << " us, copy "
+        << std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t1).count()
+        << " us";
     return refs;
   }
 
  private:
   std::shared_ptr<ShmMapping> peer_;
   Reserver reserve_;
+  int copy_threads_;
 };
 
 }  // namespace
@@ -67,8 +99,8 @@ class ShmTransport final : public BulkTransport {
 std::unique_ptr<BulkTransport> MakeFrameTransport() { return std::make_unique<FrameTransport>(); }
 
 std::unique_ptr<BulkTransport> MakeShmTransport(std::shared_ptr<ShmMapping> peer_arena,
-                                                Reserver reserve) {
-  return std::make_unique<ShmTransport>(std::move(peer_arena), std::move(reserve));
+                                                Reserver reserve, int copy_threads) {
+  return std::make_unique<ShmTransport>(std::move(peer_arena), std::move(reserve), copy_threads);
 }
 
 StatusOr<std::span<const uint8_t>> FramePayload(const wire::TensorDesc& desc,

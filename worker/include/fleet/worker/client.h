@@ -111,7 +111,8 @@ struct ClientOptions {
   std::string name = "fleet-client";  // peer_name in Hello (logs)
   std::string device;                 // the device id of a worker acting as client (metrics)
   const transport::CurveConfig* curve = nullptr;
-  bool allow_shm = true;                                                // offer the shm capability
+  bool allow_shm = true;     // offer the shm capability
+  int shm_copy_threads = 2;  // threads per large copy into the worker's arena
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};          // per request
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(10)};  // for the Hello
   protocol::Limits limits;

@@ -41,6 +41,7 @@ struct WorkerConfig {
   bool shm = true;
   uint64_t shm_arena_bytes = 0;  // weights range; 0 = capacity
   uint64_t shm_staging_bytes = 256ull << 20;
+  int shm_copy_threads = 2;                // threads per large copy into a peer's arena
   transport::CurveConfig curve;            // disabled = plain
   std::set<std::string> curve_authorized;  // empty with CURVE on = {curve.public_key}
   uint64_t max_message_bytes = 8ull << 30;

@@ -71,8 +71,9 @@ std::unique_ptr<BulkTransport> MakeFrameTransport();
 /// Copies into the peer's staging arena (`peer_arena` mapped writable), reserving through
 /// `reserve`. Stage fails with ResourceExhausted when the peer has no room (callers then fall
 /// back to frames).
+/// Payloads of 8 MiB and more are copied by up to `copy_threads` threads.
 std::unique_ptr<BulkTransport> MakeShmTransport(std::shared_ptr<ShmMapping> peer_arena,
-                                                Reserver reserve);
+                                                Reserver reserve, int copy_threads = 2);
 
 /// The bytes of a Frame payload. REQUIRES: protocol::CheckTensorDesc passed for `desc`
 /// (so the frame index is valid); checks that the frame holds exactly desc.nbytes().
