@@ -102,7 +102,7 @@ def main():
         [("comfy.gguf.orig_shape.patch_embedding.weight", 9, (5, [4, 2, 1, 2, 2])), ("general.architecture", 8, "wan")],
         [("patch_embedding.weight", 0, [8, 4], 128), ("blocks.0.ffn.0.weight", 0, [4, 8], 128)]))
     open(f"{out}/gguf/flux", "wb").write(gguf([("general.architecture", 8, "flux")], [
-        ("img_in.weight", 8, [64, 2], 68), ("txt_in.weight", 0, [2, 2], 16), ("vector_in.in_layer.weight", 0, [2, 2], 16),
+        ("img_in.weight", 8, [64, 2], 136), ("txt_in.weight", 0, [2, 2], 16), ("vector_in.in_layer.weight", 0, [2, 2], 16),
         ("double_blocks.0.img_attn.norm.query_norm.scale", 0, [2], 8), ("double_blocks.0.img_mlp.0.weight", 0, [2, 4], 32),
         ("final_layer.linear.weight", 0, [2, 4], 32)]))
 

@@ -344,6 +344,7 @@ Status Run(GgmlType type, std::span<const uint8_t> src, int64_t n, OutType out, 
                                 std::to_string(n) + " elements need " +
                                 std::to_string(nb * traits->type_size));
   }
+  if (nb == 0) return Status::OK();  // nothing to write (and dst may be null)
   const bool simd = allow_simd && internal::CpuHasAvx2();
   if (simd) {
     if (auto fast = internal::Avx2RowFn(type)) row = fast;

@@ -305,8 +305,16 @@ StatusOr<ModelFile::Contents> ParseGguf(std::span<const uint8_t> bytes, const st
         return r.Error("ne", dims_at + 4, "tensor size overflows 64 bits");
       }
     }
-    unsigned __int128 numel = 1;
-    for (uint32_t d = 0; d < n_dims; ++d) numel *= ne[d];
+    // As for safetensors: the product of the non-zero dims must fit in int64.
+    unsigned __int128 nonzero = 1;
+    for (uint32_t d = 0; d < n_dims; ++d) {
+      if (ne[d] == 0) continue;
+      nonzero *= ne[d];
+      if (nonzero > static_cast<unsigned __int128>(INT64_MAX)) {
+        return r.Error("ne", dims_at + 4, "element count overflows 64 bits");
+      }
+    }
+    const unsigned __int128 numel = zero ? 0 : nonzero;
     if (zero) nbytes = 0;
     t.dtype = std::string(traits->name);
     t.nbytes = static_cast<uint64_t>(nbytes);

@@ -15,6 +15,10 @@ std::string_view FileFormatName(FileFormat format) {
 }
 
 int64_t TensorInfo::numel() const {
+  // Parsers guarantee the product of the non-zero dims fits; a zero dim anywhere means empty.
+  for (int64_t d : shape) {
+    if (d == 0) return 0;
+  }
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;

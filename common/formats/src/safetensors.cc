@@ -108,22 +108,20 @@ class HeaderChecker {
       if (d.uint_value == 0) zero = true;
     }
     const uint64_t elsize = static_cast<uint64_t>(DTypeSize(*dt));
-    uint64_t expected = 0;
-    if (!zero) {
-      numel = 1;
-      for (size_t i = 0; i < out->shape.size(); ++i) {
-        uint64_t dim = static_cast<uint64_t>(out->shape[i]);
-        if (numel > INT64_MAX / dim) {
-          return Error(tname, "shape", shape->items[i].offset,
-                       "element count overflows 64 bits");
-        }
-        numel *= dim;
+    // The product of the non-zero dims must fit even when a zero dim makes the tensor empty,
+    // so that every consumer can multiply shapes safely.
+    for (size_t i = 0; i < out->shape.size(); ++i) {
+      uint64_t dim = static_cast<uint64_t>(out->shape[i]);
+      if (dim == 0) continue;
+      if (numel > INT64_MAX / dim) {
+        return Error(tname, "shape", shape->items[i].offset, "element count overflows 64 bits");
       }
-      if (numel > INT64_MAX / elsize) {
-        return Error(tname, "shape", shape->offset, "byte size overflows 64 bits");
-      }
-      expected = numel * elsize;
+      numel *= dim;
     }
+    if (numel > INT64_MAX / elsize) {
+      return Error(tname, "shape", shape->offset, "byte size overflows 64 bits");
+    }
+    const uint64_t expected = zero ? 0 : numel * elsize;
 
     if (offsets->kind != JsonValue::Kind::kArray || offsets->items.size() != 2) {
       return Error(tname, "data_offsets", offsets->offset,

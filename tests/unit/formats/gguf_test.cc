@@ -143,6 +143,8 @@ TEST(DequantTest, RejectsBadSizesAndTypes) {
   EXPECT_THAT(std::string(Dequantize(GgmlType::kIQ2_XS, src, 256, OutType::kF32, out).message()),
               HasSubstr("IQ2_XS is not supported"));
   EXPECT_TRUE(Dequantize(GgmlType::kQ8_0, src, 32, OutType::kF32, out).ok());
+  // Fuzzer finding: an empty tensor with a null destination is fine (no memcpy(nullptr)).
+  EXPECT_TRUE(Dequantize(GgmlType::kF32, {}, 0, OutType::kF32, nullptr).ok());
 }
 
 // ---- the reader on files from our builder ---------------------------------------------------
@@ -316,6 +318,12 @@ std::vector<BadGguf> BadCases() {
     auto g = base();
     g.Tensor("t", 0, {1ull << 40, 1ull << 40}, {});
     cases.push_back({"size_overflow", g.Build(), {"overflows 64 bits"}});
+  }
+  {
+    // Fuzzer finding (tests/fuzz/corpus/gguf/regress-numel-overflow-zero-dim).
+    auto g = base();
+    g.Tensor("t", 0, {0, 1ull << 40, 1ull << 40}, {});
+    cases.push_back({"zero_dim_overflow", g.Build(), {"element count overflows 64 bits"}});
   }
   {
     auto g = base();

@@ -234,6 +234,10 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"dim_overflow",
                 R"({"w":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,0]}})",
                 0, {"overflows 64 bits"}},
+        // Fuzzer finding: an empty tensor whose other dims overflow int64 when multiplied.
+        BadCase{"zero_dim_overflow",
+                R"({"w":{"dtype":"U8","shape":[0,4294967296,4294967296],"data_offsets":[0,0]}})",
+                0, {"element count overflows 64 bits"}},
         BadCase{"offset_overflow",
                 R"({"w":{"dtype":"U8","shape":[1],"data_offsets":[0,99999999999999999999]}})", 0,
                 {"end must be a non-negative integer"}},
