@@ -632,7 +632,8 @@ Status WorkerServer::Impl::PlaceWeight(const models::Model& model, const std::st
   const uint64_t bytes = internal::TensorBytes(prepared);
   if (device.is_cuda()) {
     prepared = prepared.to(device);
-  } else if (arena != nullptr && arena->Contains(prepared.data_ptr(), bytes)) {
+  } else if (arena != nullptr && arena->Contains(prepared.data_ptr(), bytes) &&
+             static_cast<uint8_t*>(prepared.data_ptr()) >= arena->base() + arena->staging_bytes()) {
     // Read straight into the arena and PrepareWeight kept it: nothing to copy.
     block.arena_offsets[name] = static_cast<uint8_t*>(prepared.data_ptr()) - arena->base();
   } else if (arena != nullptr && bytes > 0) {

@@ -8,7 +8,6 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
-#include <regex>
 #include <set>
 #include <sstream>
 
@@ -21,10 +20,16 @@ std::map<std::string, std::string> DocumentedMetrics() {
   std::ifstream in(std::string(src ? src : FLEET_SOURCE_DIR_DEFAULT) + "/docs/metrics.md");
   std::map<std::string, std::string> out;
   std::string line;
-  const std::regex row(R"(^\| `(fleet_[a-z_]+)` \| (gauge|counter|histogram))");
-  std::smatch m;
+  // Table rows: | `fleet_name` | type | labels | meaning |
+  // (plain string parsing: std::regex trips GCC 12's -Wmaybe-uninitialized under ASan)
   while (std::getline(in, line)) {
-    if (std::regex_search(line, m, row)) out[m[1]] = m[2];
+    if (line.rfind("| `fleet_", 0) != 0) continue;
+    const auto end = line.find('`', 3);
+    if (end == std::string::npos) continue;
+    const std::string name = line.substr(3, end - 3);
+    const auto type_begin = line.find("| ", end) + 2;
+    const std::string type = line.substr(type_begin, line.find(' ', type_begin) - type_begin);
+    if (type == "gauge" || type == "counter" || type == "histogram") out[name] = type;
   }
   return out;
 }
