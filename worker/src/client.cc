@@ -128,8 +128,9 @@ StatusOr<WorkerClient::Reply> WorkerClient::CallLocked(flatbuffers::FlatBufferBu
     Reply reply;
     reply.frames = std::move(*in);
     if (reply.frames.empty()) continue;
-    auto response =
-        protocol::VerifyWorkerResponse(transport::FrameBytes(reply.frames[0]), options_.limits);
+    reply.header =
+        std::make_shared<protocol::AlignedBuffer>(reply.frames[0].data(), reply.frames[0].size());
+    auto response = protocol::VerifyWorkerResponse(reply.header->bytes(), options_.limits);
     if (!response.ok()) {
       return InternalError("malformed reply from worker " + endpoint_ + ": " +
                            std::string(response.status().message()));

@@ -5,6 +5,7 @@
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -38,6 +39,9 @@ StatusOr<std::unique_ptr<WorkerProcess>> WorkerProcess::Start(const std::string&
   if (pid < 0) return UnavailableError(std::string("fork: ") + std::strerror(errno));
   if (pid == 0) {
     dup2(pipefd[1], STDOUT_FILENO);
+    // If the parent dies without stopping us (a test killed by its timeout), stop too: SIGTERM
+    // lets the worker unlink its shm arena instead of leaving an orphan behind.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
     // Signals blocked by the parent (a test runner) must not stay blocked in the worker.
     sigset_t none;
     sigemptyset(&none);

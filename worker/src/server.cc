@@ -38,19 +38,6 @@ namespace {
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
-// A header frame copied into 8-byte aligned memory (FlatBuffers verifies alignment; ZeroMQ
-// keeps small frames inline at arbitrary offsets).
-struct AlignedHeader {
-  std::vector<uint64_t> words;
-  size_t size = 0;
-  explicit AlignedHeader(const zmq::message_t& m) : words((m.size() + 7) / 8), size(m.size()) {
-    if (size > 0) std::memcpy(words.data(), m.data(), size);
-  }
-  std::span<const uint8_t> bytes() const {
-    return {reinterpret_cast<const uint8_t*>(words.data()), size};
-  }
-};
-
 std::string Sha256Hex(const uint8_t* data, size_t size) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
@@ -152,7 +139,7 @@ struct WorkerServer::Impl {
   };
   struct Task {
     zmq::message_t rid;
-    std::shared_ptr<AlignedHeader> header;
+    std::shared_ptr<protocol::AlignedBuffer> header;
     Frames data;  // data frames (after the header)
     Conn conn;
     Clock::time_point received;
@@ -271,7 +258,7 @@ struct WorkerServer::Impl {
   // ---- request handlers ----
   Status Reply(Task& task, flatbuffers::FlatBufferBuilder& fbb, wire::WorkerResponseBody type,
                flatbuffers::Offset<void> body, Frames data, Frames& out) {
-    const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
+    const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->data());
     protocol::FinishResponse(fbb, req->id(), type, body);
     out.push_back(transport::MessageFromBuffer(fbb.Release()));
     for (auto& f : data) out.push_back(std::move(f));
@@ -340,7 +327,7 @@ void WorkerServer::Impl::OnRequest(Frames frames) {
                 InvalidArgumentError("empty message: a request is [header][data frames...]"));
     return;
   }
-  auto header = std::make_shared<AlignedHeader>(frames[1]);
+  auto header = std::make_shared<protocol::AlignedBuffer>(frames[1].data(), frames[1].size());
   auto request = protocol::VerifyWorkerRequest(header->bytes(), limits);
   const std::string rid_key = frames[0].to_string();
   if (!request.ok()) {
@@ -466,7 +453,7 @@ void WorkerServer::Impl::IoLoop() {
 
 // Runs one request and returns the reply frames ([routing id][header][data...]).
 Frames WorkerServer::Impl::Execute(Task& task) {
-  const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
+  const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->data());
   const std::string type_name(protocol::RequestTypeName(req->body_type()));
   Frames out;
   out.push_back(std::move(task.rid));
@@ -511,7 +498,7 @@ void WorkerServer::Impl::HandlerLoop() {
 }
 
 Status WorkerServer::Impl::Dispatch(Task& task, Frames& out) {
-  const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->words.data());
+  const auto* req = flatbuffers::GetRoot<wire::WorkerRequest>(task.header->data());
   switch (req->body_type()) {
     case wire::WorkerRequestBody::LoadBlockRequest:
       return HandleLoadBlock(task, *req->body_as_LoadBlockRequest(), out);

@@ -44,6 +44,10 @@ static_assert(static_cast<int>(wire::WorkerRequestBody::EndRunRequest) == 14);
 static_assert(static_cast<int>(wire::WorkerResponseBody::Error) == 2);
 static_assert(static_cast<int>(wire::DType::F8E5M2) == 12);
 
+AlignedBuffer::AlignedBuffer(const void* data, size_t size) : words_((size + 7) / 8), size_(size) {
+  if (size > 0) std::memcpy(words_.data(), data, size);
+}
+
 wire::ErrorCode ToWireCode(StatusCode code) { return static_cast<wire::ErrorCode>(code); }
 
 Status FromWireError(const wire::Error* error) {

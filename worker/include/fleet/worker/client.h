@@ -169,7 +169,8 @@ class WorkerClient {
 
  private:
   struct Reply {
-    transport::Frames frames;  // header first
+    transport::Frames frames;                         // header first
+    std::shared_ptr<protocol::AlignedBuffer> header;  // aligned copy of frames[0]
     const wire::WorkerResponse* response = nullptr;
   };
   // Sends a finished request plus data frames and waits for the matching response. An Error

@@ -5,7 +5,9 @@
 //   WorkerClient::Connect(w->endpoint(), {});
 //
 // The child's stdout is read until "fleet-worker ready id=... listen=... metrics=... shm=...";
-// its stderr is inherited. The destructor sends SIGTERM and waits.
+// its stderr is inherited. The destructor sends SIGTERM and waits. The child also gets SIGTERM
+// when the thread that started it exits (PR_SET_PDEATHSIG), so a crashed or killed parent
+// leaves no orphan worker (and no shm arena) behind: start workers from a long-lived thread.
 //
 // Thread safety: one thread owns a WorkerProcess.
 #pragma once

@@ -15,6 +15,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common_generated.h"
 #include "control_generated.h"
@@ -78,6 +79,21 @@ StatusOr<const wire::WorkerResponse*> VerifyWorkerResponse(std::span<const uint8
                                                            const Limits& limits);
 StatusOr<const wire::WorkerEvent*> VerifyWorkerEvent(std::span<const uint8_t> header,
                                                      const Limits& limits);
+
+/// A frame's bytes copied into 8-byte aligned memory. FlatBuffers reads scalars in place and
+/// verifies their alignment; ZeroMQ keeps small frames inline at any alignment, so every
+/// inbound header is copied (headers are small) before it is verified.
+class AlignedBuffer {
+ public:
+  AlignedBuffer(const void* data, size_t size);
+  const uint8_t* data() const { return reinterpret_cast<const uint8_t*>(words_.data()); }
+  size_t size() const { return size_; }
+  std::span<const uint8_t> bytes() const { return {data(), size_}; }
+
+ private:
+  std::vector<uint64_t> words_;
+  size_t size_;
+};
 
 /// What a Hello says, as plain values.
 struct HelloInfo {
