@@ -61,6 +61,7 @@ class Client:
         self._runs = collections.OrderedDict()
         self._max_runs = 256
         self.reconnects = 0
+        self.run_cache_misses = 0  # steps resent in full because the coordinator lost a run
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -323,6 +324,7 @@ class Client:
                 except FailedPreconditionError as e:
                     self._runs.pop(key, None)
                     if not full and e.message.startswith(RUN_CACHE_MISS):
+                        self.run_cache_misses += 1
                         log.info("tensorfleet: %s; resending run %s with all inputs",
                                  e.message, run_id)
                         continue

@@ -315,29 +315,46 @@ def cluster_binaries():
 
 
 def _read_ready(proc, pattern, what, timeout=60.0):
-    """Reads proc's stdout until a line matches pattern; returns the match."""
+    """Waits for a line of proc's output matching pattern; returns the match. A thread keeps
+    draining the output (so the process never blocks on a full pipe) and keeps the lines."""
+    import queue  # noqa: PLC0415
+
+    lines = queue.Queue()
+    seen = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    proc.output = seen
     deadline = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line)
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            break
+        seen.append(line)
         m = re.search(pattern, line)
         if m:
-            # keep draining stdout so the process never blocks on a full pipe
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            def keep():
+                while True:
+                    more = lines.get()
+                    if more is None:
+                        return
+                    seen.append(more)
+            threading.Thread(target=keep, daemon=True).start()
             return m
     raise RuntimeError("%s did not report ready within %.0f s (exit %s); output:\n%s"
-                       % (what, timeout, proc.poll(), "".join(lines[-30:])))
+                       % (what, timeout, proc.poll(), "".join(seen[-30:])))
 
 
 class Cluster:
     """fleet-coordinator + workers cuda:0, cuda:1 (emulated, cpu-backed) + cpu on loopback."""
 
-    def __init__(self, model_root, capacity="512mb"):
+    def __init__(self, model_root, capacity="1gb"):
         self.bin, missing = cluster_binaries()
         if missing:
             raise RuntimeError("missing binaries in %s: %s" % (self.bin, missing))
@@ -346,8 +363,9 @@ class Cluster:
         self.procs = []
         self.workers = []
         self.port = None
+        self.devices = ("cuda:0", "cuda:1", "cpu")
         self.start_coordinator()
-        for dev in ("cuda:0", "cuda:1", "cpu"):
+        for dev in self.devices:
             self.start_worker(dev)
         self.wait_ready()
 
@@ -371,11 +389,11 @@ class Cluster:
             "--http-listen", "127.0.0.1:%d" % getattr(self, "http_port", 0),
             "--metrics-listen", "", "--register-listen", reg,
             "--model-root", self.model_root])
-        m = _read_ready(self.coordinator, r"fleet-coordinator ready listen=(\S+) http=(\S+)",
-                        "fleet-coordinator")
-        self.address = m.group(1)
+        m = _read_ready(self.coordinator, r"fleet-coordinator ready (.*)", "fleet-coordinator")
+        fields = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
+        self.address = fields["listen"]
         self.port = int(self.address.rsplit(":", 1)[1])
-        self.http = m.group(2)
+        self.http = fields["http"]
         self.http_port = int(self.http.rsplit(":", 1)[1])
 
     def start_worker(self, dev):
@@ -388,23 +406,37 @@ class Cluster:
         self.workers.append(w)
 
     def wait_ready(self, timeout=60.0):
+        """Until /v2/health/ready is 200 and /v2/workers lists every worker started."""
         deadline = time.monotonic() + timeout
-        url = "http://%s/v2/health/ready" % self.http
+        want = set(self.devices)
+        seen = None
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
+                with urllib.request.urlopen("http://%s/v2/health/ready" % self.http,
+                                            timeout=2) as r:
+                    ready = r.status == 200
+                with urllib.request.urlopen("http://%s/v2/workers" % self.http, timeout=2) as r:
+                    seen = {w["device"] for w in json.load(r)["workers"] if w.get("up")}
+                if ready and want <= seen:
+                    return
             except OSError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("%s did not return 200 within %.0f s" % (url, timeout))
+        raise RuntimeError("cluster at %s not ready within %.0f s (workers up: %s, want %s)"
+                           % (self.http, timeout, sorted(seen or []), sorted(want)))
 
     def restart_coordinator(self):
-        """Kills the coordinator and starts a new one on the same ports; workers re-register."""
+        """Kills the coordinator and starts a new one on the same ports, with fresh workers
+        (clients must notice and reconnect)."""
         self.coordinator.send_signal(signal.SIGKILL)
         self.coordinator.wait(10)
+        for w in self.workers:
+            w.send_signal(signal.SIGTERM)
+            w.wait(10)
+        self.workers = []
         self.start_coordinator(port=self.port)
+        for dev in self.devices:
+            self.start_worker(dev)
         self.wait_ready()
 
     def stop(self):

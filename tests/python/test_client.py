@@ -149,6 +149,7 @@ def test_run_cache_sends_constants_once_and_recovers_from_a_miss(peer):
                                               ["timestep", "x"]]
         assert all(f["consts"] == consts and f["run_id"] == "run-a" for f in fwds)
         assert fwds[-1]["end_run"] and "run-a" not in peer.runs
+        assert c.run_cache_misses == 1
         # after end_run the next step of that run id starts a new run: all inputs again
         c.forward("dev", inp, run_id="run-a", constant_inputs=consts)
         assert [d for k, d in peer.requests if k == "Forward"][-1]["inputs"] == full
