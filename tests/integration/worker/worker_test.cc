@@ -117,8 +117,8 @@ struct ModelFixture {
 };
 
 const ModelFixture& Model() {
-  static auto* m = new ModelFixture();
-  return *m;
+  static ModelFixture m;  // destroyed at exit: removes its temporary model root
+  return m;
 }
 
 std::unique_ptr<WorkerProcess> StartWorker(std::vector<std::string> args) {
