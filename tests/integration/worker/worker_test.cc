@@ -326,6 +326,13 @@ void SendBetweenWorkers(bool shm) {
   EXPECT_EQ((*got)[1].dtype, wire::DType::I64);
   EXPECT_EQ(std::memcmp((*got)[1].data, ids.data(), 24), 0);
   EXPECT_EQ((*got)[2].shape, (std::vector<int64_t>{0, 4}));
+  // No names: the job's whole table moves.
+  auto all = ca->SendTensors("j", {}, b->endpoint(), "k2");
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->bytes, big.size() + 24);
+  auto got_all = cb->GetTensors("k2", {"big", "empty", "ids"});
+  ASSERT_TRUE(got_all.ok()) << got_all.status();
+  EXPECT_EQ(std::memcmp((*got_all)[2].data, ids.data(), 24), 0);
   EXPECT_EQ(ca->SendTensors("j", {"nope"}, b->endpoint(), "k").status().code(),
             StatusCode::kNotFound);
   EXPECT_EQ(ca->SendTensors("j", {"big"}, "tcp://127.0.0.1:1", "k").status().code(),
