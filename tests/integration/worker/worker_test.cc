@@ -343,7 +343,7 @@ void SendBetweenWorkers(bool shm) {
   EXPECT_NE(
       text->find(
           "fleet_worker_transfer_bytes_total{dst=\"cuda:1\",kind=\"activations\",src=\"cuda:0\"} " +
-          std::to_string(big.size() + 24)),
+          std::to_string(2 * (big.size() + 24))),  // two sends
       std::string::npos)
       << *text;
   EXPECT_EQ(a->Terminate(), 0);
