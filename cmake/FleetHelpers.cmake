@@ -49,8 +49,16 @@ function(fleet_add_test name)
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)
   endif()
-  # Every test process finds the built binaries and the source tree through these.
-  set(env "FLEET_BUILD_DIR=${CMAKE_BINARY_DIR}" "FLEET_SOURCE_DIR=${CMAKE_SOURCE_DIR}" ${ARG_ENVIRONMENT})
+  # Every test finds the built binaries through FLEET_BUILD_DIR (environment; the processes it
+  # starts inherit it) and the source tree through FLEET_SOURCE_DIR_DEFAULT (compiled in).
+  # gtest_discover_tests keeps only the first entry of a list-valued ENVIRONMENT, so extra
+  # variables (ENVIRONMENT argument) replace FLEET_BUILD_DIR: give at most one.
+  target_compile_definitions(${name} PRIVATE FLEET_SOURCE_DIR_DEFAULT="${CMAKE_SOURCE_DIR}"
+                                             FLEET_BUILD_DIR_DEFAULT="${CMAKE_BINARY_DIR}")
+  set(env "FLEET_BUILD_DIR=${CMAKE_BINARY_DIR}")
+  if(ARG_ENVIRONMENT)
+    set(env "${ARG_ENVIRONMENT}")
+  endif()
   gtest_discover_tests(${name}
     DISCOVERY_MODE PRE_TEST
     DISCOVERY_TIMEOUT 60

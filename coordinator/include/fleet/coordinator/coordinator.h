@@ -1,0 +1,145 @@
+// The coordinator: owns the worker registry, the loaded models and their execution schedules,
+// and runs Forwards across workers. The job API (ZeroMQ), the control API (HTTP) and tests all
+// call this one class, so every entry point behaves the same.
+//
+//   LoadModel:   file under a model root + DisTorch2 inputs + mode -> layout -> placement plan
+//                (capacity-checked, evicting LRU or ejected models) -> workers load their units
+//                from the file themselves -> ready. Progress (bytes loaded) is visible meanwhile.
+//   Forward:     inputs -> the compute worker; each range of the schedule runs where it was placed
+//                (resident, streamed with prefetch, or pipelined on its holder); "out" comes back.
+//   Constant inputs of a sampling run (context, ...) are kept on the compute worker per run id.
+//
+// Thread safety: all public methods are safe to call concurrently. Forwards of one model may
+// run concurrently (each has its own job id on the workers).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "fleet/config/options.h"
+#include "fleet/metrics/metrics.h"
+#include "fleet/coordinator/registry.h"
+#include "fleet/coordinator/schedule.h"
+#include "fleet/status/status.h"
+#include "fleet/worker/client.h"
+
+namespace fleet::coordinator {
+
+struct CoordinatorOptions {
+#define FLEET_OPTION FLEET_OPTION_FIELD
+#include "fleet/coordinator/options.def"
+#undef FLEET_OPTION
+};
+void RegisterOptions(CoordinatorOptions* options, config::OptionSet* set);
+
+/// The inputs of a DisTorch2 loader node, plus ours.
+struct ModelSpec {
+  std::string path;                     // relative to a model root
+  std::string compute_device;           // empty: the first GPU id known, else cpu
+  double virtual_vram_gb = 0.0;
+  std::string donor_device = "cpu";
+  std::string expert_mode_allocations;
+  bool eject_models = false;
+  bool keep_loaded = false;
+  std::optional<ExecMode> mode;         // empty: --default-mode
+  std::string dtype;                    // "", "float32", "bfloat16", "float16"
+  int prefetch_depth = 0;               // 0: --prefetch-depth
+  bool allow_mixed = false;
+};
+
+enum class ModelState { kLoading, kReady, kFailed, kUnloading };
+std::string_view ModelStateName(ModelState state);
+
+struct ModelInfo {
+  std::string name;
+  std::string path;
+  std::string family;
+  ModelState state = ModelState::kLoading;
+  uint64_t bytes_loaded = 0;
+  uint64_t bytes_total = 0;
+  std::string compute_device;
+  ExecMode mode = ExecMode::kAuto;
+  bool keep_loaded = false;
+  std::string error;
+  std::string plan_json;  // placement + schedule + explanations
+};
+
+struct PlanResult {
+  std::string json;
+  std::string text;
+  std::string expert_string;
+};
+
+/// A tensor handed in or out: contiguous little-endian bytes that `owner` keeps alive.
+using HostTensor = worker::HostTensor;
+
+struct ForwardRequest {
+  std::string model;
+  std::vector<HostTensor> inputs;
+  std::string run_id;
+  std::vector<std::string> constant_inputs;
+  bool end_run = false;
+  std::chrono::milliseconds timeout{0};  // 0: --request-timeout
+  std::shared_ptr<std::atomic<bool>> cancelled;  // set to abort between ranges
+};
+
+struct ForwardResult {
+  std::vector<HostTensor> outputs;
+  double step_seconds = 0;
+  uint64_t weight_bytes = 0;
+  uint64_t activation_bytes = 0;
+  double prefetch_stall_seconds = 0;
+};
+
+struct ClusterStatus {
+  std::vector<WorkerRecord> workers;
+  std::vector<ModelInfo> models;
+  bool draining = false;
+};
+
+class Coordinator {
+ public:
+  /// Binds the register endpoint and starts the registry. Does not serve the job or HTTP API.
+  static StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options);
+  ~Coordinator();
+
+  StatusOr<ModelInfo> LoadModel(const std::string& name, const ModelSpec& spec);
+  Status UnloadModel(const std::string& name);
+  std::vector<ModelInfo> ListModels() const;
+  StatusOr<ModelInfo> GetModel(const std::string& name) const;
+  StatusOr<PlanResult> Plan(const ModelSpec& spec) const;
+  StatusOr<ForwardResult> Forward(const ForwardRequest& request);
+  ClusterStatus Cluster() const;
+
+  /// Live: always true once created. Ready: at least one worker is up and not draining.
+  bool Ready() const;
+  /// Refuses new loads and forwards from now on (SIGTERM).
+  void BeginDrain();
+  bool draining() const { return draining_.load(); }
+
+  WorkerRegistry& registry() { return *registry_; }
+  const CoordinatorOptions& options() const { return options_; }
+  /// The process's metric families (docs/metrics.md) and their registry.
+  metrics::CoordinatorMetrics& metrics() { return *metrics_; }
+  std::shared_ptr<prometheus::Registry> metrics_registry() { return metrics_registry_; }
+  /// Refreshes the gauges that mirror state (workers up, loaded models, bytes per device).
+  void UpdateGauges();
+
+ private:
+  struct Impl;
+  explicit Coordinator(const CoordinatorOptions& options);
+
+  const CoordinatorOptions options_;
+  std::shared_ptr<prometheus::Registry> metrics_registry_;
+  std::unique_ptr<metrics::CoordinatorMetrics> metrics_;
+  std::unique_ptr<WorkerRegistry> registry_;
+  std::unique_ptr<Impl> impl_;
+  std::atomic<bool> draining_{false};
+};
+
+}  // namespace fleet::coordinator

@@ -1,0 +1,167 @@
+#include "fleet/coordinator/control_api.h"
+
+#include <nlohmann/json.hpp>
+
+namespace fleet::coordinator {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+HttpResponse Json(const json& j, int status = 200) { return HttpResponse{status, j.dump(), "application/json"}; }
+
+json ModelJson(const ModelInfo& m, bool with_plan) {
+  json j = {{"name", m.name},
+            {"path", m.path},
+            {"family", m.family},
+            {"state", ModelStateName(m.state)},
+            {"bytes_loaded", m.bytes_loaded},
+            {"bytes_total", m.bytes_total},
+            {"progress", m.bytes_total ? static_cast<double>(m.bytes_loaded) / static_cast<double>(m.bytes_total) : 0.0},
+            {"compute_device", m.compute_device},
+            {"mode", ExecModeName(m.mode)},
+            {"keep_loaded", m.keep_loaded}};
+  if (!m.error.empty()) j["error"] = m.error;
+  if (with_plan && !m.plan_json.empty()) j["plan"] = json::parse(m.plan_json);
+  return j;
+}
+
+// Reads the DisTorch2 inputs from a JSON object or from query parameters (`get`).
+template <typename Get>
+StatusOr<ModelSpec> ReadSpec(Get get) {
+  ModelSpec spec;
+  spec.path = get("path").value_or("");
+  spec.compute_device = get("compute_device").value_or("");
+  if (auto v = get("virtual_vram_gb")) {
+    char* end = nullptr;
+    spec.virtual_vram_gb = std::strtod(v->c_str(), &end);
+    if (v->empty() || *end != '\0') return InvalidArgumentError("virtual_vram_gb: not a number: '" + *v + "'");
+  }
+  spec.donor_device = get("donor_device").value_or("cpu");
+  spec.expert_mode_allocations = get("expert_mode_allocations").value_or("");
+  auto flag = [&](const char* name, bool* out) -> Status {
+    if (auto v = get(name)) {
+      if (*v == "true" || *v == "1") *out = true;
+      else if (*v == "false" || *v == "0") *out = false;
+      else return InvalidArgumentError(std::string(name) + ": expected true or false, got '" + *v + "'");
+    }
+    return Status();
+  };
+  FLEET_RETURN_IF_ERROR(flag("eject_models", &spec.eject_models));
+  FLEET_RETURN_IF_ERROR(flag("keep_loaded", &spec.keep_loaded));
+  FLEET_RETURN_IF_ERROR(flag("allow_mixed", &spec.allow_mixed));
+  if (auto v = get("mode")) {
+    FLEET_ASSIGN_OR_RETURN(ExecMode mode, ParseExecMode(*v));
+    spec.mode = mode;
+  }
+  spec.dtype = get("dtype").value_or("");
+  return spec;
+}
+
+StatusOr<ModelSpec> SpecFromBody(const std::string& body) {
+  json j = json::object();
+  if (!body.empty()) {
+    j = json::parse(body, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return InvalidArgumentError("request body is not a JSON object");
+  }
+  return ReadSpec([&](const char* name) -> std::optional<std::string> {
+    if (!j.contains(name) || j[name].is_null()) return std::nullopt;
+    const auto& v = j[name];
+    if (v.is_string()) return v.get<std::string>();
+    return v.dump();  // numbers and booleans as text
+  });
+}
+
+StatusOr<ModelSpec> SpecFromQuery(const std::string& query) {
+  return ReadSpec([&](const char* name) -> std::optional<std::string> {
+    std::string key = std::string(name) + "=";
+    if (query.find(key) == std::string::npos) return std::nullopt;
+    return QueryParam(query, name);
+  });
+}
+
+}  // namespace
+
+HttpHandler MakeControlApi(Coordinator* c) {
+  return [c](const HttpRequest& req) -> HttpResponse {
+    const std::string& p = req.path;
+    const bool get = req.method == "GET";
+    const bool post = req.method == "POST";
+    if (p == "/v2" && get) {
+      return Json({{"name", "tensorfleet"}, {"version", FLEET_VERSION},
+                   {"extensions", {"distorch2_allocations", "model_repository", "plan"}}});
+    }
+    if (p == "/v2/health/live" && get) return Json({{"live", true}});
+    if (p == "/v2/health/ready" && get) {
+      bool ready = c->Ready();
+      return Json({{"ready", ready}, {"draining", c->draining()}}, ready ? 200 : 503);
+    }
+    if (p == "/v2/models" && get) {
+      json models = json::array();
+      for (const auto& m : c->ListModels()) models.push_back(ModelJson(m, false));
+      return Json({{"models", models}});
+    }
+    const std::string kModel = "/v2/models/";
+    if (get && p.rfind(kModel, 0) == 0) {
+      auto m = c->GetModel(p.substr(kModel.size()));
+      if (!m.ok()) return ErrorResponse(m.status());
+      return Json(ModelJson(*m, true));
+    }
+    const std::string kRepo = "/v2/repository/models/";
+    if (p.rfind(kRepo, 0) == 0) {
+      std::string rest = p.substr(kRepo.size());
+      size_t slash = rest.find('/');
+      std::string name = rest.substr(0, slash);
+      std::string action = slash == std::string::npos ? "" : rest.substr(slash + 1);
+      if (name.empty()) return ErrorResponse(InvalidArgumentError("missing model name in the path"));
+      if (!post) return ErrorResponse(InvalidArgumentError(req.method + " " + p + ": use POST"));
+      if (action == "load") {
+        auto spec = SpecFromBody(req.body);
+        if (!spec.ok()) return ErrorResponse(spec.status());
+        auto info = c->LoadModel(name, *spec);
+        if (!info.ok()) return ErrorResponse(info.status());
+        return Json(ModelJson(*info, true));
+      }
+      if (action == "unload") {
+        Status s = c->UnloadModel(name);
+        if (!s.ok()) return ErrorResponse(s);
+        return Json({{"unloaded", name}});
+      }
+      return ErrorResponse(NotFoundError("unknown action '" + action + "' (use load or unload)"));
+    }
+    if (p == "/v2/workers" && get) {
+      json workers = json::array();
+      auto now = std::chrono::steady_clock::now();
+      for (const auto& w : c->Cluster().workers) {
+        json models = json::array();
+        for (const auto& m : w.models) {
+          models.push_back({{"model", m.model}, {"blocks", m.blocks.size()}, {"resident_bytes", m.resident_bytes}});
+        }
+        workers.push_back({{"device", w.device},
+                           {"endpoint", w.endpoint},
+                           {"up", w.up},
+                           {"backing", w.backing},
+                           {"total_bytes", w.total_bytes},
+                           {"capacity_bytes", w.capacity_bytes},
+                           {"resident_bytes", w.resident_bytes},
+                           {"registered", w.registered},
+                           {"metrics", w.metrics},
+                           {"last_seen_seconds",
+                            std::chrono::duration<double>(now - w.last_seen).count()},
+                           {"models", models}});
+      }
+      return Json({{"workers", workers}});
+    }
+    if (p == "/v2/plan" && get) {
+      auto spec = SpecFromQuery(req.query);
+      if (!spec.ok()) return ErrorResponse(spec.status());
+      auto plan = c->Plan(*spec);
+      if (!plan.ok()) return ErrorResponse(plan.status());
+      json j = json::parse(plan->json);
+      j["text"] = plan->text;
+      return Json(j);
+    }
+    return ErrorResponse(NotFoundError("no route " + req.method + " " + p));
+  };
+}
+
+}  // namespace fleet::coordinator

@@ -1,0 +1,856 @@
+#include "fleet/coordinator/coordinator.h"
+
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <condition_variable>
+#include <thread>
+
+#include "fleet/config/bytes.h"
+#include "fleet/device/device.h"
+#include "fleet/formats/layout.h"
+#include "fleet/formats/model_file.h"
+#include "fleet/log/log.h"
+#include "fleet/placement/placement.h"
+#include "fleet/placement/units.h"
+#include "fleet/protocol/protocol.h"
+#include "fleet/transport/curve.h"
+
+namespace fleet::coordinator {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+void RegisterOptions(CoordinatorOptions* options, config::OptionSet* set) {
+#define FLEET_OPTION FLEET_OPTION_ADD
+#include "fleet/coordinator/options.def"
+#undef FLEET_OPTION
+}
+
+std::string_view ModelStateName(ModelState state) {
+  switch (state) {
+    case ModelState::kLoading: return "loading";
+    case ModelState::kReady: return "ready";
+    case ModelState::kFailed: return "failed";
+    case ModelState::kUnloading: return "unloading";
+  }
+  return "failed";
+}
+
+namespace {
+
+constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs stay cached
+
+// Bytes a tensor takes once converted to the compute dtype (floating tensors are converted).
+uint64_t ConvertedBytes(const formats::TensorInfo& t, const std::string& compute_dtype) {
+  static const std::set<std::string> kFloating = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"};
+  if (!kFloating.count(t.dtype)) return t.nbytes;
+  auto dt = protocol::ParseDType(compute_dtype);
+  return static_cast<uint64_t>(t.numel()) * protocol::DTypeSize(*dt);
+}
+
+// The stored floating dtype of most of the model's bytes, as a protocol dtype name.
+std::string StoredDtype(const formats::ModelFile& file) {
+  std::map<std::string, uint64_t> bytes;
+  for (const auto& t : file.tensors()) bytes[t.dtype] += t.nbytes;
+  std::string best = "F32";
+  uint64_t most = 0;
+  for (const auto& [dtype, n] : bytes) {
+    if ((dtype == "BF16" || dtype == "F16" || dtype == "F32") && n > most) {
+      best = dtype;
+      most = n;
+    }
+  }
+  return best == "BF16" ? "bf16" : best == "F16" ? "f16" : "f32";
+}
+
+StatusOr<std::string> ComputeDtype(const std::string& requested, const formats::ModelFile& file) {
+  if (requested.empty()) return StoredDtype(file);
+  if (requested == "float32" || requested == "f32") return std::string("f32");
+  if (requested == "bfloat16" || requested == "bf16") return std::string("bf16");
+  if (requested == "float16" || requested == "f16") return std::string("f16");
+  return InvalidArgumentError("dtype '" + requested + "' is not float32, bfloat16 or float16");
+}
+
+std::string DefaultName(const std::string& path) { return fs::path(path).stem().string(); }
+
+// Asks a static (--worker) worker who it is and what it holds.
+StatusOr<WorkerRecord> ProbeWorker(const std::string& endpoint, const transport::CurveConfig* curve) {
+  worker::ClientOptions o;
+  o.name = "coordinator";
+  o.curve = curve;
+  o.timeout = std::chrono::seconds(2);
+  FLEET_ASSIGN_OR_RETURN(auto client, worker::WorkerClient::Connect(endpoint, o));
+  FLEET_ASSIGN_OR_RETURN(worker::WorkerStats stats, client->Stats());
+  WorkerRecord r;
+  r.device = stats.device;
+  r.endpoint = endpoint;
+  r.backing = stats.backing;
+  r.total_bytes = stats.total_bytes;
+  r.capacity_bytes = stats.capacity_bytes;
+  r.resident_bytes = stats.resident_bytes;
+  r.activation_bytes = stats.activation_bytes;
+  for (const auto& m : stats.models) r.models.push_back({m.model, m.blocks, m.resident_bytes});
+  return r;
+}
+
+}  // namespace
+
+struct LoadedModel {
+  // Immutable after the load started.
+  std::string name;
+  ModelSpec spec;
+  ExecMode mode = ExecMode::kAuto;
+  std::string rel_path;
+  formats::Layout layout;
+  std::map<std::string, std::vector<worker::FileTensorSpec>> unit_tensors;
+  std::string compute_dtype;  // protocol dtype name: "bf16", "f32", "f16"
+  placement::Plan plan;
+  std::string compute_device;
+  std::vector<ScheduleBlock> blocks;
+  std::map<std::string, uint64_t> generations;  // device -> worker generation at load time
+
+  // Mutable, guarded by Impl::mu.
+  ModelState state = ModelState::kLoading;
+  std::string error;
+  std::atomic<uint64_t> bytes_loaded{0};
+  uint64_t bytes_total = 0;
+  Clock::time_point last_used = Clock::now();
+  int active = 0;                      // Forwards running
+  std::vector<std::string> runs;       // cached sampling runs, most recent last
+  std::string last_schedule_json;
+};
+
+struct Coordinator::Impl {
+  Coordinator* self = nullptr;
+  transport::CurveConfig curve;
+  std::unique_ptr<transport::ZapAuthenticator> zap;
+
+  mutable std::mutex mu;
+  std::map<std::string, std::shared_ptr<LoadedModel>> models;  // guarded by mu
+  uint64_t next_job = 1;                                        // guarded by mu
+
+  // Link cost measurements for the auto schedule, guarded by costs_mu.
+  mutable std::mutex costs_mu;
+  CostInputs costs;
+
+  std::mutex links_mu;
+  std::map<std::string, std::shared_ptr<worker::WorkerClient>> links;  // guarded by links_mu
+
+  // The connection to `device`'s worker; requests to it fail fast once the registry marks it down.
+  StatusOr<std::shared_ptr<worker::WorkerClient>> Link(const std::string& device) {
+    FLEET_ASSIGN_OR_RETURN(WorkerRecord rec, self->registry().Get(device));
+    auto key = device + "@" + rec.endpoint + "#" + std::to_string(rec.generation);
+    {
+      std::lock_guard lock(links_mu);
+      auto it = links.find(key);
+      if (it != links.end()) return it->second;
+    }
+    worker::ClientOptions o;
+    o.name = "coordinator";
+    o.curve = curve.enabled() ? &curve : nullptr;
+    o.timeout = self->options_.request_timeout.value;
+    WorkerRegistry* registry = &self->registry();
+    o.alive = [registry, device] { return registry->Get(device).ok(); };
+    auto client = worker::WorkerClient::Connect(rec.endpoint, o);
+    if (!client.ok()) return client.status().WithContext("worker " + device);
+    std::shared_ptr<worker::WorkerClient> link = std::move(*client);
+    std::lock_guard lock(links_mu);
+    return links.emplace(key, link).first->second;
+  }
+
+  StatusOr<std::string> ResolvePath(const std::string& path) const {
+    if (path.empty()) return InvalidArgumentError("no model path given");
+    fs::path p(path);
+    if (p.is_absolute()) {
+      return InvalidArgumentError("model path '" + path + "' must be relative to a model root, not absolute");
+    }
+    for (const auto& part : p) {
+      if (part == "..") return InvalidArgumentError("model path '" + path + "' may not contain '..'");
+    }
+    const auto& roots = self->options_.model_root;
+    if (roots.empty()) return FailedPreconditionError("no --model-root configured: cannot load '" + path + "'");
+    for (const auto& root : roots) {
+      std::error_code ec;
+      fs::path full = fs::weakly_canonical(fs::path(root) / p, ec);
+      fs::path canon_root = fs::weakly_canonical(fs::path(root), ec);
+      if (ec) continue;
+      auto rel = full.lexically_relative(canon_root);
+      if (rel.empty() || *rel.begin() == "..") continue;  // a symlink pointing outside the root
+      if (fs::is_regular_file(full, ec)) return full.string();
+    }
+    std::string where;
+    for (const auto& r : roots) where += (where.empty() ? "" : ", ") + r;
+    return NotFoundError("model '" + path + "' not found under the model roots (" + where + ")");
+  }
+
+  // Devices of the cluster, with capacity left once `keep` models stay resident.
+  std::vector<device::DeviceInfo> Devices(const std::string& except_model) const {
+    std::map<std::string, uint64_t> used;
+    for (const auto& [name, m] : models) {
+      if (name == except_model || m->state == ModelState::kFailed) continue;
+      for (const auto& a : m->plan.assignments) used[a.device.ToString()] += a.bytes;
+    }
+    std::vector<device::DeviceInfo> out;
+    for (const auto& w : self->registry().Snapshot()) {
+      if (!w.up) continue;
+      auto id = device::DeviceId::Parse(w.device);
+      if (!id.ok()) continue;
+      uint64_t taken = used[w.device];
+      uint64_t cap = w.capacity_bytes > taken ? w.capacity_bytes - taken : 0;
+      out.push_back(device::DeviceInfo{*id, w.total_bytes, cap, w.device_name});
+    }
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+    return out;
+  }
+
+  std::string DefaultComputeDevice() const {
+    std::string best;
+    for (const auto& w : self->registry().Snapshot()) {
+      if (w.up && w.device.rfind("cuda:", 0) == 0 && (best.empty() || device::DeviceId::Parse(w.device).value() <
+                                                                        device::DeviceId::Parse(best).value())) {
+        best = w.device;
+      }
+    }
+    return best.empty() ? "cpu" : best;
+  }
+
+  placement::Request MakeRequest(const ModelSpec& spec, int prefetch_depth) const {
+    placement::Request r;
+    r.compute_device = spec.compute_device.empty() ? DefaultComputeDevice() : spec.compute_device;
+    r.virtual_vram_gb = spec.virtual_vram_gb;
+    r.donor_device = spec.donor_device;
+    r.expert_mode_allocations = spec.expert_mode_allocations;
+    r.eject_models = spec.eject_models;
+    r.keep_loaded = spec.keep_loaded;
+    r.headroom.prefetch_depth = prefetch_depth;
+    r.headroom.activation_bytes = self->options_.activation_reserve.value;
+    return r;
+  }
+
+  // What LoadModel and Plan share: open the file, find its layout, plan it.
+  struct Prepared {
+    std::string full_path;
+    std::unique_ptr<formats::ModelFile> file;
+    formats::Layout layout;
+    std::string compute_dtype;
+    std::vector<placement::Unit> units;
+    placement::Request request;
+  };
+
+  StatusOr<Prepared> Prepare(const ModelSpec& spec) const {
+    Prepared p;
+    FLEET_ASSIGN_OR_RETURN(p.full_path, ResolvePath(spec.path));
+    FLEET_ASSIGN_OR_RETURN(p.file, formats::ModelFile::Open(p.full_path));
+    if (p.file->format() != formats::FileFormat::kSafetensors) {
+      return UnimplementedError(spec.path + ": GGUF models cannot be distributed yet (workers load "
+                                "safetensors); `fleet inspect` reads it");
+    }
+    FLEET_ASSIGN_OR_RETURN(p.layout, formats::DetectLayout(*p.file));
+    if (p.layout.family == "unknown") {
+      return InvalidArgumentError(spec.path + ": not a model family Tensorfleet can run (flux)");
+    }
+    FLEET_ASSIGN_OR_RETURN(p.compute_dtype, ComputeDtype(spec.dtype, *p.file));
+    std::map<std::string, const formats::TensorInfo*> by_name;
+    for (const auto& t : p.file->tensors()) by_name[t.name] = &t;
+    for (const auto& u : p.layout.units) {
+      placement::Unit unit{u.name, 0, u.pinned, u.pinned ? "model stem: runs first on the compute device" : "", false};
+      for (const auto& tn : u.tensors) unit.bytes += ConvertedBytes(*by_name.at(tn), p.compute_dtype);
+      p.units.push_back(unit);
+    }
+    int depth = spec.prefetch_depth > 0 ? spec.prefetch_depth : static_cast<int>(self->options_.prefetch_depth);
+    p.request = MakeRequest(spec, depth);
+    return p;
+  }
+
+  std::string ScheduleJson(const Schedule& s, const std::vector<ScheduleBlock>& blocks) const {
+    nlohmann::ordered_json ranges = nlohmann::ordered_json::array();
+    for (const auto& r : s.ranges) {
+      ranges.push_back({{"first", blocks[r.first].name},
+                        {"last", blocks[r.last].name},
+                        {"holder", r.holder},
+                        {"site", SiteName(r.site)},
+                        {"runs_on", r.runs_on},
+                        {"bytes", r.bytes},
+                        {"reason", r.reason}});
+    }
+    nlohmann::ordered_json j = {{"ranges", ranges}, {"bit_identical", s.bit_identical}, {"explanation", s.explanation}};
+    return j.dump();
+  }
+
+  CostInputs CurrentCosts(const LoadedModel& m) const {
+    std::lock_guard lock(costs_mu);
+    CostInputs c = costs;
+    for (const auto& w : self->registry().Snapshot()) {
+      c.backing_type[w.device] = w.backing.rfind("cuda", 0) == 0 ? "cuda" : "cpu";
+    }
+    c.activation_bytes = m.plan.activation_bytes;
+    return c;
+  }
+
+  StatusOr<Schedule> ScheduleFor(const LoadedModel& m) const {
+    return BuildSchedule(m.blocks, m.compute_device, m.mode, CurrentCosts(m), m.spec.allow_mixed);
+  }
+
+  std::string PlanJson(const LoadedModel& m, const Schedule* schedule) const {
+    nlohmann::ordered_json j = nlohmann::ordered_json::parse(m.plan.ToJson());
+    j["family"] = m.layout.family;
+    j["config"] = nlohmann::json::parse(m.layout.config_json);
+    j["compute_dtype"] = m.compute_dtype;
+    j["mode"] = ExecModeName(m.mode);
+    if (schedule) j["schedule"] = nlohmann::json::parse(ScheduleJson(*schedule, m.blocks));
+    return j.dump();
+  }
+
+  ModelInfo Info(const LoadedModel& m) const {
+    ModelInfo i;
+    i.name = m.name;
+    i.path = m.rel_path;
+    i.family = m.layout.family;
+    i.state = m.state;
+    i.bytes_loaded = m.bytes_loaded.load();
+    i.bytes_total = m.bytes_total;
+    i.compute_device = m.compute_device;
+    i.mode = m.mode;
+    i.keep_loaded = m.spec.keep_loaded;
+    i.error = m.error;
+    i.plan_json = m.last_schedule_json;
+    return i;
+  }
+
+  void EvictEverywhere(const LoadedModel& m) {
+    std::set<std::string> devices;
+    for (const auto& a : m.plan.assignments) devices.insert(a.device.ToString());
+    for (const auto& d : devices) {
+      auto link = Link(d);
+      if (!link.ok()) continue;  // a down worker lost the blocks anyway
+      Status s = (*link)->EvictModel(m.name);
+      if (!s.ok()) FLEET_LOG(WARNING, "models") << "evicting " << m.name << " from " << d << ": " << s;
+    }
+  }
+
+  // Loads every unit on its device, one thread per device. Returns the first error.
+  Status LoadUnits(LoadedModel& m) {
+    std::map<std::string, std::vector<std::string>> per_device;
+    for (const auto& a : m.plan.assignments) per_device[a.device.ToString()].push_back(a.unit);
+    std::mutex err_mu;
+    Status first_error;
+    std::vector<std::thread> threads;
+    std::map<std::string, uint64_t> unit_bytes;
+    for (const auto& a : m.plan.assignments) unit_bytes[a.unit] = a.bytes;
+    for (const auto& [device, units] : per_device) {
+      threads.emplace_back([&, device = device, units = units] {
+        auto link = Link(device);
+        if (!link.ok()) {
+          std::lock_guard lock(err_mu);
+          if (first_error.ok()) first_error = link.status();
+          return;
+        }
+        for (const auto& unit : units) {
+          {
+            std::lock_guard lock(err_mu);
+            if (!first_error.ok()) return;
+          }
+          worker::ModelSpec spec{m.name, m.layout.family, m.layout.config_json,
+                                 *protocol::ParseDType(m.compute_dtype)};
+          Status s = (*link)->LoadBlockFromFile(spec, unit, m.rel_path, m.unit_tensors.at(unit));
+          if (!s.ok()) {
+            std::lock_guard lock(err_mu);
+            if (first_error.ok()) first_error = s.WithContext("loading " + unit + " on " + device);
+            return;
+          }
+          uint64_t done = m.bytes_loaded.fetch_add(unit_bytes[unit]) + unit_bytes[unit];
+          FLEET_VLOG(1, "models") << m.name << ": " << unit << " loaded on " << device << " (" << done << "/"
+                                  << m.bytes_total << " bytes)";
+        }
+      });
+    }
+    // Report progress in the log while the loads run (the API reads bytes_loaded directly).
+    std::mutex done_mu;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::thread progress([&] {
+      uint64_t last = 0;
+      std::unique_lock lock(done_mu);
+      while (!done_cv.wait_for(lock, std::chrono::seconds(2), [&] { return done; })) {
+        uint64_t now = m.bytes_loaded.load();
+        if (now != last) {
+          FLEET_LOG(INFO, "models") << m.name << ": loaded " << config::FormatBytes(now) << " of "
+                                    << config::FormatBytes(m.bytes_total);
+          last = now;
+        }
+      }
+    });
+    for (auto& t : threads) t.join();
+    {
+      std::lock_guard lock(done_mu);
+      done = true;
+    }
+    done_cv.notify_all();
+    progress.join();
+    return first_error;
+  }
+};
+
+Coordinator::Coordinator(const CoordinatorOptions& options)
+    : options_(options),
+      metrics_registry_(std::make_shared<prometheus::Registry>()),
+      metrics_(std::make_unique<metrics::CoordinatorMetrics>(*metrics_registry_)),
+      impl_(std::make_unique<Impl>()) {
+  impl_->self = this;
+  metrics_->info.Add({{"version", metrics::Version()}}).Set(1);
+}
+
+void Coordinator::UpdateGauges() {
+  int workers = 0;
+  for (const auto& w : registry_->Snapshot()) {
+    if (w.device.rfind("?", 0) == 0) continue;  // a static worker that never answered
+    ++workers;
+    metrics_->worker_up.Add({{"worker", w.endpoint}, {"device", w.device}}).Set(w.up ? 1 : 0);
+  }
+  metrics_->workers.Add({}).Set(workers);
+  std::lock_guard lock(impl_->mu);
+  for (const auto& [name, m] : impl_->models) {
+    metrics_->model_loaded.Add({{"model", name}}).Set(m->state == ModelState::kReady ? 1 : 0);
+  }
+}
+
+Coordinator::~Coordinator() {
+  if (registry_) registry_->Stop();
+}
+
+StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const CoordinatorOptions& options) {
+  std::unique_ptr<Coordinator> c(new Coordinator(options));
+  if (options.default_mode != "auto" && options.default_mode != "stream" && options.default_mode != "pipeline") {
+    return InvalidArgumentError("--default-mode must be stream, pipeline or auto, got '" + options.default_mode + "'");
+  }
+  if (options.prefetch_depth < 1 || options.prefetch_depth > 64) {
+    return InvalidArgumentError("--prefetch-depth must be between 1 and 64");
+  }
+  FLEET_ASSIGN_OR_RETURN(c->impl_->curve,
+                         transport::LoadCurveConfig(options.curve_secret_key_file, options.curve_server_key_file));
+  const transport::CurveConfig* curve = c->impl_->curve.enabled() ? &c->impl_->curve : nullptr;
+  if (curve) {
+    FLEET_ASSIGN_OR_RETURN(c->impl_->zap, transport::ZapAuthenticator::Start({c->impl_->curve.public_key}));
+  }
+  RegistryOptions ro;
+  ro.register_listen = options.register_listen;
+  ro.static_workers = options.worker;
+  ro.heartbeat_timeout = options.heartbeat_timeout.value;
+  ro.curve = curve;
+  Impl* impl = c->impl_.get();
+  FLEET_ASSIGN_OR_RETURN(
+      c->registry_,
+      WorkerRegistry::Start(
+          ro, [curve](const std::string& endpoint) { return ProbeWorker(endpoint, curve); },
+          [impl](const WorkerRecord& w) {
+            // A worker that restarted lost its blocks: the models that used it must be reloaded.
+            std::lock_guard lock(impl->mu);
+            for (auto& [name, m] : impl->models) {
+              auto g = m->generations.find(w.device);
+              if (g != m->generations.end() && w.up && g->second != w.generation && m->state == ModelState::kReady) {
+                m->state = ModelState::kFailed;
+                m->error = "worker " + w.device + " restarted and lost this model's blocks: load it again";
+                FLEET_LOG(WARNING, "models") << name << ": " << m->error;
+              }
+            }
+          }));
+  return c;
+}
+
+bool Coordinator::Ready() const {
+  if (draining_.load()) return false;
+  for (const auto& w : registry_->Snapshot()) {
+    if (w.up) return true;
+  }
+  return false;
+}
+
+void Coordinator::BeginDrain() { draining_.store(true); }
+
+std::vector<ModelInfo> Coordinator::ListModels() const {
+  std::lock_guard lock(impl_->mu);
+  std::vector<ModelInfo> out;
+  for (const auto& [name, m] : impl_->models) out.push_back(impl_->Info(*m));
+  return out;
+}
+
+StatusOr<ModelInfo> Coordinator::GetModel(const std::string& name) const {
+  std::lock_guard lock(impl_->mu);
+  auto it = impl_->models.find(name);
+  if (it == impl_->models.end()) return NotFoundError("no model named '" + name + "' is loaded");
+  return impl_->Info(*it->second);
+}
+
+ClusterStatus Coordinator::Cluster() const {
+  return ClusterStatus{registry_->Snapshot(), ListModels(), draining_.load()};
+}
+
+StatusOr<PlanResult> Coordinator::Plan(const ModelSpec& spec) const {
+  FLEET_ASSIGN_OR_RETURN(Impl::Prepared p, impl_->Prepare(spec));
+  std::vector<device::DeviceInfo> devices;
+  {
+    std::lock_guard lock(impl_->mu);
+    devices = impl_->Devices("");
+  }
+  if (devices.empty()) return UnavailableError("no workers are up: nothing to plan on");
+  FLEET_ASSIGN_OR_RETURN(placement::Plan plan, placement::MakePlan(devices, p.units, p.request));
+  LoadedModel m;
+  m.spec = spec;
+  m.mode = spec.mode.value_or(*ParseExecMode(options_.default_mode));
+  m.layout = p.layout;
+  m.compute_dtype = p.compute_dtype;
+  m.plan = plan;
+  m.compute_device = plan.compute_device.ToString();
+  for (const auto& a : plan.assignments) m.blocks.push_back({a.unit, a.device.ToString(), a.bytes});
+  auto schedule = impl_->ScheduleFor(m);
+  if (!schedule.ok()) return schedule.status();
+  std::string text = plan.ToText() + "\nexecution (" + std::string(ExecModeName(m.mode)) + "):\n";
+  for (const auto& line : schedule->explanation) text += "  " + line + "\n";
+  if (schedule->explanation.empty()) text += "  every block runs on " + m.compute_device + "\n";
+  text += "\n" + plan.ExplainText();
+  return PlanResult{impl_->PlanJson(m, &*schedule), text, plan.expert_string};
+}
+
+StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, const ModelSpec& spec) {
+  if (draining_.load()) return UnavailableError("the coordinator is shutting down: not loading models");
+  std::string name = requested_name.empty() ? DefaultName(spec.path) : requested_name;
+  auto start = Clock::now();
+  FLEET_ASSIGN_OR_RETURN(Impl::Prepared p, impl_->Prepare(spec));
+  auto model = std::make_shared<LoadedModel>();
+  model->name = name;
+  model->spec = spec;
+  model->mode = spec.mode.value_or(*ParseExecMode(options_.default_mode));
+  model->rel_path = spec.path;
+  model->layout = p.layout;
+  model->compute_dtype = p.compute_dtype;
+  for (const auto& u : p.layout.units) {
+    auto& refs = model->unit_tensors[u.name];
+    for (const auto& tn : u.tensors) {
+      const formats::TensorInfo* t = p.file->Find(tn);
+      auto wire_dtype = protocol::ParseDType(t->dtype);
+      if (!wire_dtype.ok()) return wire_dtype.status().WithContext(spec.path + ": tensor '" + tn + "'");
+      refs.push_back({tn, *wire_dtype, t->shape, t->offset, t->nbytes, ""});
+    }
+  }
+
+  std::vector<std::string> evicted;
+  {
+    std::unique_lock lock(impl_->mu);
+    auto existing = impl_->models.find(name);
+    if (existing != impl_->models.end()) {
+      LoadedModel& e = *existing->second;
+      bool same = e.rel_path == spec.path && e.spec.compute_device == spec.compute_device &&
+                  e.spec.virtual_vram_gb == spec.virtual_vram_gb && e.spec.donor_device == spec.donor_device &&
+                  e.spec.expert_mode_allocations == spec.expert_mode_allocations && e.mode == model->mode &&
+                  e.spec.dtype == spec.dtype && e.spec.allow_mixed == spec.allow_mixed;
+      if (same && e.state == ModelState::kReady) {
+        e.spec.keep_loaded = spec.keep_loaded;
+        e.last_used = Clock::now();
+        return impl_->Info(e);
+      }
+      if (e.state == ModelState::kLoading) {
+        return FailedPreconditionError("model '" + name + "' is being loaded by another request");
+      }
+      if (e.active > 0) return FailedPreconditionError("model '" + name + "' is running a Forward; unload it later");
+      auto old = existing->second;
+      impl_->models.erase(existing);
+      lock.unlock();
+      impl_->EvictEverywhere(*old);
+      lock.lock();
+    }
+    // Plan against what is free; eject or evict LRU models until it fits.
+    while (true) {
+      auto devices = impl_->Devices(name);
+      if (devices.empty()) return UnavailableError("no workers are up: cannot load '" + name + "'");
+      auto plan = placement::MakePlan(devices, p.units, p.request);
+      if (plan.ok() && spec.eject_models) {
+        // eject_models: other models leave the devices this plan uses, and only those.
+        std::set<std::string> used;
+        for (const auto& a : plan->assignments) used.insert(a.device.ToString());
+        std::vector<std::shared_ptr<LoadedModel>> victims;
+        for (const auto& [other, m] : impl_->models) {
+          if (m->active > 0 || m->state == ModelState::kLoading) continue;
+          for (const auto& a : m->plan.assignments) {
+            if (used.count(a.device.ToString())) {
+              victims.push_back(m);
+              break;
+            }
+          }
+        }
+        for (const auto& v : victims) impl_->models.erase(v->name);
+        if (!victims.empty()) {
+          lock.unlock();
+          for (const auto& v : victims) {
+            FLEET_LOG(INFO, "models") << "ejecting " << v->name << " (eject_models of " << name << ")";
+            impl_->EvictEverywhere(*v);
+            evicted.push_back(v->name);
+          }
+          lock.lock();
+          continue;  // re-plan with the freed capacity
+        }
+      }
+      if (plan.ok()) {
+        model->plan = *plan;
+        break;
+      }
+      if (plan.status().code() != StatusCode::kResourceExhausted) return plan.status();
+      // Least recently used model that may go.
+      std::shared_ptr<LoadedModel> victim;
+      for (const auto& [other, m] : impl_->models) {
+        if (m->spec.keep_loaded || m->active > 0 || m->state == ModelState::kLoading) continue;
+        if (!victim || m->last_used < victim->last_used) victim = m;
+      }
+      if (!victim) return plan.status();
+      impl_->models.erase(victim->name);
+      lock.unlock();
+      FLEET_LOG(INFO, "models") << "evicting least recently used " << victim->name << " to make room for " << name;
+      impl_->EvictEverywhere(*victim);
+      evicted.push_back(victim->name);
+      lock.lock();
+    }
+    model->compute_device = model->plan.compute_device.ToString();
+    for (const auto& a : model->plan.assignments) {
+      model->blocks.push_back({a.unit, a.device.ToString(), a.bytes});
+      model->bytes_total += a.bytes;
+    }
+    for (const auto& w : registry_->Snapshot()) model->generations[w.device] = w.generation;
+    auto schedule = impl_->ScheduleFor(*model);
+    if (!schedule.ok()) return schedule.status();
+    model->last_schedule_json = impl_->PlanJson(*model, &*schedule);
+    impl_->models[name] = model;
+  }
+  FLEET_LOG(INFO, "models") << "loading " << name << " (" << model->layout.family << ", "
+                            << config::FormatBytes(model->bytes_total) << " as " << model->compute_dtype << ") on "
+                            << model->plan.devices.size() << " devices, compute " << model->compute_device;
+  Status loaded = impl_->LoadUnits(*model);
+  std::lock_guard lock(impl_->mu);
+  if (!loaded.ok()) {
+    model->state = ModelState::kFailed;
+    model->error = std::string(loaded.message());
+    impl_->models.erase(name);
+    impl_->mu.unlock();
+    impl_->EvictEverywhere(*model);
+    impl_->mu.lock();
+    FLEET_LOG(ERROR, "models") << "loading " << name << " failed: " << loaded;
+    return loaded;
+  }
+  model->state = ModelState::kReady;
+  model->last_used = Clock::now();
+  double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  metrics_->model_load_duration.Add({{"model", name}}, metrics::LoadBuckets()).Observe(seconds);
+  metrics_->model_loaded.Add({{"model", name}}).Set(1);
+  for (const auto& d : model->plan.devices) {
+    metrics_->model_bytes.Add({{"model", name}, {"device", d.id.ToString()}}).Set(static_cast<double>(d.weight_bytes));
+  }
+  if (auto schedule = impl_->ScheduleFor(*model); schedule.ok()) {
+    for (const auto& r : schedule->ranges) {
+      metrics_->plan_decisions.Add({{"model", name}, {"mode", std::string(SiteName(r.site))}}).Increment();
+    }
+  }
+  FLEET_LOG(INFO, "models") << name << " ready in " << seconds << " s";
+  return impl_->Info(*model);
+}
+
+Status Coordinator::UnloadModel(const std::string& name) {
+  std::shared_ptr<LoadedModel> m;
+  {
+    std::lock_guard lock(impl_->mu);
+    auto it = impl_->models.find(name);
+    if (it == impl_->models.end()) return NotFoundError("no model named '" + name + "' is loaded");
+    if (it->second->state == ModelState::kLoading) return FailedPreconditionError("model '" + name + "' is still loading");
+    if (it->second->active > 0) return FailedPreconditionError("model '" + name + "' is running a Forward");
+    m = it->second;
+    impl_->models.erase(it);
+  }
+  impl_->EvictEverywhere(*m);
+  metrics_->model_loaded.Add({{"model", name}}).Set(0);
+  for (const auto& d : m->plan.devices) {
+    metrics_->model_bytes.Add({{"model", name}, {"device", d.id.ToString()}}).Set(0);
+  }
+  FLEET_LOG(INFO, "models") << "unloaded " << name;
+  return Status();
+}
+
+
+StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
+  if (draining_.load()) return UnavailableError("the coordinator is shutting down: not starting new Forwards");
+  auto start = Clock::now();
+  std::shared_ptr<LoadedModel> m;
+  std::string job;
+  bool run_cached = false;
+  {
+    std::lock_guard lock(impl_->mu);
+    auto it = impl_->models.find(request.model);
+    if (it == impl_->models.end()) return NotFoundError("no model named '" + request.model + "' is loaded");
+    m = it->second;
+    if (m->state == ModelState::kLoading) {
+      return FailedPreconditionError("model '" + request.model + "' is still loading (" +
+                                     std::to_string(m->bytes_loaded.load()) + " of " +
+                                     std::to_string(m->bytes_total) + " bytes)");
+    }
+    if (m->state != ModelState::kReady) {
+      return FailedPreconditionError("model '" + request.model + "' is not ready: " + m->error);
+    }
+    ++m->active;
+    m->last_used = Clock::now();
+    job = request.model + "#" + std::to_string(impl_->next_job++);
+    if (!request.run_id.empty()) {
+      run_cached = std::find(m->runs.begin(), m->runs.end(), request.run_id) != m->runs.end();
+    }
+  }
+  struct ActiveGuard {
+    Impl* impl;
+    LoadedModel* m;
+    ~ActiveGuard() {
+      std::lock_guard lock(impl->mu);
+      --m->active;
+    }
+  } guard{impl_.get(), m.get()};
+
+  // Constant inputs that the client left out must be in the run's cache on the compute worker.
+  std::set<std::string> given;
+  for (const auto& t : request.inputs) given.insert(t.name);
+  std::vector<std::string> missing;
+  for (const auto& c : request.constant_inputs) {
+    if (!given.count(c)) missing.push_back(c);
+  }
+  if (!missing.empty() && (request.run_id.empty() || !run_cached)) {
+    std::string names;
+    for (const auto& n : missing) names += (names.empty() ? "'" : ", '") + n + "'";
+    return FailedPreconditionError("run cache miss: run '" + request.run_id + "' has no cached " + names +
+                                   " on this coordinator; send the constant inputs again");
+  }
+
+  auto schedule = impl_->ScheduleFor(*m);
+  if (!schedule.ok()) return schedule.status();
+  const int depth = m->spec.prefetch_depth > 0 ? m->spec.prefetch_depth : static_cast<int>(options_.prefetch_depth);
+
+  // Every worker the schedule touches must be up and the same process that loaded the blocks.
+  std::set<std::string> needed;
+  for (const auto& b : m->blocks) needed.insert(b.holder);
+  needed.insert(m->compute_device);
+  std::map<std::string, std::string> endpoints;
+  for (const auto& d : needed) {
+    auto rec = registry_->Get(d);
+    if (!rec.ok()) return rec.status().WithContext("model '" + m->name + "' needs it");
+    auto g = m->generations.find(d);
+    if (g != m->generations.end() && g->second != rec->generation) {
+      return FailedPreconditionError("worker " + d + " restarted and lost the blocks of '" + m->name +
+                                     "': load the model again");
+    }
+    endpoints[d] = rec->endpoint;
+  }
+
+  ForwardResult result;
+  std::set<std::string> touched;
+  auto fail = [&](const Status& s, const std::string& device) -> Status {
+    if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) {
+      registry_->MarkDown(device, std::string(s.message()));
+    }
+    return s.WithContext("Forward on '" + m->name + "' failed at worker " + device);
+  };
+  auto body = [&]() -> Status {
+    std::string here = m->compute_device;
+    FLEET_ASSIGN_OR_RETURN(auto compute, impl_->Link(here));
+    touched.insert(here);
+    std::vector<std::string> constant;
+    for (const auto& c : request.constant_inputs) {
+      if (given.count(c)) constant.push_back(c);
+    }
+    Status put = compute->PutTensors(job, request.inputs, request.run_id, constant);
+    if (!put.ok()) return fail(put, here);
+    // Group consecutive ranges computed by the same device into one RunBlocks.
+    size_t i = 0;
+    const auto& ranges = schedule->ranges;
+    while (i < ranges.size()) {
+      if (request.cancelled && request.cancelled->load()) return CancelledError("cancelled by the client");
+      std::string runs_on = ranges[i].runs_on;
+      std::vector<worker::BlockStep> steps;
+      for (; i < ranges.size() && ranges[i].runs_on == runs_on; ++i) {
+        for (size_t b = ranges[i].first; b <= ranges[i].last; ++b) {
+          bool stream = ranges[i].site == Site::kStream;
+          steps.push_back({m->blocks[b].name, stream ? endpoints[ranges[i].holder] : ""});
+        }
+      }
+      if (runs_on != here) {
+        FLEET_ASSIGN_OR_RETURN(auto from, impl_->Link(here));
+        auto sent = from->SendTensors(job, {}, endpoints[runs_on], job);
+        if (!sent.ok()) return fail(sent.status(), here);
+        result.activation_bytes += sent->bytes;
+        if (sent->seconds > 0 && sent->bytes > (1u << 20)) {
+          std::lock_guard lock(impl_->costs_mu);
+          double& bw = impl_->costs.bandwidth[here + ">" + runs_on];
+          double measured = static_cast<double>(sent->bytes) / sent->seconds;
+          bw = bw > 0 ? 0.7 * bw + 0.3 * measured : measured;
+          metrics_->expected_bandwidth.Add({{"src", here}, {"dst", runs_on}}).Set(bw);
+        }
+        here = runs_on;
+        touched.insert(here);
+      }
+      FLEET_ASSIGN_OR_RETURN(auto worker, impl_->Link(here));
+      auto ran = worker->RunBlocks(job, m->name, steps, static_cast<uint32_t>(depth), request.run_id);
+      if (!ran.ok()) return fail(ran.status(), here);
+      result.weight_bytes += ran->streamed_bytes;
+      result.prefetch_stall_seconds += ran->prefetch_stall_seconds;
+      if (!steps.empty()) {
+        std::lock_guard lock(impl_->costs_mu);
+        double per_block = ran->compute_seconds / static_cast<double>(steps.size());
+        for (const auto& st : steps) {
+          double& c = impl_->costs.compute_seconds[here + "|" + st.block];
+          c = c > 0 ? 0.7 * c + 0.3 * per_block : per_block;
+        }
+      }
+    }
+    FLEET_ASSIGN_OR_RETURN(auto last, impl_->Link(here));
+    auto outputs = last->GetTensors(job, {"out"});
+    if (!outputs.ok()) return fail(outputs.status(), here);
+    result.outputs = std::move(*outputs);
+    return Status();
+  };
+  Status status = body();
+  for (const auto& d : touched) {
+    auto link = impl_->Link(d);
+    if (link.ok()) (*link)->DropJob(job).IgnoreError();  // best effort: a down worker dropped it anyway
+  }
+  {
+    std::lock_guard lock(impl_->mu);
+    if (status.ok() && !request.run_id.empty()) {
+      auto& runs = m->runs;
+      runs.erase(std::remove(runs.begin(), runs.end(), request.run_id), runs.end());
+      if (!request.end_run) runs.push_back(request.run_id);
+    }
+  }
+  // End runs that are over or pushed out of the per-model cache (LRU).
+  std::vector<std::string> ended;
+  {
+    std::lock_guard lock(impl_->mu);
+    if (request.end_run && !request.run_id.empty()) ended.push_back(request.run_id);
+    while (m->runs.size() > kMaxRunsPerModel) {
+      ended.push_back(m->runs.front());
+      m->runs.erase(m->runs.begin());
+    }
+  }
+  for (const auto& run : ended) {
+    for (const auto& d : needed) {  // every worker may hold run-constant tensors of the run
+      auto link = impl_->Link(d);
+      if (link.ok()) (*link)->EndRun(run).IgnoreError();
+    }
+  }
+  if (!status.ok()) {
+    FLEET_LOG(WARNING, "forward") << job << ": " << status;
+    return status;
+  }
+  result.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  std::string mode(ExecModeName(m->mode));
+  metrics_->step_duration.Add({{"model", m->name}, {"mode", mode}}, metrics::DurationBuckets()).Observe(result.step_seconds);
+  metrics_->prefetch_stall.Add({{"model", m->name}}).Increment(result.prefetch_stall_seconds);
+  metrics_->step_transfer_bytes.Add({{"model", m->name}, {"kind", "weights"}}).Increment(static_cast<double>(result.weight_bytes));
+  metrics_->step_transfer_bytes.Add({{"model", m->name}, {"kind", "activations"}})
+      .Increment(static_cast<double>(result.activation_bytes));
+  return result;
+}
+
+}  // namespace fleet::coordinator

@@ -1,0 +1,366 @@
+// The coordinator with real workers: `fleet up --ephemeral --emulate ...` starts a coordinator
+// and cpu-backed emulated devices on loopback; a C++ JobClient drives it. Every computing device
+// is a CPU here (as in CI), so every Forward must equal `fleet run-local` bit for bit.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <cstring>
+#include <filesystem>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "fleet/coordinator/job_client.h"
+#include "fleet/formats/model_file.h"
+#include "fleet/protocol/protocol.h"
+#include "process.h"
+
+
+
+namespace fleet::coordinator {
+namespace {
+
+namespace fs = std::filesystem;
+using cli::Child;
+
+std::string BuildDir() {
+  const char* b = std::getenv("FLEET_BUILD_DIR");
+  return b ? b : "build";
+}
+
+std::string Fleet() { return BuildDir() + "/bin/fleet"; }
+
+// Runs `fleet ARGS...` to completion; returns its exit status.
+int RunFleet(const std::vector<std::string>& args, const std::string& log) {
+  std::vector<std::string> argv = {Fleet()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto child = Child::Spawn(argv, log);
+  if (!child.ok()) return -1;
+  (void)child->WaitReady("\x01", std::chrono::minutes(5));
+  return child->Stop();
+}
+
+std::vector<HostTensor> ReadTensors(const std::string& path) {
+  auto file = formats::ModelFile::Open(path);
+  EXPECT_TRUE(file.ok()) << file.status();
+  std::vector<HostTensor> out;
+  for (const auto& t : (*file)->tensors()) {
+    auto bytes = (*file)->Data(t);
+    out.push_back(HostTensor::Copy(t.name, *protocol::ParseDType(t.dtype), t.shape, bytes.data(), bytes.size()));
+  }
+  return out;
+}
+
+const HostTensor* Find(const std::vector<HostTensor>& ts, const std::string& name) {
+  for (const auto& t : ts) {
+    if (t.name == name) return &t;
+  }
+  return nullptr;
+}
+
+bool SameBytes(const HostTensor& a, const HostTensor& b) {
+  return a.nbytes == b.nbytes && a.shape == b.shape && a.dtype == b.dtype && std::memcmp(a.data, b.data, a.nbytes) == 0;
+}
+
+// One cluster for the whole suite (starting libtorch workers costs seconds); tests that kill or
+// restart processes start their own.
+class Cluster {
+ public:
+  static StatusOr<std::unique_ptr<Cluster>> Start(const std::string& emulate, const std::string& name) {
+    auto c = std::make_unique<Cluster>();
+    c->dir = fs::temp_directory_path() / ("fleet-it-" + name + "-" + std::to_string(getpid()));
+    fs::remove_all(c->dir);
+    fs::create_directories(c->dir + "/models");
+    FLEET_ASSIGN_OR_RETURN(c->up, Child::Spawn({Fleet(), "up", "--ephemeral", "--emulate", emulate, "--dir", c->dir,
+                                                "--activation-reserve", "16mb"},
+                                               c->dir + "/up.log"));
+    FLEET_ASSIGN_OR_RETURN(auto ready, c->up.WaitReady("fleet up ready", std::chrono::seconds(120)));
+    c->listen = ready["listen"];
+    c->http = ready["http"];
+    return c;
+  }
+  ~Cluster() { up.Stop(std::chrono::seconds(20)); }
+
+  // Worker pids from fleet up's log lines ("  worker cuda:1 pid=123 ...").
+  Child up;
+  std::string dir, listen, http;
+};
+
+class CoordinatorIntegration : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto c = Cluster::Start("cuda:0=256mb,cuda:1=256mb,cpu=1gb", "suite");
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = c->release();
+    models_ = cluster_->dir + "/models";
+    ASSERT_EQ(RunFleet({"gen-model", "--preset", "tiny", "--double", "3", "--single", "4", "--dtype", "f32", "--seed",
+                        "3", models_ + "/tiny.safetensors"},
+                       cluster_->dir + "/gen.log"),
+              0);
+    ASSERT_EQ(RunFleet({"gen-inputs", models_ + "/tiny.safetensors", "--batch", "2", "--height", "10", "--width", "14",
+                        "--txt-len", "7", "--seed", "5", cluster_->dir + "/in.safetensors"},
+                       cluster_->dir + "/gen.log"),
+              0);
+    ASSERT_EQ(RunFleet({"run-local", models_ + "/tiny.safetensors", "--inputs", cluster_->dir + "/in.safetensors",
+                        "--out", cluster_->dir + "/ref.safetensors"},
+                       cluster_->dir + "/run-local.log"),
+              0);
+  }
+  static void TearDownTestSuite() {
+    delete cluster_;
+    cluster_ = nullptr;
+  }
+
+  std::unique_ptr<JobClient> Client() {
+    auto c = JobClient::Connect(cluster_->listen, std::chrono::minutes(2));
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+
+  static ModelSpec Spec(const std::string& expert, ExecMode mode) {
+    ModelSpec s;
+    s.path = "tiny.safetensors";
+    s.compute_device = "cuda:0";
+    s.expert_mode_allocations = expert;
+    s.mode = mode;
+    s.eject_models = false;
+    return s;
+  }
+
+  static Cluster* cluster_;
+  static std::string models_;
+};
+
+Cluster* CoordinatorIntegration::cluster_ = nullptr;
+std::string CoordinatorIntegration::models_;
+
+TEST_F(CoordinatorIntegration, ForwardIsBitIdenticalToRunLocalInEveryModeAndAllocation) {
+  auto client = Client();
+  ASSERT_TRUE(client);
+  auto inputs = ReadTensors(cluster_->dir + "/in.safetensors");
+  auto reference = ReadTensors(cluster_->dir + "/ref.safetensors");
+  const HostTensor* ref = Find(reference, "out");
+  ASSERT_NE(ref, nullptr);
+  const std::vector<std::string> allocations = {
+      "cuda:0,40%;cuda:1,35%;cpu,*",  // ratio, three devices
+      "cuda:1,*",                      // wildcard only: everything but the stem on cuda:1
+      "cuda:0,0.0002;cuda:1,0.0002;cpu,*",  // fractions of total memory
+      "cuda:1,1mb;cpu,*",              // bytes
+  };
+  int n = 0;
+  for (const auto& allocation : allocations) {
+    for (ExecMode mode : {ExecMode::kStream, ExecMode::kPipeline, ExecMode::kAuto}) {
+      std::string name = "m" + std::to_string(n++);
+      auto info = client->LoadModel(name, Spec(allocation, mode));
+      ASSERT_TRUE(info.ok()) << allocation << " " << ExecModeName(mode) << ": " << info.status();
+      auto result = client->Forward(name, inputs);
+      ASSERT_TRUE(result.ok()) << allocation << " " << ExecModeName(mode) << ": " << result.status();
+      const HostTensor* out = Find(result->outputs, "out");
+      ASSERT_NE(out, nullptr);
+      EXPECT_TRUE(SameBytes(*out, *ref)) << allocation << " mode " << ExecModeName(mode) << " differs from run-local";
+      ASSERT_TRUE(client->UnloadModel(name).ok());
+    }
+  }
+}
+
+TEST_F(CoordinatorIntegration, SamplingRunReusesCachedConstantInputs) {
+  auto client = Client();
+  ASSERT_TRUE(client);
+  auto inputs = ReadTensors(cluster_->dir + "/in.safetensors");
+  auto reference = ReadTensors(cluster_->dir + "/ref.safetensors");
+  ASSERT_TRUE(client->LoadModel("run", Spec("cuda:0,50%;cuda:1,*", ExecMode::kPipeline)).ok());
+  const std::vector<std::string> constants = {"context", "y", "guidance"};
+  // Step 1 sends everything; steps 2-3 send only x and timestep.
+  auto first = client->Forward("run", inputs, "sampling-1", constants);
+  ASSERT_TRUE(first.ok()) << first.status();
+  std::vector<HostTensor> varying;
+  for (const auto& t : inputs) {
+    if (t.name == "x" || t.name == "timestep") varying.push_back(t);
+  }
+  for (int step = 0; step < 2; ++step) {
+    auto r = client->Forward("run", varying, "sampling-1", constants, step == 1);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(SameBytes(*Find(r->outputs, "out"), *Find(reference, "out")));
+  }
+  // The run ended: its constants are gone, and the coordinator says so in a way clients act on.
+  auto miss = client->Forward("run", varying, "sampling-1", constants);
+  ASSERT_FALSE(miss.ok());
+  EXPECT_EQ(miss.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(miss.status().message().find("run cache miss"), std::string::npos) << miss.status();
+  ASSERT_TRUE(client->UnloadModel("run").ok());
+}
+
+TEST_F(CoordinatorIntegration, BadInputsGetClearErrorsAndTheModelStaysUsable) {
+  auto client = Client();
+  ASSERT_TRUE(client);
+  auto inputs = ReadTensors(cluster_->dir + "/in.safetensors");
+  ASSERT_TRUE(client->LoadModel("bad", Spec("cuda:0,50%;cuda:1,*", ExecMode::kPipeline)).ok());
+  // Wrong name.
+  auto renamed = inputs;
+  for (auto& t : renamed) {
+    if (t.name == "context") t.name = "ctx";
+  }
+  auto r1 = client->Forward("bad", renamed);
+  ASSERT_FALSE(r1.ok());
+  EXPECT_NE(r1.status().message().find("context"), std::string::npos) << r1.status();
+  // Wrong shape: x with 3 channels.
+  auto reshaped = inputs;
+  for (auto& t : reshaped) {
+    if (t.name == "x") t = HostTensor::Copy("x", t.dtype, {2, 3, 10, 14}, t.data, 2 * 3 * 10 * 14 * 4);
+  }
+  auto r2 = client->Forward("bad", reshaped);
+  ASSERT_FALSE(r2.ok());
+  EXPECT_EQ(r2.status().code(), StatusCode::kInvalidArgument) << r2.status();
+  // Wrong dtype: timestep as int64.
+  auto retyped = inputs;
+  for (auto& t : retyped) {
+    if (t.name == "timestep") {
+      std::vector<int64_t> v(2, 1);
+      t = HostTensor::Copy("timestep", wire::DType::I64, {2}, v.data(), 16);
+    }
+  }
+  auto r3 = client->Forward("bad", retyped);
+  ASSERT_FALSE(r3.ok());
+  EXPECT_NE(r3.status().message().find("timestep"), std::string::npos) << r3.status();
+  // Unknown model.
+  EXPECT_EQ(client->Forward("nope", inputs).status().code(), StatusCode::kNotFound);
+  // Still usable.
+  auto ok = client->Forward("bad", inputs);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  ASSERT_TRUE(client->UnloadModel("bad").ok());
+}
+
+TEST_F(CoordinatorIntegration, TwoClientsAtOnce) {
+  auto inputs = ReadTensors(cluster_->dir + "/in.safetensors");
+  auto reference = ReadTensors(cluster_->dir + "/ref.safetensors");
+  {
+    auto client = Client();
+    ASSERT_TRUE(client->LoadModel("shared", Spec("cuda:0,50%;cuda:1,*", ExecMode::kAuto)).ok());
+  }
+  auto work = [&](int) {
+    auto client = Client();
+    int same = 0;
+    for (int i = 0; i < 3; ++i) {
+      auto r = client->Forward("shared", inputs);
+      if (r.ok() && SameBytes(*Find(r->outputs, "out"), *Find(reference, "out"))) ++same;
+    }
+    return same;
+  };
+  auto a = std::async(std::launch::async, work, 0);
+  auto b = std::async(std::launch::async, work, 1);
+  EXPECT_EQ(a.get(), 3);
+  EXPECT_EQ(b.get(), 3);
+  ASSERT_TRUE(Client()->UnloadModel("shared").ok());
+}
+
+TEST_F(CoordinatorIntegration, KeepLoadedEjectAndLru) {
+  auto client = Client();
+  ASSERT_TRUE(client);
+  // Each copy of the model takes a share of cuda:1; the third does not fit next to two others.
+  auto status = client->Cluster();
+  ASSERT_TRUE(status.ok());
+  ModelSpec keep = Spec("cuda:0,10%;cuda:1,*", ExecMode::kPipeline);
+  keep.keep_loaded = true;
+  ASSERT_TRUE(client->LoadModel("keep", keep).ok());
+  ASSERT_TRUE(client->LoadModel("lru", Spec("cuda:0,10%;cuda:1,*", ExecMode::kPipeline)).ok());
+  auto models = client->ListModels();
+  ASSERT_TRUE(models.ok());
+  EXPECT_EQ(models->size(), 2u);
+  // eject_models: a model whose plan uses cuda:1 evicts the others from cuda:1, keep_loaded too.
+  ModelSpec eject = Spec("cuda:0,10%;cuda:1,*", ExecMode::kPipeline);
+  eject.eject_models = true;
+  ASSERT_TRUE(client->LoadModel("ejector", eject).ok());
+  models = client->ListModels();
+  ASSERT_TRUE(models.ok());
+  ASSERT_EQ(models->size(), 1u);
+  EXPECT_EQ((*models)[0].name, "ejector");
+  // A model on cpu only does not eject models from other devices.
+  ModelSpec cpu_only = Spec("cpu,*", ExecMode::kStream);
+  cpu_only.compute_device = "cpu";
+  cpu_only.eject_models = true;
+  ASSERT_TRUE(client->LoadModel("cpu-only", cpu_only).ok());
+  models = client->ListModels();
+  ASSERT_TRUE(models.ok());
+  EXPECT_EQ(models->size(), 2u);
+  ASSERT_TRUE(client->UnloadModel("ejector").ok());
+  ASSERT_TRUE(client->UnloadModel("cpu-only").ok());
+  EXPECT_EQ(client->UnloadModel("ejector").code(), StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorIntegration, BadAllocationStringsAreRefusedAtPlanTime) {
+  auto client = Client();
+  struct Case {
+    const char* expert;
+    const char* why;
+  } cases[] = {{"cuda:0,4tbx;cpu,*", "4tbx"}, {"cuda:0,50%;cuda:0,50%", "cuda:0"}, {"gpu:0,1gb", "gpu"}};
+  for (const auto& c : cases) {
+    auto plan = client->Plan(Spec(c.expert, ExecMode::kAuto));
+    ASSERT_FALSE(plan.ok()) << c.expert;
+    EXPECT_NE(plan.status().message().find(c.why), std::string::npos) << plan.status();
+  }
+  auto traversal = Spec("cpu,*", ExecMode::kAuto);
+  traversal.path = "../etc/passwd";
+  EXPECT_EQ(client->Plan(traversal).status().code(), StatusCode::kInvalidArgument);
+}
+
+// Killing a worker mid-run fails the job with an error naming it, within the heartbeat timeout,
+// and the coordinator keeps serving.
+TEST(CoordinatorFailure, KilledWorkerFailsTheJobQuicklyAndTheCoordinatorStaysUp) {
+  auto cluster = Cluster::Start("cuda:0=256mb,cuda:1=256mb", "kill");
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  std::string models = c.dir + "/models";
+  ASSERT_EQ(RunFleet({"gen-model", "--preset", "small", "--double", "2", "--single", "6", "--seed", "1",
+                      models + "/m.safetensors"},
+                     c.dir + "/gen.log"),
+            0);
+  ASSERT_EQ(RunFleet({"gen-inputs", models + "/m.safetensors", "--height", "64", "--width", "64", "--txt-len", "64",
+                      c.dir + "/in.safetensors"},
+                     c.dir + "/gen.log"),
+            0);
+  auto client = JobClient::Connect(c.listen, std::chrono::minutes(2));
+  ASSERT_TRUE(client.ok());
+  ModelSpec spec;
+  spec.path = "m.safetensors";
+  spec.compute_device = "cuda:0";
+  spec.expert_mode_allocations = "cuda:0,30%;cuda:1,*";
+  spec.mode = ExecMode::kPipeline;
+  ASSERT_TRUE((*client)->LoadModel("m", spec).ok());
+  auto inputs = ReadTensors(c.dir + "/in.safetensors");
+  // fleet up printed "  worker cuda:1 pid=N ..." after its ready line.
+  auto line = c.up.WaitReady("  worker cuda:1", std::chrono::seconds(5));
+  ASSERT_TRUE(line.ok()) << line.status();
+  pid_t victim = static_cast<pid_t>(std::stol((*line)["pid"]));
+  ASSERT_GT(victim, 0);
+  auto job = std::async(std::launch::async, [&] {
+    std::vector<StatusOr<ForwardResult>> results;
+    for (int i = 0; i < 50; ++i) {
+      auto r = (*client)->Forward("m", inputs);
+      bool ok = r.ok();
+      results.push_back(std::move(r));
+      if (!ok) break;
+    }
+    return results;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  kill(victim, SIGKILL);
+  auto results = job.get();
+  ASSERT_FALSE(results.empty());
+  ASSERT_FALSE(results.back().ok()) << "Forwards kept succeeding after the worker died";
+  const Status& failed = results.back().status();
+  EXPECT_NE(failed.message().find("cuda:1"), std::string::npos) << failed;
+  // The job failed because the heartbeat timeout marked the worker down (Unavailable), not
+  // because the request timed out (which would be DeadlineExceeded after --request-timeout).
+  EXPECT_EQ(failed.code(), StatusCode::kUnavailable) << failed;
+  // The coordinator is still up and answers.
+  auto after = JobClient::Connect(c.listen, std::chrono::seconds(10));
+  ASSERT_TRUE(after.ok()) << after.status();
+  auto st = (*after)->Cluster();
+  ASSERT_TRUE(st.ok());
+  bool cuda1_down = false;
+  for (const auto& w : st->workers) cuda1_down |= (w.device == "cuda:1" && !w.up);
+  EXPECT_TRUE(cuda1_down);
+}
+
+}  // namespace
+}  // namespace fleet::coordinator
