@@ -726,6 +726,18 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
 
   auto schedule = impl_->ScheduleFor(*m);
   if (!schedule.ok()) return schedule.status();
+  {
+    // Publish the bandwidth the cost model assumes for every link this step uses.
+    std::lock_guard lock(impl_->costs_mu);
+    for (const auto& r : schedule->ranges) {
+      if (r.site == Site::kResident) continue;
+      std::string src = r.site == Site::kStream ? r.holder : m->compute_device;
+      std::string dst = r.site == Site::kStream ? m->compute_device : r.holder;
+      auto it = impl_->costs.bandwidth.find(src + ">" + dst);
+      double bw = it != impl_->costs.bandwidth.end() && it->second > 0 ? it->second : impl_->costs.default_bandwidth;
+      metrics_->expected_bandwidth.Add({{"src", src}, {"dst", dst}}).Set(bw);
+    }
+  }
   const int depth = m->spec.prefetch_depth > 0 ? m->spec.prefetch_depth : static_cast<int>(options_.prefetch_depth);
 
   // Every worker the schedule touches must be up and the same process that loaded the blocks.

@@ -89,7 +89,7 @@ class Cluster {
 class CoordinatorIntegration : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto c = Cluster::Start("cuda:0=256mb,cuda:1=256mb,cpu=1gb", "suite");
+    auto c = Cluster::Start("cuda:0=1gb,cuda:1=1gb,cpu=2gb", "suite");
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
     models_ = cluster_->dir + "/models";
@@ -306,7 +306,7 @@ TEST_F(CoordinatorIntegration, BadAllocationStringsAreRefusedAtPlanTime) {
 // Killing a worker mid-run fails the job with an error naming it, within the heartbeat timeout,
 // and the coordinator keeps serving.
 TEST(CoordinatorFailure, KilledWorkerFailsTheJobQuicklyAndTheCoordinatorStaysUp) {
-  auto cluster = Cluster::Start("cuda:0=256mb,cuda:1=256mb", "kill");
+  auto cluster = Cluster::Start("cuda:0=1gb,cuda:1=1gb", "kill");
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   Cluster& c = **cluster;
   std::string models = c.dir + "/models";

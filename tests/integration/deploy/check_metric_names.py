@@ -39,6 +39,7 @@ def check_live(used, documented):
         # Touch the control API so request/job families get series.
         for path in ("/v2/health/live", "/v2/health/ready", "/v2/workers", "/v2/models"):
             cluster.http(path)
+        cluster.exercise()
         served = {"fleet_coordinator": fleet_cluster.exposition_names(
             cluster.scrape(cluster.coordinator))}
         worker_names = {}

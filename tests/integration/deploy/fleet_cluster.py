@@ -29,7 +29,7 @@ import deploycheck as dc
 # Flags of the binaries used here (worker/options.def, coordinator/options.def).
 COORDINATOR_FLAGS = ["--listen=tcp://127.0.0.1:*", "--register-listen=tcp://127.0.0.1:*",
                      "--http-listen=127.0.0.1:0",
-                     "--metrics-listen=127.0.0.1:0"]
+                     "--metrics-listen=127.0.0.1:0", "--activation-reserve=16mb"]
 WORKER_FLAGS = ["--listen=tcp://127.0.0.1:*", "--metrics-listen=127.0.0.1:0",
                 "--capacity=256mb", "--shm-arena-bytes=64mb"]
 # Key of the coordinator's ready line that workers dial (--coordinator), first one present.
@@ -162,6 +162,49 @@ class LocalCluster:
             time.sleep(0.2)
         raise RuntimeError(f"the coordinator counts {last} registered workers after {timeout} s, "
                            f"want {len(self.workers)}\ncoordinator log:\n{self.coordinator.tail()}")
+
+    def exercise(self):
+        """Loads a generated tiny Flux model in pipeline and in stream mode and runs Forwards
+        through the Python client, so every labelled family (jobs, steps, transfers of weights and
+        activations, loads, block compute, prefetch stalls) has series."""
+        import json
+        import subprocess
+        import sys
+
+        import numpy as np
+        sys.path.insert(0, str(dc.ROOT / "comfyui"))
+        from tensorfleet_client import Client, ModelSpec
+
+        fleet = str(dc.BUILD / "bin" / "fleet")
+        model = self.models / "tiny.safetensors"
+        inputs = pathlib.Path(self.tmp.name) / "inputs.safetensors"
+        subprocess.run([fleet, "gen-model", "--preset", "tiny", "--seed", "1", str(model)], check=True)
+        subprocess.run([fleet, "gen-inputs", str(model), str(inputs)], check=True)
+        raw = inputs.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        data = raw[8 + n:]
+        tensors = {}
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            assert t["dtype"] == "F32", t
+            a, b = t["data_offsets"]
+            tensors[name] = np.frombuffer(data[a:b], dtype=np.float32).reshape(t["shape"]).copy()
+        devices = [d for d, _ in self.worker_specs]
+        compute = next((d for d in devices if d != "cpu"), devices[0])
+        donor = next((d for d in devices if d != compute), compute)
+        constants = [c for c in ("context", "y", "guidance") if c in tensors]
+        with Client(self.coordinator.ready["listen"]) as client:
+            for mode in ("pipeline", "stream"):
+                spec = ModelSpec(path="tiny.safetensors", compute_device=compute, virtual_vram_gb=0,
+                                 expert_mode_allocations=f"{compute},30%;{donor},*", mode=mode,
+                                 eject_models=False, keep_loaded=False)
+                client.load_model(spec, name=f"tiny-{mode}")
+                for step in range(2):
+                    client.forward(f"tiny-{mode}", tensors, run_id=f"run-{mode}",
+                                   constant_inputs=constants, end_run=step == 1)
+            client.unload_model("tiny-stream")
 
     def processes(self):
         return [self.coordinator, *self.workers]
