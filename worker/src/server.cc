@@ -1446,7 +1446,8 @@ void WorkerServer::Impl::HeartbeatLoop() {
       FLEET_VLOG(1, "worker") << "heartbeat not sent: " << e.what();
     }
   };
-  {
+  // Register again every few beats, so a coordinator that restarted finds this worker.
+  auto send_register = [&] {
     flatbuffers::FlatBufferBuilder fbb;
     const auto info = config.backing == "cpu" ? device::DiscoverCpu() : device::DeviceInfo{};
     auto reg = wire::CreateRegister(
@@ -1457,7 +1458,8 @@ void WorkerServer::Impl::HeartbeatLoop() {
     fbb.Finish(wire::CreateWorkerEvent(fbb, wire::WorkerEventBody::Register, reg.Union()),
                protocol::kEventIdentifier);
     send(fbb);
-  }
+  };
+  send_register();
   uint64_t sequence = 0;
   auto next = Clock::now() + config.heartbeat_interval;
   while (!stop) {
@@ -1473,6 +1475,7 @@ void WorkerServer::Impl::HeartbeatLoop() {
     fbb.Finish(wire::CreateWorkerEvent(fbb, wire::WorkerEventBody::Heartbeat, beat.Union()),
                protocol::kEventIdentifier);
     send(fbb);
+    if (sequence % 5 == 0) send_register();
   }
 }
 

@@ -640,6 +640,14 @@ TEST(Worker, RegistersAndSendsHeartbeats) {
     last = beat->body_as_Heartbeat()->sequence();
     EXPECT_EQ(beat->body_as_Heartbeat()->stats()->device()->str(), "cuda:5");
   }
+  // Every 5th beat is followed by a Register again, so a restarted coordinator finds the worker.
+  bool registered_again = false;
+  for (int i = 0; i < 4 && !registered_again; ++i) {
+    const auto* event = next();
+    ASSERT_NE(event, nullptr);
+    registered_again = event->body_type() == wire::WorkerEventBody::Register;
+  }
+  EXPECT_TRUE(registered_again);
 }
 
 TEST(Worker, CurveAdmitsTheClusterKeyAndRefusesOthers) {
