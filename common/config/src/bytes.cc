@@ -1,4 +1,5 @@
 #include "fleet/config/bytes.h"
+#include "fleet/config/text.h"
 
 #include <array>
 #include <cctype>
@@ -6,12 +7,6 @@
 
 namespace fleet::config {
 namespace {
-
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
-  return s;
-}
 
 struct Number {
   unsigned __int128 mantissa = 0;  // all digits, integer and fraction, as one integer
@@ -53,14 +48,14 @@ bool ParseNumber(std::string_view s, Number* out, std::string* why) {
 }  // namespace
 
 bool IsPlainNumber(std::string_view text) {
-  text = Trim(text);
+  text = TrimSpace(text);
   Number n;
   std::string why;
   return ParseNumber(text, &n, &why) && n.length == text.size();
 }
 
 StatusOr<uint64_t> ParseBytes(std::string_view text) {
-  std::string_view s = Trim(text);
+  std::string_view s = TrimSpace(text);
   auto error = [&](std::string_view why) {
     return InvalidArgumentError("invalid size '" + std::string(text) + "': " + std::string(why));
   };
@@ -71,7 +66,7 @@ StatusOr<uint64_t> ParseBytes(std::string_view text) {
   std::string why;
   if (!ParseNumber(s, &n, &why)) return error(why + " (e.g. 4gb, 512 MiB, 1.5t)");
   std::string unit;
-  for (char c : Trim(s.substr(n.length))) {
+  for (char c : TrimSpace(s.substr(n.length))) {
     unit += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   }
   int shift;

@@ -1,4 +1,5 @@
 #include "fleet/config/options.h"
+#include "fleet/config/text.h"
 
 #include <cctype>
 #include <cerrno>
@@ -10,18 +11,6 @@
 
 namespace fleet::config {
 namespace {
-
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
-  return s;
-}
-
-std::string Lower(std::string_view s) {
-  std::string out;
-  for (char c : s) out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 
 std::string FormatDuration(std::chrono::milliseconds ms) {
   auto n = ms.count();
@@ -38,7 +27,7 @@ std::string Join(const std::vector<std::string>& items) {
 }  // namespace
 
 StatusOr<std::chrono::milliseconds> ParseDuration(std::string_view text) {
-  std::string_view s = Trim(text);
+  std::string_view s = TrimSpace(text);
   auto error = [&](std::string_view why) {
     return InvalidArgumentError("invalid duration '" + std::string(text) + "': " + std::string(why));
   };
@@ -49,7 +38,7 @@ StatusOr<std::chrono::milliseconds> ParseDuration(std::string_view text) {
   char* end = nullptr;
   double v = std::strtod(number.c_str(), &end);
   if (*end != '\0' || !std::isfinite(v)) return error("malformed number");
-  std::string unit = Lower(Trim(s.substr(i)));
+  std::string unit = AsciiLower(TrimSpace(s.substr(i)));
   double ms;
   if (unit == "ms") ms = v;
   else if (unit.empty() || unit == "s") ms = v * 1e3;
@@ -137,9 +126,9 @@ Status OptionSet::Set(Option& option, std::string_view value, bool append,
   return std::visit(
       [&](auto* p) -> Status {
         using T = std::remove_pointer_t<decltype(p)>;
-        std::string v(Trim(value));
+        std::string v(TrimSpace(value));
         if constexpr (std::is_same_v<T, bool>) {
-          std::string l = Lower(v);
+          std::string l = AsciiLower(v);
           if (l == "true" || l == "1" || l == "yes" || l == "on") *p = true;
           else if (l == "false" || l == "0" || l == "no" || l == "off") *p = false;
           else return bad("expected true or false, got '" + v + "'");
@@ -169,7 +158,7 @@ Status OptionSet::Set(Option& option, std::string_view value, bool append,
           std::string_view rest = value;
           while (true) {
             size_t comma = rest.find(',');
-            std::string_view item = Trim(rest.substr(0, comma));
+            std::string_view item = TrimSpace(rest.substr(0, comma));
             if (!item.empty()) p->emplace_back(item);
             if (comma == std::string_view::npos) break;
             rest = rest.substr(comma + 1);

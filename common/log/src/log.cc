@@ -1,4 +1,5 @@
 #include "fleet/log/log.h"
+#include "fleet/config/text.h"
 
 #include <atomic>
 #include <cctype>
@@ -41,18 +42,10 @@ char LevelLetter(Level level) {
   return '?';
 }
 
-std::string Trim(std::string_view s) {
-  size_t b = 0, e = s.size();
-  while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
-  while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
-  return std::string(s.substr(b, e - b));
-}
-
 }  // namespace
 
 bool ParseLevel(std::string_view text, Level* level) {
-  std::string t;
-  for (char c : Trim(text)) t += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  std::string t = config::AsciiLower(config::TrimSpace(text));
   if (t == "debug") *level = Level::kDebug;
   else if (t == "info") *level = Level::kInfo;
   else if (t == "warning" || t == "warn") *level = Level::kWarning;
@@ -78,10 +71,10 @@ void ConfigureFromEnv() {
       size_t comma = rest.find(',');
       std::string_view item = rest.substr(0, comma);
       rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
-      if (Trim(item).empty()) continue;
+      if (config::TrimSpace(item).empty()) continue;
       size_t eq = item.find('=');
-      std::string name = Trim(item.substr(0, eq));
-      std::string value = eq == std::string_view::npos ? "1" : Trim(item.substr(eq + 1));
+      std::string name(config::TrimSpace(item.substr(0, eq)));
+      std::string value(eq == std::string_view::npos ? "1" : config::TrimSpace(item.substr(eq + 1)));
       char* end = nullptr;
       long v = std::strtol(value.c_str(), &end, 10);
       if (name.empty() || value.empty() || *end != '\0' || v < 0 || v > 9) {

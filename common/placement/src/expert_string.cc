@@ -4,28 +4,17 @@
 #include <limits>
 
 #include "fleet/config/bytes.h"
+#include "fleet/config/text.h"
 
 namespace fleet::placement::internal {
 namespace {
-
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
-  return s;
-}
-
-std::string Lower(std::string_view s) {
-  std::string out;
-  for (char c : s) out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 
 bool IsZero(Decimal d) { return d.mantissa == 0; }
 
 }  // namespace
 
 StatusOr<Decimal> ParseDecimal(std::string_view text) {
-  std::string_view s = Trim(text);
+  std::string_view s = config::TrimSpace(text);
   if (s.empty()) return InvalidArgumentError("empty number");
   if (s.front() == '-') return InvalidArgumentError("negative values are not allowed");
   if (s.front() == '+') return InvalidArgumentError("a sign is not allowed");
@@ -84,7 +73,7 @@ StatusOr<ExpertString> ParseExpert(std::string_view text) {
     std::string_view segment = text.substr(start, end - start);
     size_t position = start + 1;
     start = end + 1;
-    if (Trim(segment).empty()) continue;  // empty and trailing segments, as DisTorch2
+    if (config::TrimSpace(segment).empty()) continue;  // empty and trailing segments, as DisTorch2
     ++index;
     size_t comma = segment.find(',');
     if (comma == std::string_view::npos) {
@@ -96,7 +85,7 @@ StatusOr<ExpertString> ParseExpert(std::string_view text) {
     e.index = index;
     e.position = position;
     e.device_text = std::string(segment.substr(0, comma));
-    std::string_view value = Trim(segment.substr(comma + 1));
+    std::string_view value = config::TrimSpace(segment.substr(comma + 1));
     e.value_text = std::string(value);
     if (value.find(',') != std::string_view::npos) {
       return fail(e.Where() + " has more than one ',' (one device,value per ';'-separated entry)");
@@ -146,7 +135,7 @@ StatusOr<ExpertString> ParseExpert(std::string_view text) {
       if (!bytes.ok()) return fail(e.Where() + ": " + std::string(bytes.status().message()));
       e.kind = TokenKind::kBytes;
       e.bytes = *bytes;
-      if (Lower(value).find('t') != std::string::npos) out.has_tb_unit = true;
+      if (config::AsciiLower(value).find('t') != std::string::npos) out.has_tb_unit = true;
     }
     out.entries.push_back(std::move(e));
   }
@@ -183,7 +172,7 @@ StatusOr<ExpertString> ParseExpert(std::string_view text) {
 
   // DisTorch2 picks the mode from letters anywhere in the string: g/m/k/b -> bytes, else % ->
   // ratio, else fraction; its ratio and fraction parsers cannot read '*'.
-  std::string lower = Lower(text);
+  std::string lower = config::AsciiLower(text);
   bool upstream_bytes = lower.find_first_of("gmkb") != std::string::npos;
   bool upstream_ratio = !upstream_bytes && lower.find('%') != std::string::npos;
   if (upstream_bytes) {

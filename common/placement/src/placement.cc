@@ -12,6 +12,7 @@
 
 #include "expert_string.h"
 #include "fleet/config/bytes.h"
+#include "fleet/config/text.h"
 
 namespace fleet::placement {
 namespace {
@@ -23,12 +24,6 @@ using internal::TokenKind;
 constexpr uint64_t kUnbounded = std::numeric_limits<uint64_t>::max();
 constexpr uint64_t kMaxModelBytes = 1ull << 62;
 constexpr int64_t kMaxPrefetchDepth = 64;
-
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
-  return s;
-}
 
 std::string Size(uint64_t bytes) { return config::FormatBytes(bytes); }
 std::string SizeExact(uint64_t bytes) {
@@ -156,7 +151,7 @@ StatusOr<std::vector<DeviceId>> ParseDonors(std::string_view text) {
     if (end == std::string_view::npos) end = text.size();
     std::string_view item = text.substr(start, end - start);
     ++index;
-    if (Trim(item).empty()) {
+    if (config::TrimSpace(item).empty()) {
       return InvalidArgumentError("donor_device '" + std::string(text) + "': entry " +
                                   std::to_string(index) + " at character " +
                                   std::to_string(start + 1) + " is empty");
@@ -288,7 +283,7 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
   const uint64_t free_bytes = model_bytes - pinned_bytes;
 
   std::vector<Quota> quota(devices.size());
-  std::string_view expert = Trim(request.expert_mode_allocations);
+  std::string_view expert = config::TrimSpace(request.expert_mode_allocations);
   bool upstream_bytes_mode = false;
   bool gpu_only = false;
   if (expert.empty() && !request.expert_mode_allocations.empty()) {

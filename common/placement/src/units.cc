@@ -7,15 +7,10 @@
 #include <nlohmann/json.hpp>
 
 #include "fleet/config/bytes.h"
+#include "fleet/config/text.h"
 
 namespace fleet::placement {
 namespace {
-
-std::string Lower(std::string_view s) {
-  std::string out;
-  for (char c : s) out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 
 std::string_view FirstComponent(std::string_view name) { return name.substr(0, name.find('.')); }
 
@@ -38,7 +33,7 @@ constexpr std::array<std::string_view, 5> kWanStem = {
 }  // namespace
 
 StatusOr<Family> ParseFamily(std::string_view text) {
-  std::string t = Lower(text);
+  std::string t = config::AsciiLower(text);
   if (t == "none") return Family::kNone;
   if (t == "flux") return Family::kFlux;
   if (t == "wan") return Family::kWan;
@@ -97,7 +92,7 @@ void MarkPinnedUnits(Family family, std::vector<Unit>* units) {
         }
         break;
       case Family::kTextEncoder: {
-        std::string lower = Lower(u.name);
+        std::string lower = config::AsciiLower(u.name);
         if (lower.find("embed") != std::string::npos || lower.find("wte") != std::string::npos ||
             lower.find("wpe") != std::string::npos) {
           reason =

@@ -11,15 +11,10 @@
 #include <sstream>
 
 #include "fleet/log/log.h"
+#include "fleet/config/text.h"
 
 namespace fleet::transport {
 namespace {
-
-std::string Trim(const std::string& s) {
-  const auto b = s.find_first_not_of(" \t\r\n");
-  if (b == std::string::npos) return "";
-  return s.substr(b, s.find_last_not_of(" \t\r\n") - b + 1);
-}
 
 Status CheckKey(const std::string& key, const std::string& where) {
   if (key.size() != 40) {
@@ -43,7 +38,7 @@ StatusOr<std::set<std::string>> ReadKeyListFile(const std::string& path) {
   int n = 0;
   while (std::getline(in, line)) {
     ++n;
-    line = Trim(line);
+    line = std::string(config::TrimSpace(line));
     if (line.empty() || line[0] == '#') continue;
     FLEET_RETURN_IF_ERROR(CheckKey(line, path + ":" + std::to_string(n)));
     keys.insert(line);
