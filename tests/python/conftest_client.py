@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import socket
 import subprocess
 import sys
@@ -474,45 +473,3 @@ def cluster(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-# ------------------------------------------------------------------ safetensors (no package)
-
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-              "I64": "int64", "I32": "int32"}
-
-
-def read_safetensors(path):
-    """{name: torch tensor} of a safetensors file (little-endian host)."""
-    import torch  # noqa: PLC0415
-
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    out = {}
-    for name, d in header.items():
-        a, b = d["data_offsets"]
-        raw = bytearray(data[8 + n + a:8 + n + b])
-        dtype = getattr(torch, _ST_DTYPES[d["dtype"]])
-        t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(d["shape"])
-    return out
-
-
-def write_safetensors(path, tensors):
-    """Writes {name: torch tensor} as safetensors."""
-    import torch  # noqa: PLC0415
-
-    rev = {v: k for k, v in _ST_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        t = t.detach().contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": rev[str(t.dtype).replace("torch.", "")],
-                        "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))

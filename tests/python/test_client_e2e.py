@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from conftest_client import (cluster, read_safetensors, run_fleet,  # noqa: F401 (fixture)
-                             write_safetensors)
+from conftest_client import cluster, run_fleet  # noqa: F401 (fixture)
+from safetensors_io import load_safetensors, save_safetensors
 
 import tensorfleet_client as tf
 
@@ -30,15 +30,15 @@ def _model(cluster, name, *flags):
 def _run_local(model_path, inputs, tmp_path, tag):
     inp = tmp_path / ("%s-in.safetensors" % tag)
     out = tmp_path / ("%s-out.safetensors" % tag)
-    write_safetensors(inp, inputs)
+    save_safetensors(inputs, inp)
     run_fleet("run-local", model_path, "--inputs", inp, "--out", out)
-    return read_safetensors(out)["out"]
+    return load_safetensors(out)[0]["out"]
 
 
 def _inputs(model_path, tmp_path, *flags):
     p = tmp_path / "gen-inputs.safetensors"
     run_fleet("gen-inputs", model_path, *flags, p)
-    return read_safetensors(p)
+    return load_safetensors(p)[0]
 
 
 def _bitwise_equal(a, b):

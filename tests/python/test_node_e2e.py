@@ -8,7 +8,7 @@ Skipped (with the reason) when FLEET_BUILD_DIR/bin lacks fleet-coordinator or fl
 
 import torch
 
-from conftest_client import cluster, read_safetensors, run_fleet  # noqa: F401 (fixture)
+from conftest_client import cluster, run_fleet  # noqa: F401 (fixture)
 from test_client_e2e import EXPERT, _bitwise_equal, _inputs, _model, _run_local
 from test_node import Loader, folder_paths, mm
 

@@ -167,11 +167,9 @@ class LocalCluster:
         """Loads a generated tiny Flux model in pipeline and in stream mode and runs Forwards
         through the Python client, so every labelled family (jobs, steps, transfers of weights and
         activations, loads, block compute, prefetch stalls) has series."""
-        import json
         import subprocess
         import sys
 
-        import numpy as np
         sys.path.insert(0, str(dc.ROOT / "comfyui"))
         from tensorfleet_client import Client, ModelSpec
 
@@ -180,17 +178,9 @@ class LocalCluster:
         inputs = pathlib.Path(self.tmp.name) / "inputs.safetensors"
         subprocess.run([fleet, "gen-model", "--preset", "tiny", "--seed", "1", str(model)], check=True)
         subprocess.run([fleet, "gen-inputs", str(model), str(inputs)], check=True)
-        raw = inputs.read_bytes()
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        data = raw[8 + n:]
-        tensors = {}
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            assert t["dtype"] == "F32", t
-            a, b = t["data_offsets"]
-            tensors[name] = np.frombuffer(data[a:b], dtype=np.float32).reshape(t["shape"]).copy()
+        sys.path.insert(0, str(dc.ROOT / "tests" / "python"))
+        from safetensors_io import load_safetensors
+        tensors, _ = load_safetensors(inputs)
         devices = [d for d, _ in self.worker_specs]
         compute = next((d for d in devices if d != "cpu"), devices[0])
         donor = next((d for d in devices if d != compute), compute)

@@ -1,34 +1,16 @@
 #!/usr/bin/python3
-"""Writes a safetensors file with torch (the toolchain.md writer, independent of ours) and a JSON
-sidecar listing each tensor's dtype, shape and bytes (hex), for safetensors_test.cc."""
+"""Writes a safetensors file with torch (tests/python/safetensors_io.py: the toolchain.md writer,
+independent of ours) and a JSON sidecar listing each tensor's dtype, shape and bytes (hex), for
+safetensors_test.cc."""
 import json
-import struct
+import pathlib
 import sys
 
 import torch
 
-DT = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-      torch.uint8: "U8", torch.bool: "BOOL"}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "python"))
+from safetensors_io import TORCH_TO_ST, save_safetensors  # noqa: E402
 
-
-def save_safetensors(tensors, path, metadata=None):
-    header, blobs, off = {}, [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        b = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": DT[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
 
 
 def main():
@@ -50,7 +32,7 @@ def main():
     out = {}
     for name, t in tensors.items():
         b = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        out[name] = {"dtype": DT[t.dtype], "shape": list(t.shape), "hex": b.hex()}
+        out[name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "hex": b.hex()}
     with open(sidecar, "w") as f:
         json.dump(out, f)
 
