@@ -626,17 +626,18 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
                             << config::FormatBytes(model->bytes_total) << " as " << model->compute_dtype << ") on "
                             << model->plan.devices.size() << " devices, compute " << model->compute_device;
   Status loaded = impl_->LoadUnits(*model);
-  std::lock_guard lock(impl_->mu);
   if (!loaded.ok()) {
-    model->state = ModelState::kFailed;
-    model->error = std::string(loaded.message());
-    impl_->models.erase(name);
-    impl_->mu.unlock();
-    impl_->EvictEverywhere(*model);
-    impl_->mu.lock();
+    {
+      std::lock_guard lock(impl_->mu);
+      model->state = ModelState::kFailed;
+      model->error = std::string(loaded.message());
+      impl_->models.erase(name);
+    }
+    impl_->EvictEverywhere(*model);  // the units that did load must not stay resident
     FLEET_LOG(ERROR, "models") << "loading " << name << " failed: " << loaded;
     return loaded;
   }
+  std::lock_guard lock(impl_->mu);
   model->state = ModelState::kReady;
   model->last_used = Clock::now();
   double seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -110,6 +110,19 @@ StatusOr<std::map<std::string, std::string>> Child::WaitReady(const std::string&
   }
 }
 
+int Child::Wait(std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (running()) {
+    if (std::chrono::steady_clock::now() > deadline) return Stop(std::chrono::milliseconds(0));
+    pollfd p{stdout_fd_, POLLIN, 0};
+    if (poll(&p, 1, 100) > 0) {
+      char buf[4096];
+      if (read(stdout_fd_, buf, sizeof(buf)) <= 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  return exit_status_;
+}
+
 int Child::Stop(std::chrono::milliseconds grace) {
   if (pid_ <= 0) return exit_status_;
   kill(pid_, SIGTERM);

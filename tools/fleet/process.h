@@ -29,6 +29,9 @@ class Child {
   /// (with the tail of its log).
   StatusOr<std::map<std::string, std::string>> WaitReady(const std::string& prefix,
                                                         std::chrono::milliseconds timeout);
+  /// Waits for the child to exit on its own, discarding its stdout; SIGKILL after `timeout`.
+  /// Returns the exit status (or -signal).
+  int Wait(std::chrono::milliseconds timeout);
   /// SIGTERM, then SIGKILL after `grace`. Returns the exit status (or -signal).
   int Stop(std::chrono::milliseconds grace = std::chrono::seconds(10));
   bool running();

@@ -40,6 +40,7 @@ struct UpOptions {
   std::string compute_device = "cuda:0";
   std::string activation_reserve = "128mb";
   std::string worker_threads = "2";
+  std::string heartbeat_timeout = "3s";
 };
 
 volatile sig_atomic_t g_stop = 0;
@@ -67,7 +68,7 @@ StatusOr<Cluster> StartCluster(const UpOptions& o, const std::string& root) {
   FLEET_ASSIGN_OR_RETURN(auto devices, Devices(o));
   Cluster c;
   std::vector<std::string> argv = {bin + "/fleet-coordinator", "--model-root", root, "--activation-reserve",
-                                   o.activation_reserve, "--heartbeat-timeout", "3s"};
+                                   o.activation_reserve, "--heartbeat-timeout", o.heartbeat_timeout};
   if (o.ephemeral) {
     for (std::string a : {"--listen=tcp://127.0.0.1:*", "--register-listen=tcp://127.0.0.1:*",
                           "--http-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"}) {
@@ -119,8 +120,7 @@ Status RunSelf(const std::vector<std::string>& args, const std::string& log) {
   std::vector<std::string> argv = {SelfDirectory() + "/fleet"};
   argv.insert(argv.end(), args.begin(), args.end());
   FLEET_ASSIGN_OR_RETURN(Child c, Child::Spawn(argv, log));
-  auto ready = c.WaitReady("\x01never", std::chrono::minutes(10));  // drains stdout until exit
-  int rc = c.Stop();
+  int rc = c.Wait(std::chrono::minutes(10));
   if (rc != 0) return InternalError("fleet " + args[0] + " failed (" + std::to_string(rc) + "):\n" + TailOfFile(log, 10));
   return Status();
 }
@@ -321,6 +321,7 @@ int RunUp(const std::vector<std::string>& args) {
   set.Add("compute_device", &o.compute_device, "Compute device of the demo");
   set.Add("activation_reserve", &o.activation_reserve, "Headroom kept on the compute device (coordinator flag)");
   set.Add("worker_threads", &o.worker_threads, "Compute threads per worker");
+  set.Add("heartbeat_timeout", &o.heartbeat_timeout, "A worker silent this long is marked down (coordinator flag)");
   auto parsed = set.Parse(args, [](const std::string&) { return std::optional<std::string>(); });
   if (!parsed.ok()) {
     std::fprintf(stderr, "fleet up: %s\n", std::string(parsed.status().message()).c_str());

@@ -36,8 +36,7 @@ int RunFleet(const std::vector<std::string>& args, const std::string& log) {
   argv.insert(argv.end(), args.begin(), args.end());
   auto child = Child::Spawn(argv, log);
   if (!child.ok()) return -1;
-  (void)child->WaitReady("\x01", std::chrono::minutes(5));
-  return child->Stop();
+  return child->Wait(std::chrono::minutes(5));
 }
 
 std::vector<HostTensor> ReadTensors(const std::string& path) {
@@ -72,7 +71,9 @@ class Cluster {
     fs::remove_all(c->dir);
     fs::create_directories(c->dir + "/models");
     FLEET_ASSIGN_OR_RETURN(c->up, Child::Spawn({Fleet(), "up", "--ephemeral", "--emulate", emulate, "--dir", c->dir,
-                                                "--activation-reserve", "16mb"},
+                                                "--activation-reserve", "16mb",
+                                                // Generous: several clusters share 2 cores in ctest -j.
+                                                "--heartbeat-timeout", "10s"},
                                                c->dir + "/up.log"));
     FLEET_ASSIGN_OR_RETURN(auto ready, c->up.WaitReady("fleet up ready", std::chrono::seconds(120)));
     c->listen = ready["listen"];
