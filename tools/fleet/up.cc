@@ -90,7 +90,7 @@ StatusOr<Cluster> StartCluster(const UpOptions& o, const std::string& root) {
                                       "--total", std::to_string(d.total_bytes), "--capacity",
                                       std::to_string(d.capacity_bytes), "--listen", "tcp://127.0.0.1:*",
                                       "--model-root", root, "--coordinator", c.register_endpoint,
-                                      "--threads", o.worker_threads};
+                                      "--compute-threads", o.worker_threads};
     if (o.ephemeral) wargv.push_back("--metrics-listen=127.0.0.1:0");
     FLEET_ASSIGN_OR_RETURN(Child w, Child::Spawn(wargv, log));
     FLEET_ASSIGN_OR_RETURN(auto wready, w.WaitReady("fleet-worker ready", std::chrono::seconds(60)));
@@ -320,7 +320,7 @@ int RunUp(const std::vector<std::string>& args) {
   set.Add("expert_mode_allocations", &o.expert, "DisTorch2 allocation string used by the demo");
   set.Add("compute_device", &o.compute_device, "Compute device of the demo");
   set.Add("activation_reserve", &o.activation_reserve, "Headroom kept on the compute device (coordinator flag)");
-  set.Add("worker_threads", &o.worker_threads, "Compute threads per worker");
+  set.Add("worker_threads", &o.worker_threads, "libtorch intra-op threads per worker (fleet-worker --compute-threads)");
   set.Add("heartbeat_timeout", &o.heartbeat_timeout, "A worker silent this long is marked down (coordinator flag)");
   auto parsed = set.Parse(args, [](const std::string&) { return std::optional<std::string>(); });
   if (!parsed.ok()) {
@@ -334,10 +334,12 @@ int RunUp(const std::vector<std::string>& args) {
   if (o.dir.empty()) o.dir = "/tmp/fleet-up-" + std::to_string(getpid());
   std::error_code ec;
   std::string root = o.model_root.empty() ? o.dir + "/models" : o.model_root;
-  fs::create_directories(root, ec);
-  if (ec) {
-    std::fprintf(stderr, "fleet up: cannot create %s: %s\n", root.c_str(), ec.message().c_str());
-    return 2;
+  for (const std::string& d : {o.dir, root}) {
+    fs::create_directories(d, ec);
+    if (ec) {
+      std::fprintf(stderr, "fleet up: cannot create %s: %s\n", d.c_str(), ec.message().c_str());
+      return 2;
+    }
   }
   signal(SIGINT, OnSignal);
   signal(SIGTERM, OnSignal);

@@ -1575,6 +1575,8 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
     for (char& c : safe_id) {
       if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
     }
+    // Arenas of workers that were SIGKILLed (or crashed) would hold /dev/shm memory forever.
+    transport::ShmArena::RemoveStale("fleet-worker-");
     const std::string name = "fleet-worker-" + safe_id + "-" + std::to_string(getpid()) + "-" +
                              std::to_string(counter++);
     const uint64_t weights = impl->device.is_cuda()   ? 0

@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <dirent.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -78,6 +80,9 @@ StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const std::string& name,
   shm_unlink(("/" + name).c_str());  // a leftover of a crashed worker with the same name
   const int fd = shm_open(("/" + name).c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
   if (fd < 0) return UnavailableError(Errno("shm_open /dev/shm/" + name));
+  // Held while the arena lives (the kernel drops it when the process dies, however it dies):
+  // RemoveStale tells a leftover from a live arena by whether it can take this lock.
+  flock(fd, LOCK_EX | LOCK_NB);
   if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
     Status s = ResourceExhaustedError(
         Errno("ftruncate /dev/shm/" + name + " to " + std::to_string(total) + " bytes"));
@@ -103,6 +108,33 @@ StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const std::string& name,
   auto* base = static_cast<uint8_t*>(p);
   Prefault(base, staging_bytes);
   return std::make_shared<ShmArena>(name, fd, base, staging_bytes, weights_bytes);
+}
+
+std::vector<std::string> ShmArena::RemoveStale(const std::string& prefix,
+                                               std::chrono::seconds min_age) {
+  std::vector<std::string> removed;
+  DIR* dir = opendir("/dev/shm");
+  if (dir == nullptr) return removed;
+  const time_t now = time(nullptr);
+  while (dirent* e = readdir(dir)) {
+    const std::string name = e->d_name;
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    const int fd = shm_open(("/" + name).c_str(), O_RDONLY, 0);
+    if (fd < 0) continue;
+    struct stat st {};
+    // A file seconds old may be an arena whose creator has not taken its lock yet.
+    const bool old = fstat(fd, &st) == 0 && now - st.st_ctime >= min_age.count();
+    if (old && flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      shm_unlink(("/" + name).c_str());
+      FLEET_LOG(WARNING, "shm") << "removed /dev/shm/" << name << " (" << st.st_blocks * 512
+                                << " bytes in use), left by a process that died without "
+                                   "cleaning up";
+      removed.push_back(name);
+    }
+    close(fd);
+  }
+  closedir(dir);
+  return removed;
 }
 
 ShmArena::~ShmArena() {
@@ -195,10 +227,11 @@ StatusOr<std::shared_ptr<ShmMapping>> ShmMapping::Open(const std::string& name, 
     return UnavailableError("peer arena /dev/shm/" + name + " is empty or unreadable");
   }
   const auto size = static_cast<uint64_t>(st.st_size);
-  // MAP_POPULATE fills the page tables for pages the owner has already touched, so the first
-  // copy does not take a minor fault per 4 KiB page.
-  void* p = mmap(nullptr, size, writable ? PROT_READ | PROT_WRITE : PROT_READ,
-                 MAP_SHARED | MAP_POPULATE, fd, 0);
+  // No MAP_POPULATE: on a shared tmpfs mapping it allocates every page of the file, and an
+  // arena's weights range is as large as the worker's capacity. Pages are mapped as they are
+  // first touched (minor faults: the owner allocated them); populating the range before each
+  // copy measured slower than those faults (bench/transfer).
+  void* p = mmap(nullptr, size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
   close(fd);
   if (p == MAP_FAILED) return UnavailableError(Errno("mmap /dev/shm/" + name));
   return std::make_shared<ShmMapping>(name, static_cast<uint8_t*>(p), size);

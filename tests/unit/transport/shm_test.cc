@@ -1,5 +1,6 @@
 // Shared-memory arenas and the shm bulk channel, with real /dev/shm files.
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -20,6 +21,59 @@ std::string UniqueName(const char* tag) {
 bool ShmFileExists(const std::string& name) {
   struct stat st {};
   return stat(("/dev/shm/" + name).c_str(), &st) == 0;
+}
+
+TEST(ShmArena, RemoveStaleUnlinksArenasOfDeadProcessesOnly) {
+  const std::string prefix = UniqueName("stale") + "-";
+  // A child creates an arena and dies without its destructor running, as a SIGKILLed worker.
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto leaked = ShmArena::Create(prefix + "dead", 64 << 10, 0);
+    _exit(leaked.ok() ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  ASSERT_TRUE(ShmFileExists(prefix + "dead"));
+  auto live = ShmArena::Create(prefix + "live", 64 << 10, 0);
+  ASSERT_TRUE(live.ok()) << live.status();
+
+  // Too young to judge with the default age: nothing goes.
+  EXPECT_TRUE(ShmArena::RemoveStale(prefix).empty());
+  auto removed = ShmArena::RemoveStale(prefix, std::chrono::seconds(0));
+  EXPECT_EQ(removed, std::vector<std::string>{prefix + "dead"});
+  EXPECT_FALSE(ShmFileExists(prefix + "dead"));
+  EXPECT_TRUE(ShmFileExists(prefix + "live"));  // its owner (this process) holds the lock
+  auto block = (*live)->Allocate(ArenaRange::kStaging, 100);
+  EXPECT_TRUE(block.ok());
+}
+
+// A peer maps the whole arena, whose weights range is as large as the worker's capacity:
+// mapping it must not allocate those pages (MAP_POPULATE on tmpfs did, 8 GiB per peer).
+TEST(ShmMapping, MappingAPeerArenaAllocatesNothing) {
+  const std::string name = UniqueName("sparse");
+  auto arena = ShmArena::Create(name, 64 << 10, 1ull << 30);
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  auto allocated = [&] {
+    struct stat st {};
+    EXPECT_EQ(stat(("/dev/shm/" + name).c_str(), &st), 0);
+    return static_cast<uint64_t>(st.st_blocks) * 512;
+  };
+  const uint64_t before = allocated();
+  EXPECT_LE(before, 64u << 10);  // only the staging range
+  auto rw = ShmMapping::Open(name, /*writable=*/true);
+  auto ro = ShmMapping::Open(name, /*writable=*/false);
+  ASSERT_TRUE(rw.ok() && ro.ok());
+  EXPECT_EQ(allocated(), before);
+  // Copying into a staging range through the peer mapping uses the owner's pages.
+  auto block = (*arena)->Allocate(ArenaRange::kStaging, 32 << 10);
+  ASSERT_TRUE(block.ok());
+  auto dst = (*rw)->At((*block)->offset(), 32 << 10);
+  ASSERT_TRUE(dst.ok());
+  std::memset(*dst, 7, 32 << 10);
+  EXPECT_EQ(allocated(), before);
+  EXPECT_EQ((*block)->data()[100], 7);
 }
 
 TEST(ShmArena, AllocatesFreesAndCoalesces) {

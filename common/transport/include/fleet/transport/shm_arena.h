@@ -19,7 +19,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <chrono>
 #include <string>
+#include <vector>
 
 #include "fleet/status/status.h"
 
@@ -59,6 +61,12 @@ class ShmArena : public std::enable_shared_from_this<ShmArena> {
                                                     uint64_t weights_bytes);
   ~ShmArena();
   ShmArena(const ShmArena&) = delete;
+
+  /// Unlinks the arenas /dev/shm/<prefix>* of processes that died without cleaning up (a
+  /// SIGKILLed worker): those whose owner no longer holds its lock. Files younger than
+  /// `min_age` are left alone (their creator may not have locked them yet). Returns their names.
+  static std::vector<std::string> RemoveStale(const std::string& prefix,
+                                              std::chrono::seconds min_age = std::chrono::seconds(10));
   ShmArena& operator=(const ShmArena&) = delete;
 
   /// Allocates `size` bytes (64-byte aligned) from `range`; ResourceExhausted with the numbers
