@@ -765,6 +765,16 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
     }
     return s.WithContext("Forward on '" + m->name + "' failed at worker " + device);
   };
+  // With FLEET_VERBOSE=forward=1, one line per step says where its time went.
+  std::string timeline;
+  auto mark = [&, last = Clock::now()](const std::string& what) mutable {
+    if (log::Verbosity("forward") < 1) return;
+    auto now = Clock::now();
+    char ms[32];
+    std::snprintf(ms, sizeof(ms), " %.2f ms", std::chrono::duration<double, std::milli>(now - last).count());
+    timeline += (timeline.empty() ? "" : ", ") + what + ms;
+    last = now;
+  };
   auto body = [&]() -> Status {
     std::string here = m->compute_device;
     FLEET_ASSIGN_OR_RETURN(auto compute, impl_->Link(here));
@@ -775,6 +785,7 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
     }
     Status put = compute->PutTensors(job, request.inputs, request.run_id, constant);
     if (!put.ok()) return fail(put, here);
+    mark("put " + here);
     // Group consecutive ranges computed by the same device into one RunBlocks.
     size_t i = 0;
     const auto& ranges = schedule->ranges;
@@ -793,6 +804,7 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
         auto sent = from->SendTensors(job, {}, endpoints[runs_on], job);
         if (!sent.ok()) return fail(sent.status(), here);
         result.activation_bytes += sent->bytes;
+        mark("send " + here + ">" + runs_on + " " + std::to_string(sent->bytes) + " B");
         if (sent->seconds > 0 && sent->bytes > (1u << 20)) {
           std::lock_guard lock(impl_->costs_mu);
           double& bw = impl_->costs.bandwidth[here + ">" + runs_on];
@@ -806,6 +818,8 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
       FLEET_ASSIGN_OR_RETURN(auto worker, impl_->Link(here));
       auto ran = worker->RunBlocks(job, m->name, steps, static_cast<uint32_t>(depth), request.run_id);
       if (!ran.ok()) return fail(ran.status(), here);
+      mark("run " + std::to_string(steps.size()) + " blocks on " + here + " (compute " +
+           std::to_string(static_cast<int>(ran->compute_seconds * 1e3)) + " ms)");
       result.weight_bytes += ran->streamed_bytes;
       result.prefetch_stall_seconds += ran->prefetch_stall_seconds;
       if (!steps.empty()) {
@@ -821,6 +835,7 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
     auto outputs = last->GetTensors(job, {"out"});
     if (!outputs.ok()) return fail(outputs.status(), here);
     result.outputs = std::move(*outputs);
+    mark("get " + here);
     return Status();
   };
   Status status = body();
@@ -852,6 +867,8 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
       if (link.ok()) (*link)->EndRun(run).IgnoreError();
     }
   }
+  mark("drop");
+  FLEET_VLOG(1, "forward") << job << ": " << timeline;
   if (!status.ok()) {
     FLEET_LOG(WARNING, "forward") << job << ": " << status;
     return status;

@@ -27,6 +27,7 @@
 #include "fleet/transport/curve.h"
 #include "fleet/transport/shm_arena.h"
 #include "fleet/worker/client.h"
+#include "compute_thread.h"
 #include "torch_tensors.h"
 
 namespace fleet::worker {
@@ -173,6 +174,7 @@ struct WorkerServer::Impl {
   bool queue_closed = false;
   std::vector<std::thread> pool;
   std::thread heartbeat;
+  std::unique_ptr<internal::ComputeThread> compute;  // runs every RunBlocks
 
   // State.
   std::mutex mu;
@@ -515,7 +517,7 @@ Status WorkerServer::Impl::Dispatch(Task& task, Frames& out) {
     case wire::WorkerRequestBody::GetTensorsRequest:
       return HandleGetTensors(task, *req->body_as_GetTensorsRequest(), out);
     case wire::WorkerRequestBody::RunBlocksRequest:
-      return HandleRunBlocks(task, *req->body_as_RunBlocksRequest(), out);
+      return compute->Run([&] { return HandleRunBlocks(task, *req->body_as_RunBlocksRequest(), out); });
     case wire::WorkerRequestBody::SendTensorsRequest:
       return HandleSendTensors(task, *req->body_as_SendTensorsRequest(), out);
     case wire::WorkerRequestBody::FetchWeightsRequest:
@@ -1168,7 +1170,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   std::deque<Fetched> ready;
   bool cancel = false;
   std::thread prefetch([&] {
-    for (const auto& step : steps) {
+      for (const auto& step : steps) {
       if (step.donor.empty()) continue;
       {
         std::unique_lock<std::mutex> lock(pm);
@@ -1567,7 +1569,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
   if (config.max_message_bytes == 0)
     return InvalidArgumentError("--max-message-bytes must be positive");
   impl->limits.max_message_bytes = config.max_message_bytes;
-  at::set_num_threads(std::max(1, config.compute_threads));
+  at::set_num_threads(1);  // every thread but the compute thread (compute_thread.h)
 
   if (config.shm) {
     static std::atomic<int> counter{0};
@@ -1643,6 +1645,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
     FLEET_ASSIGN_OR_RETURN(impl->metrics_server,
                            metrics::MetricsServer::Start(config.metrics_listen, impl->registry));
   }
+  impl->compute = std::make_unique<internal::ComputeThread>(config.compute_threads);
   impl->config = std::move(config);
   Impl* p = impl.get();
   for (int i = 0; i < p->config.threads; ++i) p->pool.emplace_back([p] { p->HandlerLoop(); });
