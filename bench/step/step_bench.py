@@ -84,8 +84,7 @@ class Cluster:
             [str(build / "bin" / "fleet"), "up", "--emulate", EMULATE, "--ephemeral", "--dir",
              str(workdir / "cluster"), "--model-root", str(workdir / "models"),
              "--worker-threads", str(threads), "--heartbeat-timeout", "10s"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=dict(os.environ, **dict(kv.split("=", 1) for kv in os.environ.get("XENV", "").split() if kv)))
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             self.log.seek(0)

@@ -92,8 +92,10 @@ HttpHandler MakeControlApi(Coordinator* c) {
     }
     if (p == "/v2/health/live" && get) return Json({{"live", true}});
     if (p == "/v2/health/ready" && get) {
-      bool ready = c->Ready();
-      return Json({{"ready", ready}, {"draining", c->draining()}}, ready ? 200 : 503);
+      Status ready = c->Ready();
+      json body = {{"ready", ready.ok()}, {"draining", c->draining()}};
+      if (!ready.ok()) body["reason"] = std::string(ready.message());
+      return Json(body, ready.ok() ? 200 : 503);
     }
     if (p == "/v2/models" && get) {
       json models = json::array();

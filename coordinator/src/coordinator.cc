@@ -92,6 +92,7 @@ StatusOr<WorkerRecord> ProbeWorker(const std::string& endpoint, const transport:
   r.capacity_bytes = stats.capacity_bytes;
   r.resident_bytes = stats.resident_bytes;
   r.activation_bytes = stats.activation_bytes;
+  r.instance = client->peer().instance;
   for (const auto& m : stats.models) r.models.push_back({m.model, m.blocks, m.resident_bytes});
   return r;
 }
@@ -460,12 +461,23 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const CoordinatorOpti
   return c;
 }
 
-bool Coordinator::Ready() const {
-  if (draining_.load()) return false;
+Status Coordinator::Ready() const {
+  if (draining_.load()) return UnavailableError("draining: the coordinator is shutting down");
+  std::set<std::string> up;
   for (const auto& w : registry_->Snapshot()) {
-    if (w.up) return true;
+    if (w.up) up.insert(w.device);
   }
-  return false;
+  if (up.empty()) return UnavailableError("no worker is up");
+  std::lock_guard lock(impl_->mu);
+  for (const auto& [name, m] : impl_->models) {
+    if (m->state != ModelState::kReady) continue;
+    std::set<std::string> needed = {m->compute_device};
+    for (const auto& b : m->blocks) needed.insert(b.holder);
+    for (const auto& d : needed) {
+      if (!up.count(d)) return UnavailableError("worker " + d + ", which model '" + name + "' needs, is down");
+    }
+  }
+  return Status::OK();
 }
 
 void Coordinator::BeginDrain() { draining_.store(true); }

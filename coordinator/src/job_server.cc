@@ -1,10 +1,11 @@
 #include "fleet/coordinator/job_server.h"
 
 #include <deque>
+#include <list>
 #include <map>
 #include <mutex>
-#include <set>
 #include <thread>
+#include <unordered_map>
 
 #include "fleet/log/log.h"
 #include "fleet/protocol/protocol.h"
@@ -121,7 +122,29 @@ struct JobServer::Impl {
   zmq::socket_t wake_push{transport::Context(), zmq::socket_type::push};  // guarded by out_mu
   std::deque<std::pair<std::string, Frames>> outbox;                      // guarded by out_mu
 
-  std::set<std::string> greeted;  // identities that sent Hello; socket thread only
+  // Identities that sent Hello, most recently used first; socket thread only. Bounded: a client
+  // that reconnects forever would otherwise grow it without end. An identity idle while
+  // kMaxGreeted others were used is forgotten and must say Hello again.
+  static constexpr size_t kMaxGreeted = 65536;
+  std::list<std::string> greeted_lru;
+  std::unordered_map<std::string, std::list<std::string>::iterator> greeted;
+
+  // True when `identity` said Hello (and marks it used).
+  bool Greeted(const std::string& identity) {
+    auto it = greeted.find(identity);
+    if (it == greeted.end()) return false;
+    greeted_lru.splice(greeted_lru.begin(), greeted_lru, it->second);
+    return true;
+  }
+  void Greet(const std::string& identity) {
+    if (Greeted(identity)) return;
+    greeted_lru.push_front(identity);
+    greeted[identity] = greeted_lru.begin();
+    if (greeted.size() > kMaxGreeted) {
+      greeted.erase(greeted_lru.back());
+      greeted_lru.pop_back();
+    }
+  }
 
   std::mutex inflight_mu;
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<std::atomic<bool>>> inflight;
@@ -219,7 +242,7 @@ struct JobServer::Impl {
     uint64_t id = req->id();
     auto type = req->body_type();
     if (type == wire::JobRequestBody::Hello) return HandleHello(identity, id, req->body_as_Hello());
-    if (!greeted.count(identity)) {
+    if (!Greeted(identity)) {
       Frames reply = ErrorReply(id, FailedPreconditionError("send Hello first on a new connection"));
       Count(TypeName(type), "rejected");
       return Send(identity, reply);
@@ -275,7 +298,7 @@ struct JobServer::Impl {
       Frames reply = ErrorReply(id, negotiated.status());
       return Send(identity, reply);
     }
-    greeted.insert(identity);
+    Greet(identity);
     flatbuffers::FlatBufferBuilder fbb;
     mine.capabilities = 0;
     auto body = protocol::BuildHello(fbb, mine);

@@ -135,6 +135,7 @@ void WorkerRegistry::HandleEvent(const std::string& identity, transport::Frames&
     rec.capacity_bytes = reg->capacity_bytes();
     rec.device_name = Str(reg->device_name());
     rec.metrics = Str(reg->metrics());
+    rec.instance = theirs.instance;
     rec.registered = true;
     if (rec.device.empty() || rec.endpoint.empty()) {
       FLEET_LOG(WARNING, "registry") << "Register without device or endpoint dropped";
@@ -169,12 +170,23 @@ void WorkerRegistry::Upsert(WorkerRecord rec, const std::string& identity) {
   bool is_new = it == workers_.end();
   bool restarted = false;
   if (!is_new) {
-    auto old = identity_device_.find(identity);
-    // Same device, another connection or endpoint: the worker process restarted.
-    restarted = old == identity_device_.end() || it->second.endpoint != rec.endpoint;
+    if (!rec.instance.empty() && !it->second.instance.empty()) {
+      // The process's own id says it: a new connection of the same process is a reconnect.
+      restarted = rec.instance != it->second.instance;
+    } else {
+      // A peer without instance ids: another connection or endpoint means another process.
+      auto old = identity_device_.find(identity);
+      restarted = old == identity_device_.end() || it->second.endpoint != rec.endpoint;
+    }
     if (!restarted && it->second.up) {
+      // A periodic re-register of a live worker, maybe on a new connection: its heartbeats
+      // come from this identity now.
+      for (auto i = identity_device_.begin(); i != identity_device_.end();) {
+        i = i->second == rec.device ? identity_device_.erase(i) : std::next(i);
+      }
+      identity_device_[identity] = rec.device;
       it->second.last_seen = Clock::now();
-      return;  // a periodic re-register of a known, live worker
+      return;
     }
     rec.generation = restarted ? next_generation_++ : it->second.generation;
     rec.models = it->second.models;
@@ -216,7 +228,8 @@ void WorkerRegistry::PollStatic() {
     rec.registered = false;
     rec.last_seen = Clock::now();
     bool came_up = !it->second.up;
-    rec.generation = it->second.generation ? it->second.generation : next_generation_++;
+    const bool restarted = !it->second.instance.empty() && rec.instance != it->second.instance;
+    rec.generation = it->second.generation && !restarted ? it->second.generation : next_generation_++;
     rec.up = true;
     if (rec.device != key) {  // first answer: file it under its real device id
       workers_.erase(it);
@@ -224,8 +237,9 @@ void WorkerRegistry::PollStatic() {
     workers_[rec.device] = rec;
     lock.unlock();
     changed_.notify_all();
-    if (came_up) {
-      FLEET_LOG(INFO, "registry") << "static worker " << rec.device << " at " << endpoint << " is up";
+    if (came_up || restarted) {
+      FLEET_LOG(INFO, "registry") << "static worker " << rec.device << " at " << endpoint << " is up"
+                                  << (restarted ? " after a restart" : "");
       if (listener_) listener_(rec);
     }
   }

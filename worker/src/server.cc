@@ -1625,6 +1625,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
 
   impl->hello.peer_name = "worker " + config.id;
   impl->hello.device = config.id;
+  impl->hello.instance = protocol::NewInstanceId();
   impl->hello.host_id = protocol::HostId();
   impl->hello.shm_arena = impl->arena ? impl->arena->name() : "";
   impl->hello.max_message_bytes = config.max_message_bytes;

@@ -249,7 +249,14 @@ class Hello(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
-def HelloStart(builder): builder.StartObject(8)
+    # Hello
+    def Instance(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+def HelloStart(builder): builder.StartObject(9)
 def HelloAddMajor(builder, major): builder.PrependUint16Slot(0, major, 0)
 def HelloAddMinor(builder, minor): builder.PrependUint16Slot(1, minor, 0)
 def HelloAddCapabilities(builder, capabilities): builder.PrependUint64Slot(2, capabilities, 0)
@@ -258,6 +265,7 @@ def HelloAddHostId(builder, hostId): builder.PrependUOffsetTRelativeSlot(4, flat
 def HelloAddShmArena(builder, shmArena): builder.PrependUOffsetTRelativeSlot(5, flatbuffers.number_types.UOffsetTFlags.py_type(shmArena), 0)
 def HelloAddMaxMessageBytes(builder, maxMessageBytes): builder.PrependUint64Slot(6, maxMessageBytes, 0)
 def HelloAddDevice(builder, device): builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(device), 0)
+def HelloAddInstance(builder, instance): builder.PrependUOffsetTRelativeSlot(8, flatbuffers.number_types.UOffsetTFlags.py_type(instance), 0)
 def HelloEnd(builder): return builder.EndObject()
 
 

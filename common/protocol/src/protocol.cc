@@ -6,7 +6,9 @@
 #include <array>
 #include <cctype>
 #include <cstring>
+#include <cstdio>
 #include <fstream>
+#include <random>
 
 namespace fleet::protocol {
 
@@ -275,7 +277,16 @@ flatbuffers::Offset<wire::Hello> BuildHello(flatbuffers::FlatBufferBuilder& fbb,
   return wire::CreateHello(
       fbb, hello.major, hello.minor, static_cast<wire::Capability>(hello.capabilities),
       fbb.CreateString(hello.peer_name), fbb.CreateString(hello.host_id),
-      fbb.CreateString(hello.shm_arena), hello.max_message_bytes, fbb.CreateString(hello.device));
+      fbb.CreateString(hello.shm_arena), hello.max_message_bytes, fbb.CreateString(hello.device),
+      fbb.CreateString(hello.instance));
+}
+
+std::string NewInstanceId() {
+  std::random_device rd;
+  const uint64_t id = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(id));
+  return hex;
 }
 
 HelloInfo ReadHello(const wire::Hello& hello) {
@@ -288,6 +299,7 @@ HelloInfo ReadHello(const wire::Hello& hello) {
   if (hello.shm_arena()) info.shm_arena = hello.shm_arena()->str();
   info.max_message_bytes = hello.max_message_bytes();
   if (hello.device()) info.device = hello.device()->str();
+  if (hello.instance()) info.instance = hello.instance()->str();
   return info;
 }
 

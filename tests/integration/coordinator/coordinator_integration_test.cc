@@ -1,8 +1,12 @@
 // The coordinator with real workers: `fleet up --ephemeral --emulate ...` starts a coordinator
 // and cpu-backed emulated devices on loopback; a C++ JobClient drives it. Every computing device
 // is a CPU here (as in CI), so every Forward must equal `fleet run-local` bit for bit.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -29,6 +33,30 @@ std::string BuildDir() {
 }
 
 std::string Fleet() { return BuildDir() + "/bin/fleet"; }
+
+// GET http://HOST:PORT/path over a plain socket (the control API closes after each answer).
+// Returns "<status code> <body>", or "" when the server cannot be reached.
+std::string HttpGet(const std::string& host_port, const std::string& path) {
+  const auto colon = host_port.rfind(':');
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(std::stoi(host_port.substr(colon + 1))));
+  inet_pton(AF_INET, host_port.substr(0, colon).c_str(), &addr.sin_addr);
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    if (fd >= 0) close(fd);
+    return "";
+  }
+  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n";
+  (void)!write(fd, request.data(), request.size());
+  std::string response;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) response.append(buf, static_cast<size_t>(n));
+  close(fd);
+  const auto body = response.find("\r\n\r\n");
+  if (response.size() < 12 || body == std::string::npos) return "";
+  return response.substr(9, 3) + " " + response.substr(body + 4);
+}
 
 // Runs `fleet ARGS...` to completion; returns its exit status.
 int RunFleet(const std::vector<std::string>& args, const std::string& log) {
@@ -327,6 +355,7 @@ TEST(CoordinatorFailure, KilledWorkerFailsTheJobQuicklyAndTheCoordinatorStaysUp)
   spec.expert_mode_allocations = "cuda:0,30%;cuda:1,*";
   spec.mode = ExecMode::kPipeline;
   ASSERT_TRUE((*client)->LoadModel("m", spec).ok());
+  EXPECT_EQ(HttpGet(c.http, "/v2/health/ready").substr(0, 3), "200");
   auto inputs = ReadTensors(c.dir + "/in.safetensors");
   // fleet up printed "  worker cuda:1 pid=N ..." after its ready line.
   auto line = c.up.WaitReady("  worker cuda:1", std::chrono::seconds(5));
@@ -361,6 +390,13 @@ TEST(CoordinatorFailure, KilledWorkerFailsTheJobQuicklyAndTheCoordinatorStaysUp)
   bool cuda1_down = false;
   for (const auto& w : st->workers) cuda1_down |= (w.device == "cuda:1" && !w.up);
   EXPECT_TRUE(cuda1_down);
+  // Not ready: a loaded model needs the dead worker; the answer says which.
+  std::string ready = HttpGet(c.http, "/v2/health/ready");
+  EXPECT_EQ(ready.substr(0, 3), "503") << ready;
+  EXPECT_NE(ready.find("worker cuda:1, which model 'm' needs, is down"), std::string::npos) << ready;
+  // Unloading the model that needs it makes the coordinator ready again (cuda:0 is up).
+  ASSERT_TRUE((*after)->UnloadModel("m").ok());
+  EXPECT_EQ(HttpGet(c.http, "/v2/health/ready").substr(0, 3), "200");
 }
 
 }  // namespace

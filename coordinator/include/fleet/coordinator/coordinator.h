@@ -116,8 +116,9 @@ class Coordinator {
   StatusOr<ForwardResult> Forward(const ForwardRequest& request);
   ClusterStatus Cluster() const;
 
-  /// Live: always true once created. Ready: at least one worker is up and not draining.
-  bool Ready() const;
+  /// Live: always true once created. Ready (OK): not draining, at least one worker up, and
+  /// every worker a loaded model needs is up; otherwise Unavailable saying what is missing.
+  Status Ready() const;
   /// Refuses new loads and forwards from now on (SIGTERM).
   void BeginDrain();
   bool draining() const { return draining_.load(); }

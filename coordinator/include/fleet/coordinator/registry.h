@@ -40,6 +40,7 @@ struct WorkerRecord {
   std::string backing;      // "cpu", "cuda:0"
   std::string device_name;
   std::string metrics;      // host:port of its /metrics
+  std::string instance;     // random id of the worker process (Hello.instance); new per start
   uint64_t total_bytes = 0;
   uint64_t capacity_bytes = 0;
   uint64_t resident_bytes = 0;

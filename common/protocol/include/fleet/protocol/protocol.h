@@ -105,7 +105,11 @@ struct HelloInfo {
   std::string shm_arena;
   uint64_t max_message_bytes = 0;
   std::string device;
+  std::string instance;  // random per process start (NewInstanceId); empty from old peers
 };
+
+/// A random id for this process's Hello.instance (16 hex digits).
+std::string NewInstanceId();
 
 flatbuffers::Offset<wire::Hello> BuildHello(flatbuffers::FlatBufferBuilder& fbb,
                                             const HelloInfo& hello);

@@ -1,0 +1,113 @@
+// The worker registry over a real register endpoint: workers are DEALER sockets sending the
+// Register events fleet-worker sends. What a restart is, and what a reconnect is.
+#include "fleet/coordinator/registry.h"
+
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "fleet/protocol/protocol.h"
+#include "fleet/transport/zmq_util.h"
+#include "worker_generated.h"
+
+namespace fleet::coordinator {
+namespace {
+
+using namespace std::chrono_literals;
+
+// One connection of a worker process to the register endpoint.
+class FakeWorkerConnection {
+ public:
+  explicit FakeWorkerConnection(const std::string& endpoint)
+      : socket_(transport::Context(), zmq::socket_type::dealer) {
+    socket_.set(zmq::sockopt::linger, 0);
+    socket_.connect(endpoint);
+  }
+  void Register(const std::string& device, const std::string& listen, const std::string& instance) {
+    flatbuffers::FlatBufferBuilder fbb;
+    protocol::HelloInfo hello;
+    hello.peer_name = "worker " + device;
+    hello.device = device;
+    hello.instance = instance;
+    auto reg = wire::CreateRegister(fbb, protocol::BuildHello(fbb, hello), fbb.CreateString(listen),
+                                    fbb.CreateString(device), fbb.CreateString("cpu"), 1 << 30,
+                                    1 << 29, fbb.CreateString("test"), fbb.CreateString(""));
+    fbb.Finish(wire::CreateWorkerEvent(fbb, wire::WorkerEventBody::Register, reg.Union()),
+               protocol::kEventIdentifier);
+    socket_.send(zmq::buffer(fbb.GetBufferPointer(), fbb.GetSize()));
+  }
+
+ private:
+  zmq::socket_t socket_;
+};
+
+// Waits until `device` is known with a generation other than `not_this`.
+uint64_t GenerationOf(WorkerRegistry& r, const std::string& device, uint64_t not_this = 0) {
+  for (int i = 0; i < 200; ++i) {
+    auto rec = r.Get(device);
+    if (rec.ok() && rec->generation != not_this) return rec->generation;
+    std::this_thread::sleep_for(10ms);
+  }
+  return not_this;
+}
+
+TEST(WorkerRegistry, AReconnectKeepsTheGenerationARestartBumpsIt) {
+  RegistryOptions o;
+  o.register_listen = "tcp://127.0.0.1:*";
+  o.heartbeat_timeout = 10s;
+  auto registry = WorkerRegistry::Start(o, nullptr, nullptr);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  WorkerRegistry& r = **registry;
+
+  auto first = std::make_unique<FakeWorkerConnection>(r.register_endpoint());
+  first->Register("cuda:1", "tcp://127.0.0.1:5001", "aaaa");
+  const uint64_t g1 = GenerationOf(r, "cuda:1");
+  ASSERT_NE(g1, 0u);
+
+  // The same process on a new connection (the old socket closed): not a restart.
+  first.reset();
+  FakeWorkerConnection second(r.register_endpoint());
+  second.Register("cuda:1", "tcp://127.0.0.1:5001", "aaaa");
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(r.Get("cuda:1")->generation, g1);
+
+  // Another process (new instance id) at the same endpoint: a restart, its blocks are gone.
+  FakeWorkerConnection third(r.register_endpoint());
+  third.Register("cuda:1", "tcp://127.0.0.1:5001", "bbbb");
+  EXPECT_NE(GenerationOf(r, "cuda:1", g1), g1);
+}
+
+TEST(WorkerRegistry, AStaticWorkerThatRestartedIsNoticed) {
+  RegistryOptions o;
+  o.static_workers = {"tcp://127.0.0.1:5002"};
+  o.poll_interval = 20ms;
+  o.heartbeat_timeout = 10s;
+  std::atomic<int> polls{0};
+  std::string instance = "aaaa";
+  std::mutex mu;
+  auto probe = [&](const std::string& endpoint) -> StatusOr<WorkerRecord> {
+    std::lock_guard lock(mu);
+    ++polls;
+    WorkerRecord rec;
+    rec.device = "cuda:2";
+    rec.endpoint = endpoint;
+    rec.instance = instance;
+    return rec;
+  };
+  std::atomic<int> restarts{0};
+  auto registry = WorkerRegistry::Start(o, probe, [&](const WorkerRecord&) { ++restarts; });
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  const uint64_t g1 = GenerationOf(**registry, "cuda:2");
+  ASSERT_NE(g1, 0u);
+  const int before = polls.load();
+  while (polls.load() < before + 3) std::this_thread::sleep_for(10ms);
+  EXPECT_EQ((*registry)->Get("cuda:2")->generation, g1);  // polls of the same process
+  {
+    std::lock_guard lock(mu);
+    instance = "bbbb";  // the process behind the endpoint was replaced
+  }
+  EXPECT_NE(GenerationOf(**registry, "cuda:2", g1), g1);
+}
+
+}  // namespace
+}  // namespace fleet::coordinator
