@@ -10,6 +10,7 @@
 
 #include "fleet/config/bytes.h"
 #include "fleet/device/device.h"
+#include "fleet/formats/dtype.h"
 #include "fleet/formats/layout.h"
 #include "fleet/formats/model_file.h"
 #include "fleet/log/log.h"
@@ -43,10 +44,17 @@ namespace {
 
 constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs stay cached
 
-// Bytes a tensor takes once converted to the compute dtype (floating tensors are converted).
+// A GGUF block type (Q8_0, Q4_K, ...): the workers dequantise it to the compute dtype.
+bool BlockQuantised(const formats::TensorInfo& t) {
+  auto traits = formats::GgmlTypeByName(t.dtype);
+  return traits && traits->block_size > 1;
+}
+
+// Bytes a tensor takes once converted to the compute dtype (floating and block-quantised
+// tensors are converted).
 uint64_t ConvertedBytes(const formats::TensorInfo& t, const std::string& compute_dtype) {
   static const std::set<std::string> kFloating = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"};
-  if (!kFloating.count(t.dtype)) return t.nbytes;
+  if (!kFloating.count(t.dtype) && !BlockQuantised(t)) return t.nbytes;
   auto dt = protocol::ParseDType(compute_dtype);
   return static_cast<uint64_t>(t.numel()) * protocol::DTypeSize(*dt);
 }
@@ -54,7 +62,8 @@ uint64_t ConvertedBytes(const formats::TensorInfo& t, const std::string& compute
 // The stored floating dtype of most of the model's bytes, as a protocol dtype name.
 std::string StoredDtype(const formats::ModelFile& file) {
   std::map<std::string, uint64_t> bytes;
-  for (const auto& t : file.tensors()) bytes[t.dtype] += t.nbytes;
+  // Block-quantised GGUF weights run in bf16 by default (as ComfyUI-GGUF dequantises them).
+  for (const auto& t : file.tensors()) bytes[BlockQuantised(t) ? "BF16" : t.dtype] += t.nbytes;
   std::string best = "F32";
   uint64_t most = 0;
   for (const auto& [dtype, n] : bytes) {
@@ -245,9 +254,12 @@ struct Coordinator::Impl {
     Prepared p;
     FLEET_ASSIGN_OR_RETURN(p.full_path, ResolvePath(spec.path));
     FLEET_ASSIGN_OR_RETURN(p.file, formats::ModelFile::Open(p.full_path));
-    if (p.file->format() != formats::FileFormat::kSafetensors) {
-      return UnimplementedError(spec.path + ": GGUF models cannot be distributed yet (workers load "
-                                "safetensors); `fleet inspect` reads it");
+    for (const auto& t : p.file->tensors()) {
+      auto traits = formats::GgmlTypeByName(t.dtype);
+      if (traits && traits->block_size > 1 && !traits->dequantizable) {
+        return UnimplementedError(spec.path + ": tensor '" + t.name + "' is " + t.dtype +
+                                  ", a GGUF type Tensorfleet cannot dequantise yet");
+      }
     }
     FLEET_ASSIGN_OR_RETURN(p.layout, formats::DetectLayout(*p.file));
     if (p.layout.family == "unknown") {
@@ -542,9 +554,13 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
     auto& refs = model->unit_tensors[u.name];
     for (const auto& tn : u.tensors) {
       const formats::TensorInfo* t = p.file->Find(tn);
+      if (BlockQuantised(*t)) {  // dequantised by the worker that loads it
+        refs.push_back({tn, *protocol::ParseDType(p.compute_dtype), t->shape, t->offset, t->nbytes, "", t->dtype});
+        continue;
+      }
       auto wire_dtype = protocol::ParseDType(t->dtype);
       if (!wire_dtype.ok()) return wire_dtype.status().WithContext(spec.path + ": tensor '" + tn + "'");
-      refs.push_back({tn, *wire_dtype, t->shape, t->offset, t->nbytes, ""});
+      refs.push_back({tn, *wire_dtype, t->shape, t->offset, t->nbytes, "", ""});
     }
   }
 

@@ -256,7 +256,8 @@ Status WorkerClient::LoadBlockFromFile(const ModelSpec& model, const std::string
   for (const auto& t : tensors) {
     ft.push_back(wire::CreateFileTensor(fbb, fbb.CreateString(t.name), t.dtype,
                                         fbb.CreateVector(t.shape), t.offset, t.nbytes,
-                                        t.sha256.empty() ? 0 : fbb.CreateString(t.sha256)));
+                                        t.sha256.empty() ? 0 : fbb.CreateString(t.sha256),
+                                        t.quant.empty() ? 0 : fbb.CreateString(t.quant)));
   }
   auto source = wire::CreateFileSource(fbb, fbb.CreateString(path), fbb.CreateVector(ft));
   auto body = wire::CreateLoadBlockRequest(

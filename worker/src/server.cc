@@ -19,6 +19,8 @@
 
 #include "fleet/config/bytes.h"
 #include "fleet/device/device.h"
+#include "fleet/formats/dequant.h"
+#include "fleet/formats/dtype.h"
 #include "fleet/log/log.h"
 #include "fleet/metrics/metrics.h"
 #include "fleet/models/model.h"
@@ -72,6 +74,38 @@ Status CheckName(const std::string& value, const char* what) {
 
 // Resolves a client-given model path inside one of the roots: relative, no "..", and the real
 // path (after symlinks) still inside the root.
+formats::OutType DequantOut(wire::DType dtype) {
+  return dtype == wire::DType::BF16  ? formats::OutType::kBF16
+         : dtype == wire::DType::F16 ? formats::OutType::kF16
+                                     : formats::OutType::kF32;
+}
+
+// A file tensor whose bytes are GGUF blocks: a type we dequantise, into F32/F16/BF16, whole
+// blocks per row, and exactly the bytes those blocks take.
+Status CheckQuantised(const wire::FileTensor& t, std::span<const int64_t> shape) {
+  const std::string quant = t.quant()->str();
+  auto traits = formats::GgmlTypeByName(quant);
+  if (!traits || !traits->dequantizable || traits->block_size == 1) {
+    return InvalidArgumentError("GGUF type '" + quant + "' is not a block type this worker dequantises");
+  }
+  if (t.dtype() != wire::DType::F32 && t.dtype() != wire::DType::F16 && t.dtype() != wire::DType::BF16) {
+    return InvalidArgumentError(quant + " dequantises to F32, F16 or BF16, not dtype " +
+                                std::to_string(static_cast<int>(t.dtype())));
+  }
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  if (shape.empty() || shape.back() % traits->block_size != 0) {
+    return InvalidArgumentError(quant + " rows must be whole blocks of " +
+                                std::to_string(traits->block_size) + " values");
+  }
+  const uint64_t want = static_cast<uint64_t>(numel / traits->block_size) * traits->type_size;
+  if (t.nbytes() != want) {
+    return InvalidArgumentError("declares " + std::to_string(t.nbytes()) + " bytes, " + quant +
+                                " blocks of its shape take " + std::to_string(want));
+  }
+  return Status::OK();
+}
+
 StatusOr<std::string> ResolveModelPath(const std::vector<std::string>& roots,
                                        const std::string& path) {
   if (roots.empty()) {
@@ -739,6 +773,12 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
       }
       auto need = protocol::TensorBytes(t->dtype(), shape);
       if (!need.ok()) return fail(need.status().WithContext(what + ": tensor '" + tname + "'"));
+      if (t->quant() != nullptr && t->quant()->size() > 0) {
+        Status q = CheckQuantised(*t, shape);
+        if (!q.ok()) return fail(q.WithContext(what + ": tensor '" + tname + "'"));
+        estimate += *need;  // held dequantised
+        continue;
+      }
       if (*need != t->nbytes()) {
         return fail(InvalidArgumentError(
             what + ": tensor '" + tname + "' declares " + std::to_string(t->nbytes()) +
@@ -810,14 +850,17 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
             std::to_string(t->offset()) + ", " + std::to_string(t->offset() + t->nbytes()) +
             ") end past the file (" + std::to_string(file_size) + " bytes)"));
       }
-      // Read straight into the arena's weights range when we can, else into the heap.
-      std::shared_ptr<transport::ArenaBlock> dest;
-      if (arena != nullptr && !device.is_cuda() && t->nbytes() > 0) {
-        auto a = arena->Allocate(transport::ArenaRange::kWeights, t->nbytes());
-        if (a.ok()) dest = std::move(*a);
-      }
+      // Read straight into the arena's weights range when we can, else into the heap. Block-
+      // quantised bytes are read aside and dequantised into it.
+      const std::string quant = Str(t->quant());
       std::vector<int64_t> shape;
       if (t->shape()) shape.assign(t->shape()->begin(), t->shape()->end());
+      const uint64_t held_bytes = quant.empty() ? t->nbytes() : *protocol::TensorBytes(t->dtype(), shape);
+      std::shared_ptr<transport::ArenaBlock> dest;
+      if (arena != nullptr && !device.is_cuda() && held_bytes > 0) {
+        auto a = arena->Allocate(transport::ArenaRange::kWeights, held_bytes);
+        if (a.ok()) dest = std::move(*a);
+      }
       at::Tensor stored;
       uint8_t* p;
       if (dest) {
@@ -827,10 +870,12 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
         stored = at::empty(shape, at::TensorOptions().dtype(internal::ToScalarType(t->dtype())));
         p = static_cast<uint8_t*>(stored.data_ptr());
       }
+      std::vector<uint8_t> quantised(quant.empty() ? 0 : t->nbytes());
+      uint8_t* read_to = quant.empty() ? p : quantised.data();
       uint64_t done = 0;
       while (done < t->nbytes()) {
-        const ssize_t n =
-            pread(fd, p + done, t->nbytes() - done, static_cast<off_t>(t->offset() + done));
+        const ssize_t n = pread(fd, read_to + done, t->nbytes() - done,
+                                static_cast<off_t>(t->offset() + done));
         if (n <= 0) {
           return fail(
               DataLossError("'" + Str(file->path()) + "': reading tensor '" + tname +
@@ -840,12 +885,17 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
         done += static_cast<uint64_t>(n);
       }
       if (t->sha256() != nullptr && t->sha256()->size() > 0) {
-        const std::string got = Sha256Hex(p, t->nbytes());
+        const std::string got = Sha256Hex(read_to, t->nbytes());
         if (got != t->sha256()->str()) {
           return fail(DataLossError("'" + Str(file->path()) + "': tensor '" + tname +
                                     "' has sha256 " + got + ", expected " + t->sha256()->str() +
                                     " (file changed or corrupt)"));
         }
+      }
+      if (!quant.empty()) {
+        Status d = formats::Dequantize(formats::GgmlTypeByName(quant)->type, quantised,
+                                       stored.numel(), DequantOut(t->dtype()), p);
+        if (!d.ok()) return fail(d.WithContext(what + ": tensor '" + tname + "'"));
       }
       stored_bytes += t->nbytes();
       Status placed = PlaceWeight(*model, tname, stored, block);

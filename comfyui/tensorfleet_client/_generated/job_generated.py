@@ -464,7 +464,14 @@ class FileTensor(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
-def FileTensorStart(builder): builder.StartObject(6)
+    # FileTensor
+    def Quant(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+def FileTensorStart(builder): builder.StartObject(7)
 def FileTensorAddName(builder, name): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(name), 0)
 def FileTensorAddDtype(builder, dtype): builder.PrependUint8Slot(1, dtype, 0)
 def FileTensorAddShape(builder, shape): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(shape), 0)
@@ -472,6 +479,7 @@ def FileTensorStartShapeVector(builder, numElems): return builder.StartVector(8,
 def FileTensorAddOffset(builder, offset): builder.PrependUint64Slot(3, offset, 0)
 def FileTensorAddNbytes(builder, nbytes): builder.PrependUint64Slot(4, nbytes, 0)
 def FileTensorAddSha256(builder, sha256): builder.PrependUOffsetTRelativeSlot(5, flatbuffers.number_types.UOffsetTFlags.py_type(sha256), 0)
+def FileTensorAddQuant(builder, quant): builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(quant), 0)
 def FileTensorEnd(builder): return builder.EndObject()
 
 

@@ -192,6 +192,36 @@ TEST_F(CoordinatorIntegration, ForwardIsBitIdenticalToRunLocalInEveryModeAndAllo
   }
 }
 
+// A GGUF checkpoint (2-D weights in Q8_0, as ComfyUI users run Flux): each worker reads its
+// blocks' quantised bytes and dequantises them itself; the result is run-local's bit for bit.
+TEST_F(CoordinatorIntegration, GgufModelIsDequantisedByTheWorkersBitIdenticalToRunLocal) {
+  const std::string gguf = models_ + "/tiny.gguf";
+  ASSERT_EQ(RunFleet({"quantize", models_ + "/tiny.safetensors", gguf}, cluster_->dir + "/gen.log"), 0);
+  ASSERT_EQ(RunFleet({"run-local", gguf, "--inputs", cluster_->dir + "/in.safetensors", "--out",
+                      cluster_->dir + "/ref-gguf.safetensors"},
+                     cluster_->dir + "/run-local.log"),
+            0);
+  auto client = Client();
+  ASSERT_TRUE(client);
+  auto inputs = ReadTensors(cluster_->dir + "/in.safetensors");
+  auto reference = ReadTensors(cluster_->dir + "/ref-gguf.safetensors");
+  const HostTensor* ref = Find(reference, "out");
+  ASSERT_NE(ref, nullptr);
+  EXPECT_EQ(ref->dtype, wire::DType::BF16);  // quantised weights compute in bf16 by default
+  for (ExecMode mode : {ExecMode::kStream, ExecMode::kPipeline, ExecMode::kAuto}) {
+    ModelSpec spec = Spec("cuda:0,40%;cuda:1,35%;cpu,*", mode);
+    spec.path = "tiny.gguf";
+    auto info = client->LoadModel("gguf", spec);
+    ASSERT_TRUE(info.ok()) << ExecModeName(mode) << ": " << info.status();
+    auto result = client->Forward("gguf", inputs);
+    ASSERT_TRUE(result.ok()) << ExecModeName(mode) << ": " << result.status();
+    const HostTensor* out = Find(result->outputs, "out");
+    ASSERT_NE(out, nullptr);
+    EXPECT_TRUE(SameBytes(*out, *ref)) << "mode " << ExecModeName(mode) << " differs from run-local";
+    ASSERT_TRUE(client->UnloadModel("gguf").ok());
+  }
+}
+
 TEST_F(CoordinatorIntegration, SamplingRunReusesCachedConstantInputs) {
   auto client = Client();
   ASSERT_TRUE(client);

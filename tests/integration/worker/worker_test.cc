@@ -79,11 +79,12 @@ struct ModelFixture {
                           {kDim, kDim},
                           offset,
                           uint64_t(kDim * kDim * 4),
-                          Sha256Hex(w[i].data(), w[i].size() * 4)});
+                          Sha256Hex(w[i].data(), w[i].size() * 4),
+                          ""});
       out.write(reinterpret_cast<const char*>(w[i].data()), w[i].size() * 4);
       offset += w[i].size() * 4;
       specs[i].push_back(
-          {name + ".bias", wire::DType::F32, {kDim}, offset, uint64_t(kDim * 4), ""});
+          {name + ".bias", wire::DType::F32, {kDim}, offset, uint64_t(kDim * 4), "", ""});
       out.write(reinterpret_cast<const char*>(b[i].data()), b[i].size() * 4);
       offset += b[i].size() * 4;
     }
@@ -285,6 +286,20 @@ TEST(Worker, ModelFilesStayInsideTheRootsAndAreVerified) {
   bad_dtype[1].dtype = static_cast<wire::DType>(200);
   EXPECT_EQ(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, bad_dtype).code(),
             StatusCode::kInvalidArgument);
+  // Block-quantised bytes: the byte count must be what the blocks of the shape take, the type
+  // one we dequantise, the output a float dtype.
+  auto quant = m.specs[0];
+  quant[0].quant = "Q8_0";  // a [kDim, kDim] weight: kDim * kDim / 32 blocks of 34 bytes
+  s = c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, quant);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("Q8_0 blocks of its shape take"), std::string_view::npos) << s;
+  quant[0].quant = "Q9_9";
+  s = c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, quant);
+  EXPECT_NE(s.message().find("not a block type this worker dequantises"), std::string_view::npos) << s;
+  quant[0].quant = "Q8_0";
+  quant[0].dtype = wire::DType::I32;
+  s = c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, quant);
+  EXPECT_NE(s.message().find("dequantises to F32, F16 or BF16"), std::string_view::npos) << s;
   ModelSpec other = m.Spec();
   other.family = "nonexistent";
   EXPECT_FALSE(c->LoadBlockFromFile(other, m.Block(0), m.file, m.specs[0]).ok());

@@ -64,6 +64,7 @@ struct FileTensorSpec {
   uint64_t offset = 0;  // absolute offset in the file
   uint64_t nbytes = 0;
   std::string sha256;  // optional lowercase hex
+  std::string quant;   // GGUF block type of the bytes ("Q8_0"); dequantised to `dtype`
 };
 
 /// One block of a RunBlocks: resident on the worker, or streamed from a donor worker.

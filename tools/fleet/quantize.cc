@@ -1,0 +1,79 @@
+// `fleet quantize IN.safetensors OUT.gguf`: a GGUF copy of a model with its large 2-D weights in
+// Q8_0, as the GGUF Flux checkpoints ComfyUI users load (city96's convention: a tensor is
+// quantised when it is a 2-D weight of more than 1024 values whose rows are whole 32-value
+// blocks; everything else keeps its stored type). Tensor names, shapes and metadata carry over.
+#include <cstdio>
+
+#include "command.h"
+#include "fleet/config/bytes.h"
+#include "fleet/config/options.h"
+#include "fleet/formats/gguf_writer.h"
+#include "fleet/formats/model_file.h"
+
+namespace fleet::cli {
+namespace {
+
+bool Quantised(const formats::TensorInfo& t) {
+  return t.shape.size() == 2 && t.numel() > 1024 && t.shape[1] % 32 == 0 &&
+         t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
+}
+
+Status Quantize(const std::string& in, const std::string& out, uint64_t* quantised) {
+  FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(in));
+  if (file->format() != formats::FileFormat::kSafetensors) {
+    return InvalidArgumentError(in + ": expected a safetensors file");
+  }
+  formats::GgufWriter w;
+  w.SetMetadata("general.architecture", "flux");
+  for (const auto& [key, value] : file->metadata()) w.SetMetadata(key, value);
+  for (const auto& t : file->tensors()) {
+    auto dtype = formats::ParseDType(t.dtype);
+    auto bytes = file->Data(t);
+    const std::string where = in + ": tensor '" + t.name + "'";
+    if (Quantised(t) && dtype) {
+      FLEET_ASSIGN_OR_RETURN(auto values, formats::ToFloat32(*dtype, bytes));
+      FLEET_ASSIGN_OR_RETURN(auto q8, formats::EncodeQ8_0(values));
+      FLEET_RETURN_IF_ERROR(w.Add(t.name, formats::GgmlType::kQ8_0, t.shape, std::move(q8)).WithContext(where));
+      *quantised += 1;
+      continue;
+    }
+    auto type = formats::GgmlTypeByName(t.dtype);  // F32, F16, BF16, I8.. keep their bytes
+    if (!type) return InvalidArgumentError(where + ": dtype " + t.dtype + " has no GGUF equivalent");
+    FLEET_RETURN_IF_ERROR(
+        w.Add(t.name, type->type, t.shape, std::vector<uint8_t>(bytes.begin(), bytes.end())).WithContext(where));
+  }
+  return w.Write(out);
+}
+
+int RunQuantize(const std::vector<std::string>& args) {
+  config::OptionSet set("fleet quantize IN.safetensors OUT.gguf",
+                        "Write a GGUF copy of a model with its large 2-D weights in Q8_0.");
+  auto parsed = set.Parse(args);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "fleet quantize: %s\n", std::string(parsed.status().message()).c_str());
+    return 2;
+  }
+  if (parsed->help) {
+    std::fputs(set.Usage().c_str(), stdout);
+    return 0;
+  }
+  if (parsed->positional.size() != 2) {
+    std::fprintf(stderr, "fleet quantize: expected IN.safetensors OUT.gguf\n");
+    return 2;
+  }
+  uint64_t quantised = 0;
+  Status s = Quantize(parsed->positional[0], parsed->positional[1], &quantised);
+  if (!s.ok()) {
+    std::fprintf(stderr, "fleet quantize: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  std::printf("%s: %llu tensors in Q8_0\n", parsed->positional[1].c_str(),
+              static_cast<unsigned long long>(quantised));
+  return 0;
+}
+
+}  // namespace
+
+FLEET_REGISTER_COMMAND(quantize, "Write a GGUF (Q8_0) copy of a safetensors model", RunQuantize);
+
+}  // namespace fleet::cli
