@@ -47,9 +47,17 @@ def device_list():
 
 
 def _diffusion_models():
+    """Model files under ComfyUI's diffusion_models folders, GGUF included: ComfyUI lists no
+    .gguf there (ComfyUI-GGUF adds a folder kind of its own); the cluster runs them."""
     import folder_paths  # noqa: PLC0415 - ComfyUI module
 
-    return folder_paths.get_filename_list("diffusion_models")
+    names = set(folder_paths.get_filename_list("diffusion_models"))
+    for base in folder_paths.folder_names_and_paths.get("diffusion_models", ([], None))[0]:
+        for root, _, files in os.walk(base, followlinks=True):
+            for f in files:
+                if f.endswith(".gguf"):
+                    names.add(os.path.relpath(os.path.join(root, f), base))
+    return sorted(names)
 
 
 def _local_path(unet_name):

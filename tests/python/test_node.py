@@ -44,9 +44,11 @@ tf = sys.modules["tensorfleet_custom_node.tensorfleet_client"]
 
 @pytest.fixture
 def models_dir(tmp_path):
-    for n in ("dev.safetensors", "schnell.safetensors", "slow.safetensors"):
+    for n in ("dev.safetensors", "schnell.safetensors", "slow.safetensors", "q8/dev-Q8_0.gguf"):
+        (tmp_path / n).parent.mkdir(exist_ok=True)
         (tmp_path / n).write_bytes(b"")
-    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(tmp_path)], {".safetensors"})
+    # ComfyUI's own extensions for this kind: no .gguf (the node lists those itself).
+    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(tmp_path)], {".safetensors", ".sft"})
     mm.interrupt_current_processing(False)
     return tmp_path
 
@@ -72,8 +74,8 @@ def test_node_surface_mirrors_distorch2(models_dir):
         assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY == "tensorfleet"
     assert Loader.RETURN_TYPES == ("MODEL",)
     types = Loader.INPUT_TYPES()
-    assert types["required"]["unet_name"][0] == ["dev.safetensors", "schnell.safetensors",
-                                                 "slow.safetensors"]
+    assert types["required"]["unet_name"][0] == ["dev.safetensors", "q8/dev-Q8_0.gguf",
+                                                 "schnell.safetensors", "slow.safetensors"]
     opt = types["optional"]
     devices = opt["compute_device"][0]
     assert devices[0] == "cpu" and devices[1] == "cuda:0"

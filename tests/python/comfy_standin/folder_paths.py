@@ -6,7 +6,9 @@ folder_names_and_paths["diffusion_models"] at a temp folder.
 
 import os
 
-folder_names_and_paths = {"diffusion_models": ([], {".safetensors", ".sft", ".gguf"})}
+# As ComfyUI: supported_pt_extensions, no .gguf.
+folder_names_and_paths = {"diffusion_models": ([], {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors",
+                                                    ".pkl", ".sft"})}
 
 
 def get_filename_list(folder_name):
