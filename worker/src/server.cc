@@ -1219,8 +1219,11 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   std::condition_variable pcv;
   std::deque<Fetched> ready;
   bool cancel = false;
-  std::thread prefetch([&] {
-      for (const auto& step : steps) {
+  const bool streams = std::any_of(steps.begin(), steps.end(),
+                                   [](const Step& s) { return !s.donor.empty(); });
+  std::thread prefetch;  // only when a step streams its weights
+  if (streams) prefetch = std::thread([&] {
+    for (const auto& step : steps) {
       if (step.donor.empty()) continue;
       {
         std::unique_lock<std::mutex> lock(pm);
@@ -1283,7 +1286,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       cancel = true;
     }
     pcv.notify_all();
-    prefetch.join();
+    if (prefetch.joinable()) prefetch.join();
     for (auto& f : ready) release(f);
     ready.clear();
   };
