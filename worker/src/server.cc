@@ -80,8 +80,9 @@ formats::OutType DequantOut(wire::DType dtype) {
                                      : formats::OutType::kF32;
 }
 
-// A file tensor whose bytes are GGUF blocks: a type we dequantise, into F32/F16/BF16, whole
-// blocks per row, and exactly the bytes those blocks take.
+// A file tensor whose bytes are GGUF blocks: a type we dequantise, into F32/F16/BF16, a whole
+// number of blocks (not per row: ComfyUI-GGUF's orig_shape gives some tensors a logical shape
+// other than the stored rows), and exactly the bytes those blocks take.
 Status CheckQuantised(const wire::FileTensor& t, std::span<const int64_t> shape) {
   const std::string quant = t.quant()->str();
   auto traits = formats::GgmlTypeByName(quant);
@@ -94,9 +95,9 @@ Status CheckQuantised(const wire::FileTensor& t, std::span<const int64_t> shape)
   }
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
-  if (shape.empty() || shape.back() % traits->block_size != 0) {
-    return InvalidArgumentError(quant + " rows must be whole blocks of " +
-                                std::to_string(traits->block_size) + " values");
+  if (numel % traits->block_size != 0) {
+    return InvalidArgumentError(quant + " needs whole blocks of " + std::to_string(traits->block_size) +
+                                " values, the shape has " + std::to_string(numel));
   }
   const uint64_t want = static_cast<uint64_t>(numel / traits->block_size) * traits->type_size;
   if (t.nbytes() != want) {

@@ -1,8 +1,8 @@
 #include "fleet/transport/shm_arena.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
-#include <dirent.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -82,7 +82,12 @@ StatusOr<std::shared_ptr<ShmArena>> ShmArena::Create(const std::string& name,
   if (fd < 0) return UnavailableError(Errno("shm_open /dev/shm/" + name));
   // Held while the arena lives (the kernel drops it when the process dies, however it dies):
   // RemoveStale tells a leftover from a live arena by whether it can take this lock.
-  flock(fd, LOCK_EX | LOCK_NB);
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    Status s = UnavailableError(Errno("flock /dev/shm/" + name));
+    close(fd);
+    shm_unlink(("/" + name).c_str());
+    return s;
+  }
   if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
     Status s = ResourceExhaustedError(
         Errno("ftruncate /dev/shm/" + name + " to " + std::to_string(total) + " bytes"));

@@ -16,10 +16,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <chrono>
 #include <string>
 #include <vector>
 
@@ -61,13 +61,13 @@ class ShmArena : public std::enable_shared_from_this<ShmArena> {
                                                     uint64_t weights_bytes);
   ~ShmArena();
   ShmArena(const ShmArena&) = delete;
+  ShmArena& operator=(const ShmArena&) = delete;
 
   /// Unlinks the arenas /dev/shm/<prefix>* of processes that died without cleaning up (a
   /// SIGKILLed worker): those whose owner no longer holds its lock. Files younger than
   /// `min_age` are left alone (their creator may not have locked them yet). Returns their names.
   static std::vector<std::string> RemoveStale(const std::string& prefix,
                                               std::chrono::seconds min_age = std::chrono::seconds(10));
-  ShmArena& operator=(const ShmArena&) = delete;
 
   /// Allocates `size` bytes (64-byte aligned) from `range`; ResourceExhausted with the numbers
   /// when no free range is large enough.
