@@ -788,7 +788,10 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
   ForwardResult result;
   std::set<std::string> touched;
   auto fail = [&](const Status& s, const std::string& device) -> Status {
-    if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) {
+    // Unavailable may come from the worker's own peer (a send target, a weight donor) while the
+    // worker itself is fine: mark it down only when it does not answer a probe either.
+    if ((s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) &&
+        !ProbeWorker(endpoints[device], impl_->curve.enabled() ? &impl_->curve : nullptr).ok()) {
       registry_->MarkDown(device, std::string(s.message()));
     }
     return s.WithContext("Forward on '" + m->name + "' failed at worker " + device);

@@ -1,5 +1,6 @@
 #include "fleet/worker/client.h"
 
+#include <atomic>
 #include <cstring>
 
 #include "fleet/log/log.h"
@@ -27,8 +28,12 @@ HostTensor HostTensor::Own(std::string name, wire::DType dtype, std::vector<int6
   return t;
 }
 
-WorkerClient::WorkerClient(std::string endpoint, ClientOptions options, zmq::socket_t socket)
-    : endpoint_(std::move(endpoint)), options_(std::move(options)), socket_(std::move(socket)) {}
+WorkerClient::WorkerClient(std::string endpoint, ClientOptions options, zmq::socket_t socket,
+                           zmq::socket_t monitor)
+    : endpoint_(std::move(endpoint)),
+      options_(std::move(options)),
+      socket_(std::move(socket)),
+      monitor_(std::move(monitor)) {}
 
 WorkerClient::~WorkerClient() = default;
 
@@ -39,8 +44,19 @@ StatusOr<std::unique_ptr<WorkerClient>> WorkerClient::Connect(const std::string&
   so.curve = options.curve;
   so.max_message_bytes = options.limits.max_message_bytes;
   FLEET_RETURN_IF_ERROR(transport::ConfigureSocket(socket, so));
+  static std::atomic<uint64_t> monitors{0};
+  const std::string monitor_endpoint = "inproc://fleet-worker-client-monitor-" + std::to_string(monitors++);
+  if (zmq_socket_monitor(socket.handle(), monitor_endpoint.c_str(),
+                         ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED |
+                             ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                             ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
+    return InternalError("cannot monitor the connection to worker " + endpoint);
+  }
+  zmq::socket_t monitor(transport::Context(), zmq::socket_type::pair);
+  monitor.set(zmq::sockopt::linger, 0);
+  monitor.connect(monitor_endpoint);
   FLEET_RETURN_IF_ERROR(transport::Connect(socket, endpoint));
-  auto client = std::make_unique<WorkerClient>(endpoint, options, std::move(socket));
+  auto client = std::make_unique<WorkerClient>(endpoint, options, std::move(socket), std::move(monitor));
   FLEET_RETURN_IF_ERROR(client->Hello().WithContext("worker at " + endpoint));
   return client;
 }
@@ -84,6 +100,25 @@ Status WorkerClient::Hello() {
   return Status::OK();
 }
 
+Status WorkerClient::PollEvents(bool* dropped) {
+  while (true) {
+    auto event = transport::RecvFrames(monitor_, std::chrono::milliseconds(0));
+    if (!event.ok()) return Status::OK();
+    // Monitor events are [uint16 event, uint32 value][peer address].
+    uint16_t what = 0;
+    if (!event->empty() && (*event)[0].size() >= 2) std::memcpy(&what, (*event)[0].data(), 2);
+    if (what == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+      link_ = Link::kUp;
+    } else if (what == ZMQ_EVENT_DISCONNECTED) {
+      if (link_ == Link::kUp) *dropped = true;
+      link_ = Link::kDown;
+    } else {
+      return UnavailableError("the security handshake with worker at " + endpoint_ +
+                              " failed (wrong or missing CURVE keys on one side?)");
+    }
+  }
+}
+
 StatusOr<WorkerClient::Reply> WorkerClient::Call(flatbuffers::FlatBufferBuilder& fbb,
                                                  Frames data_frames,
                                                  std::chrono::milliseconds timeout) {
@@ -102,16 +137,39 @@ StatusOr<WorkerClient::Reply> WorkerClient::CallLocked(flatbuffers::FlatBufferBu
   frames.reserve(1 + data_frames.size());
   frames.push_back(transport::MessageFromBuffer(fbb.Release()));
   for (auto& f : data_frames) frames.push_back(std::move(f));
+  const std::string worker =
+      "worker " + (peer_.device.empty() ? "at " + endpoint_ : peer_.device + " at " + endpoint_);
+  bool dropped = false;
+  FLEET_RETURN_IF_ERROR(PollEvents(&dropped));
+  if (link_ == Link::kDown) {
+    // Dropped since the last call: give a restarting worker connect_timeout to come back.
+    const auto until = std::chrono::steady_clock::now() + std::min(timeout, options_.connect_timeout);
+    while (link_ == Link::kDown && std::chrono::steady_clock::now() < until) {
+      zmq::pollitem_t item{monitor_.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds(50));
+      FLEET_RETURN_IF_ERROR(PollEvents(&dropped));
+    }
+    if (link_ == Link::kDown) {
+      return UnavailableError("the connection to " + worker + " is down (did the worker exit?)");
+    }
+  }
+  dropped = false;  // only drops from here on concern this request
   FLEET_RETURN_IF_ERROR(transport::SendFrames(socket_, frames));
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   while (true) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());
-    // With an `alive` check, wait in slices so a worker declared dead fails the call at once.
-    const auto slice = options_.alive ? std::min(left, std::chrono::milliseconds(100)) : left;
+    // Wait in slices: a dropped connection, or a worker the `alive` check declares dead, fails
+    // the call at once.
+    const auto slice = std::min(left, std::chrono::milliseconds(100));
+    FLEET_RETURN_IF_ERROR(PollEvents(&dropped));
+    if (dropped) {
+      return UnavailableError("the connection to " + worker + " dropped while request " +
+                              std::to_string(id) + " was in flight (did the worker exit?)");
+    }
     auto in = transport::RecvFrames(socket_, std::max(slice, std::chrono::milliseconds(0)));
     if (!in.ok() && in.status().code() == StatusCode::kDeadlineExceeded && left > slice) {
-      if (!options_.alive()) {
+      if (options_.alive && !options_.alive()) {
         return UnavailableError("worker " + endpoint_ + " went down while request " +
                                 std::to_string(id) + " was in flight");
       }

@@ -5,6 +5,7 @@
 // (activations sent worker to worker) and streamed (weights fetched from a donor) runs are
 // bit-identical to each other.
 #include <openssl/evp.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <random>
 #include <zmq.hpp>
 
@@ -368,6 +370,39 @@ void SendBetweenWorkers(bool shm) {
 TEST(Worker, SendsTensorsToAPeerOverShm) { SendBetweenWorkers(true); }
 TEST(Worker, SendsTensorsToAPeerOverTcp) { SendBetweenWorkers(false); }
 
+// A peer that dies while a worker waits on it fails the request at once (the connection
+// dropped) instead of waiting out the 10-minute peer timeout; the error names the peer.
+TEST(Worker, APeerThatDiesMidSendFailsTheSendInsteadOfHanging) {
+  auto a = StartWorker({"--id", "cuda:1", "--capacity", "1mb"});
+  auto b = StartWorker({"--id", "cuda:2", "--capacity", "1mb"});
+  ASSERT_TRUE(a && b);
+  ClientOptions o;
+  o.timeout = std::chrono::seconds(60);  // far below the peer timeout, far above a clean failure
+  auto ca = ConnectTo(*a, o);
+  ASSERT_TRUE(ca);
+  ASSERT_TRUE(ca->PutTensors("j", {Input(5)}).ok());
+  ASSERT_TRUE(ca->SendTensors("j", {"x"}, b->endpoint(), "j").ok());  // a now knows b
+  ClientOptions quick;
+  quick.connect_timeout = std::chrono::seconds(2);
+  auto cb = ConnectTo(*b, quick);  // idle while b dies
+  ASSERT_TRUE(cb);
+  kill(b->pid(), SIGSTOP);  // b keeps its connections but answers nothing
+  auto sent = std::async(std::launch::async,
+                         [&] { return ca->SendTensors("j", {"x"}, b->endpoint(), "j2"); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // a waits on b
+  kill(b->pid(), SIGKILL);
+  auto s = sent.get();
+  EXPECT_EQ(s.status().code(), StatusCode::kUnavailable) << s.status();
+  EXPECT_NE(s.status().message().find("worker cuda:2"), std::string_view::npos) << s.status();
+  EXPECT_NE(s.status().message().find("dropped"), std::string_view::npos) << s.status();
+  // a is fine and serves on.
+  EXPECT_TRUE(ca->GetTensors("j", {"x"}).ok());
+  // A call on a connection that dropped while idle waits connect_timeout for it, then fails.
+  Status idle = cb->Stats().status();
+  EXPECT_EQ(idle.code(), StatusCode::kUnavailable) << idle;
+  EXPECT_NE(idle.message().find("is down"), std::string_view::npos) << idle;
+}
+
 TEST(Worker, PipelinedAndStreamedRunsAreBitIdenticalToOneWorker) {
   const auto& m = Model();
   auto single = StartWorker({"--id", "cuda:0", "--capacity", "1mb"});
@@ -688,11 +723,15 @@ TEST(Worker, CurveAdmitsTheClusterKeyAndRefusesOthers) {
 
   transport::CurveConfig wrong{stranger->second, stranger->first, cluster->first};
   o.curve = &wrong;
-  EXPECT_EQ(WorkerClient::Connect(w->endpoint(), o).status().code(), StatusCode::kDeadlineExceeded);
+  // Refused handshakes fail the call at once, saying so (not a wait for the timeout).
+  auto refused = WorkerClient::Connect(w->endpoint(), o);
+  EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable) << refused.status();
+  EXPECT_NE(refused.status().message().find("handshake"), std::string_view::npos) << refused.status();
   ClientOptions plain;
-  plain.timeout = std::chrono::seconds(2);
-  EXPECT_EQ(WorkerClient::Connect(w->endpoint(), plain).status().code(),
-            StatusCode::kDeadlineExceeded);
+  plain.timeout = std::chrono::seconds(60);
+  refused = WorkerClient::Connect(w->endpoint(), plain);
+  EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable) << refused.status();
+  EXPECT_NE(refused.status().message().find("handshake"), std::string_view::npos) << refused.status();
   // Still serving the right key.
   EXPECT_TRUE((*c)->Stats().ok());
   fs::remove_all(dir);

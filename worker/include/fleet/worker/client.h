@@ -166,7 +166,8 @@ class WorkerClient {
   /// frames: for tests that send garbage.
   StatusOr<transport::Frames> TEST_RawCall(transport::Frames frames);
 
-  WorkerClient(std::string endpoint, ClientOptions options, zmq::socket_t socket);
+  WorkerClient(std::string endpoint, ClientOptions options, zmq::socket_t socket,
+               zmq::socket_t monitor);
 
  private:
   struct Reply {
@@ -195,6 +196,15 @@ class WorkerClient {
   const ClientOptions options_;
   std::mutex mu_;
   zmq::socket_t socket_;  // GUARDED_BY(mu_)
+  // Connection events of socket_ (ZeroMQ monitor). A request in flight when the connection
+  // drops fails at once: its reply cannot come (the worker exited, or would answer a connection
+  // that no longer exists). A call made while the connection is down waits connect_timeout for
+  // it to come back, then fails.
+  enum class Link { kNew, kUp, kDown };
+  // Reads pending events; returns a handshake failure as Unavailable. REQUIRES: mu_ held.
+  Status PollEvents(bool* dropped);
+  zmq::socket_t monitor_;     // GUARDED_BY(mu_)
+  Link link_ = Link::kNew;    // GUARDED_BY(mu_)
   uint64_t next_id_ = 1;  // GUARDED_BY(mu_)
   protocol::HelloInfo peer_;
   uint64_t caps_ = 0;
