@@ -44,17 +44,11 @@ namespace {
 
 constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs stay cached
 
-// A GGUF block type (Q8_0, Q4_K, ...): the workers dequantise it to the compute dtype.
-bool BlockQuantised(const formats::TensorInfo& t) {
-  auto traits = formats::GgmlTypeByName(t.dtype);
-  return traits && traits->block_size > 1;
-}
-
 // Bytes a tensor takes once converted to the compute dtype (floating and block-quantised
 // tensors are converted).
 uint64_t ConvertedBytes(const formats::TensorInfo& t, const std::string& compute_dtype) {
   static const std::set<std::string> kFloating = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"};
-  if (!kFloating.count(t.dtype) && !BlockQuantised(t)) return t.nbytes;
+  if (!kFloating.count(t.dtype) && !formats::IsBlockQuantised(t.dtype)) return t.nbytes;
   auto dt = protocol::ParseDType(compute_dtype);
   return static_cast<uint64_t>(t.numel()) * protocol::DTypeSize(*dt);
 }
@@ -63,7 +57,7 @@ uint64_t ConvertedBytes(const formats::TensorInfo& t, const std::string& compute
 std::string StoredDtype(const formats::ModelFile& file) {
   std::map<std::string, uint64_t> bytes;
   // Block-quantised GGUF weights run in bf16 by default (as ComfyUI-GGUF dequantises them).
-  for (const auto& t : file.tensors()) bytes[BlockQuantised(t) ? "BF16" : t.dtype] += t.nbytes;
+  for (const auto& t : file.tensors()) bytes[formats::IsBlockQuantised(t.dtype) ? "BF16" : t.dtype] += t.nbytes;
   std::string best = "F32";
   uint64_t most = 0;
   for (const auto& [dtype, n] : bytes) {
@@ -255,8 +249,7 @@ struct Coordinator::Impl {
     FLEET_ASSIGN_OR_RETURN(p.full_path, ResolvePath(spec.path));
     FLEET_ASSIGN_OR_RETURN(p.file, formats::ModelFile::Open(p.full_path));
     for (const auto& t : p.file->tensors()) {
-      auto traits = formats::GgmlTypeByName(t.dtype);
-      if (traits && traits->block_size > 1 && !traits->dequantizable) {
+      if (formats::IsBlockQuantised(t.dtype) && !formats::GgmlTypeByName(t.dtype)->dequantizable) {
         return UnimplementedError(spec.path + ": tensor '" + t.name + "' is " + t.dtype +
                                   ", a GGUF type Tensorfleet cannot dequantise yet");
       }
@@ -554,7 +547,7 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
     auto& refs = model->unit_tensors[u.name];
     for (const auto& tn : u.tensors) {
       const formats::TensorInfo* t = p.file->Find(tn);
-      if (BlockQuantised(*t)) {  // dequantised by the worker that loads it
+      if (formats::IsBlockQuantised(t->dtype)) {  // dequantised by the worker that loads it
         refs.push_back({tn, *protocol::ParseDType(p.compute_dtype), t->shape, t->offset, t->nbytes, "", t->dtype});
         continue;
       }

@@ -4,6 +4,7 @@
 
 #include <map>
 
+#include "fleet/formats/dtype.h"
 #include "fleet/formats/layout.h"
 #include "fleet/formats/safetensors_writer.h"
 #include "fleet/log/log.h"
@@ -79,13 +80,9 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
   if (layout.family == "unknown") {
     return InvalidArgumentError(model_path + ": not a model family run-local knows (flux)");
   }
-  auto block_quantised = [](const formats::TensorInfo& info) {
-    auto traits = formats::GgmlTypeByName(info.dtype);
-    return traits && traits->block_size > 1;
-  };
   for (const auto& info : r->file_->tensors()) {
     // GGUF block-quantised weights compute in bf16 by default, as the coordinator does.
-    if (!dtype && block_quantised(info)) dtype = at::kBFloat16;
+    if (!dtype && formats::IsBlockQuantised(info.dtype)) dtype = at::kBFloat16;
   }
   if (!dtype) {
     // The stored dtype of the first floating, non-fp8 weight; fp8-only files compute in bf16.
@@ -111,7 +108,7 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
       for (const std::string& full : it->second->tensors) {
         const formats::TensorInfo* info = r->file_->Find(full);
         const std::string name = full.substr(layout.prefix.size());
-        if (block_quantised(*info)) {  // dequantised to the compute dtype, as a worker does
+        if (formats::IsBlockQuantised(info->dtype)) {  // dequantised to the compute dtype, as a worker does
           FLEET_ASSIGN_OR_RETURN(at::Tensor w, tensor::Load(*r->file_, *info, *dtype));
           if (!r->device_.is_cpu()) w = w.to(r->device_);
           FLEET_ASSIGN_OR_RETURN(r->blocks_[i].weights[name], r->model_->PrepareWeight(name, w));

@@ -79,4 +79,9 @@ std::optional<GgmlTypeTraits> GgmlTypeByName(std::string_view name) {
   return std::nullopt;
 }
 
+bool IsBlockQuantised(std::string_view dtype_name) {
+  auto traits = GgmlTypeByName(dtype_name);
+  return traits && traits->block_size > 1;
+}
+
 }  // namespace fleet::formats

@@ -96,5 +96,8 @@ struct GgmlTypeTraits {
 std::optional<GgmlTypeTraits> GgmlTypeInfo(uint32_t id);
 /// \return the traits for a type name such as "Q4_K", or nullopt.
 std::optional<GgmlTypeTraits> GgmlTypeByName(std::string_view name);
+/// True for a GGUF block type name ("Q8_0", "Q4_K", ...): values stored in blocks with scales,
+/// which a loader dequantises to the compute dtype. False for plain types ("F16") and others.
+bool IsBlockQuantised(std::string_view dtype_name);
 
 }  // namespace fleet::formats
