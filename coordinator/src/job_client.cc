@@ -88,6 +88,7 @@ StatusOr<transport::Frames> JobClient::Call(flatbuffers::FlatBufferBuilder& fbb,
     if (left.count() <= 0) return DeadlineExceededError("no reply from the coordinator in time");
     FLEET_ASSIGN_OR_RETURN(transport::Frames reply, transport::RecvFrames(socket_, left));
     if (reply.empty()) continue;
+    transport::AlignFrame(reply[0]);  // read in place here and by the callers (Root)
     auto header = transport::FrameBytes(reply[0]);
     flatbuffers::Verifier v(header.data(), header.size(), 64, 1000000);
     if (!v.VerifyBuffer<wire::JobResponse>("FJRS")) return DataLossError("malformed reply from the coordinator");

@@ -225,6 +225,7 @@ struct JobServer::Impl {
   }
 
   void Handle(const std::string& identity, Frames frames) {
+    transport::AlignFrame(frames[0]);  // read in place here and by the job thread
     auto header = transport::FrameBytes(frames[0]);
     if (header.size() > limits.max_header_bytes) {
       Frames reply = ErrorReply(0, ResourceExhaustedError("request header of " + std::to_string(header.size()) +

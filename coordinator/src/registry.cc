@@ -108,6 +108,7 @@ void WorkerRegistry::Loop() {
 void WorkerRegistry::HandleEvent(const std::string& identity, transport::Frames& frames) {
   protocol::Limits limits;
   limits.max_header_bytes = 1 << 20;
+  transport::AlignFrame(frames[0]);
   auto event = protocol::VerifyWorkerEvent(transport::FrameBytes(frames[0]), limits);
   if (!event.ok()) {
     FLEET_LOG(WARNING, "registry") << "dropped a malformed worker event: " << event.status();

@@ -65,7 +65,7 @@ class GgufBuilder {
     PutPod<uint32_t>(&infos_, ggml_type);
     PutPod<uint64_t>(&infos_, off);
     if (data_.size() < off + data.size()) data_.resize(off + data.size());
-    std::memcpy(data_.data() + off, data.data(), data.size());
+    if (!data.empty()) std::memcpy(data_.data() + off, data.data(), data.size());
     next_ = (off + data.size() + alignment_ - 1) / alignment_ * alignment_;
     ++n_tensors_;
   }

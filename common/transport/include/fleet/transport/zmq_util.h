@@ -69,4 +69,10 @@ inline std::span<const uint8_t> FrameBytes(const zmq::message_t& m) {
   return {static_cast<const uint8_t*>(m.data()), m.size()};
 }
 
+/// Makes `m`'s bytes 8-byte aligned (a copy when they are not) so that a FlatBuffer in it can be
+/// verified and read in place: received frames may point anywhere into ZeroMQ's input buffer.
+inline void AlignFrame(zmq::message_t& m) {
+  if (reinterpret_cast<uintptr_t>(m.data()) % 8 != 0) m = zmq::message_t(m.data(), m.size());
+}
+
 }  // namespace fleet::transport
