@@ -14,11 +14,13 @@ namespace fleet::cli {
 namespace {
 
 bool Quantised(const formats::TensorInfo& t) {
-  return t.shape.size() == 2 && t.numel() > 1024 && t.shape[1] % 32 == 0 &&
+  const bool floating = t.dtype == "F32" || t.dtype == "F16" || t.dtype == "BF16";
+  return floating && t.shape.size() == 2 && t.numel() > 1024 && t.shape[1] % 32 == 0 &&
          t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
 }
 
-Status Quantize(const std::string& in, const std::string& out, uint64_t* quantised) {
+// The GGUF copy of `in`, ready to write.
+StatusOr<formats::GgufWriter> Quantize(const std::string& in, uint64_t* quantised) {
   FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(in));
   if (file->format() != formats::FileFormat::kSafetensors) {
     return InvalidArgumentError(in + ": expected a safetensors file");
@@ -27,22 +29,25 @@ Status Quantize(const std::string& in, const std::string& out, uint64_t* quantis
   w.SetMetadata("general.architecture", "flux");
   for (const auto& [key, value] : file->metadata()) w.SetMetadata(key, value);
   for (const auto& t : file->tensors()) {
-    auto dtype = formats::ParseDType(t.dtype);
     auto bytes = file->Data(t);
     const std::string where = in + ": tensor '" + t.name + "'";
-    if (Quantised(t) && dtype) {
-      FLEET_ASSIGN_OR_RETURN(auto values, formats::ToFloat32(*dtype, bytes));
-      FLEET_ASSIGN_OR_RETURN(auto q8, formats::EncodeQ8_0(values));
+    if (Quantised(t)) {
+      auto values = formats::ToFloat32(*formats::ParseDType(t.dtype), bytes);
+      if (!values.ok()) return values.status().WithContext(where);
+      FLEET_ASSIGN_OR_RETURN(auto q8, formats::EncodeQ8_0(*values));
       FLEET_RETURN_IF_ERROR(w.Add(t.name, formats::GgmlType::kQ8_0, t.shape, std::move(q8)).WithContext(where));
       *quantised += 1;
       continue;
     }
     auto type = formats::GgmlTypeByName(t.dtype);  // F32, F16, BF16, I8.. keep their bytes
-    if (!type) return InvalidArgumentError(where + ": dtype " + t.dtype + " has no GGUF equivalent");
+    if (!type) {
+      return InvalidArgumentError(where + ": dtype " + t.dtype +
+                                  " has no GGUF equivalent (fp8 checkpoints: convert from bf16/f16/f32)");
+    }
     FLEET_RETURN_IF_ERROR(
         w.Add(t.name, type->type, t.shape, std::vector<uint8_t>(bytes.begin(), bytes.end())).WithContext(where));
   }
-  return w.Write(out);
+  return w;
 }
 
 int RunQuantize(const std::vector<std::string>& args) {
@@ -62,9 +67,14 @@ int RunQuantize(const std::vector<std::string>& args) {
     return 2;
   }
   uint64_t quantised = 0;
-  Status s = Quantize(parsed->positional[0], parsed->positional[1], &quantised);
-  if (!s.ok()) {
-    std::fprintf(stderr, "fleet quantize: %s\n", std::string(s.message()).c_str());
+  auto gguf = Quantize(parsed->positional[0], &quantised);
+  if (!gguf.ok()) {  // a file we cannot read or convert: bad input
+    std::fprintf(stderr, "fleet quantize: %s\n", std::string(gguf.status().message()).c_str());
+    return 2;
+  }
+  Status written = gguf->Write(parsed->positional[1]);
+  if (!written.ok()) {
+    std::fprintf(stderr, "fleet quantize: %s\n", std::string(written.message()).c_str());
     return 1;
   }
   std::printf("%s: %llu tensors in Q8_0\n", parsed->positional[1].c_str(),

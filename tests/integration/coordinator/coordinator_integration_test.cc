@@ -197,6 +197,10 @@ TEST_F(CoordinatorIntegration, ForwardIsBitIdenticalToRunLocalInEveryModeAndAllo
 TEST_F(CoordinatorIntegration, GgufModelIsDequantisedByTheWorkersBitIdenticalToRunLocal) {
   const std::string gguf = models_ + "/tiny.gguf";
   ASSERT_EQ(RunFleet({"quantize", models_ + "/tiny.safetensors", gguf}, cluster_->dir + "/gen.log"), 0);
+  // Bad input is exit 2, a file it cannot write is exit 1; neither leaves a file behind.
+  EXPECT_EQ(RunFleet({"quantize", cluster_->dir + "/gen.log", models_ + "/bad.gguf"}, cluster_->dir + "/q.log"), 2);
+  EXPECT_FALSE(fs::exists(models_ + "/bad.gguf"));
+  EXPECT_EQ(RunFleet({"quantize", models_ + "/tiny.safetensors", "/nonexistent/x.gguf"}, cluster_->dir + "/q.log"), 1);
   ASSERT_EQ(RunFleet({"run-local", gguf, "--inputs", cluster_->dir + "/in.safetensors", "--out",
                       cluster_->dir + "/ref-gguf.safetensors"},
                      cluster_->dir + "/run-local.log"),
