@@ -53,7 +53,13 @@ def _diffusion_models():
 
     names = set(folder_paths.get_filename_list("diffusion_models"))
     for base in folder_paths.folder_names_and_paths.get("diffusion_models", ([], None))[0]:
-        for root, _, files in os.walk(base, followlinks=True):
+        seen = set()  # real paths: a symlink cycle is walked once, not until paths get too long
+        for root, dirs, files in os.walk(base, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
             for f in files:
                 if f.endswith(".gguf"):
                     names.add(os.path.relpath(os.path.join(root, f), base))

@@ -47,6 +47,7 @@ def models_dir(tmp_path):
     for n in ("dev.safetensors", "schnell.safetensors", "slow.safetensors", "q8/dev-Q8_0.gguf"):
         (tmp_path / n).parent.mkdir(exist_ok=True)
         (tmp_path / n).write_bytes(b"")
+    (tmp_path / "q8" / "loop").symlink_to(tmp_path)  # a cycle: listed once, not forever
     # ComfyUI's own extensions for this kind: no .gguf (the node lists those itself).
     folder_paths.folder_names_and_paths["diffusion_models"] = ([str(tmp_path)], {".safetensors", ".sft"})
     mm.interrupt_current_processing(False)
