@@ -79,6 +79,20 @@ StatusOr<std::string> ComputeDtype(const std::string& requested, const formats::
 
 std::string DefaultName(const std::string& path) { return fs::path(path).stem().string(); }
 
+// A model name travels in URLs (/v2/models/{name}), job ids and metric labels: at most 256
+// bytes, no '/' and no control characters. File stems with spaces or non-ASCII letters pass.
+Status CheckModelName(const std::string& name) {
+  if (name.empty() || name.size() > 256) {
+    return InvalidArgumentError("model name of " + std::to_string(name.size()) + " bytes: expected 1 to 256");
+  }
+  for (unsigned char ch : name) {
+    if (ch < 0x20 || ch == 0x7f || ch == '/') {
+      return InvalidArgumentError("model name '" + name + "' contains '/' or a control character");
+    }
+  }
+  return Status::OK();
+}
+
 // Asks a static (--worker) worker who it is and what it holds.
 StatusOr<WorkerRecord> ProbeWorker(const std::string& endpoint, const transport::CurveConfig* curve) {
   worker::ClientOptions o;
@@ -534,6 +548,7 @@ StatusOr<PlanResult> Coordinator::Plan(const ModelSpec& spec) const {
 StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, const ModelSpec& spec) {
   if (draining_.load()) return UnavailableError("the coordinator is shutting down: not loading models");
   std::string name = requested_name.empty() ? DefaultName(spec.path) : requested_name;
+  FLEET_RETURN_IF_ERROR(CheckModelName(name));
   auto start = Clock::now();
   FLEET_ASSIGN_OR_RETURN(Impl::Prepared p, impl_->Prepare(spec));
   auto model = std::make_shared<LoadedModel>();

@@ -257,6 +257,12 @@ TEST_F(CoordinatorIntegration, BadInputsGetClearErrorsAndTheModelStaysUsable) {
   auto client = Client();
   ASSERT_TRUE(client);
   auto inputs = ReadTensors(cluster_->dir + "/in.safetensors");
+  // Names that would break URLs, job ids or metric labels are refused before any work.
+  for (const std::string& name : {std::string("a/b"), std::string("tab\there"), std::string(300, 'n')}) {
+    auto refused = client->LoadModel(name, Spec("cuda:0,50%;cuda:1,*", ExecMode::kPipeline));
+    EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << refused.status();
+    EXPECT_NE(refused.status().message().find("model name"), std::string::npos) << refused.status();
+  }
   ASSERT_TRUE(client->LoadModel("bad", Spec("cuda:0,50%;cuda:1,*", ExecMode::kPipeline)).ok());
   // Wrong name.
   auto renamed = inputs;
