@@ -1,11 +1,26 @@
 """ComfyUI nodes of the Tensorfleet package.
 
-`UNETLoaderTensorfleet` mirrors DisTorch2's UNETLoaderDisTorch2MultiGPU: the same optional inputs
-(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, eject_models; same
-defaults and ranges) plus keep_loaded, mode and the coordinator address. It validates the
-allocation through the coordinator's Plan when it runs (a bad string fails here, not at sampling
-time), asks the coordinator to load the model and returns a ComfyUI MODEL.
-`TensorfleetPlan` shows the plan (tables and the equivalent expert string) without loading.
+The loaders mirror ComfyUI-MultiGPU's DisTorch2 loaders input for input (names, order,
+defaults), extras after them, so that `workflow_convert` can rewrite a DisTorch2 workflow by
+renaming the node and keeping its widget values:
+- `UNETLoaderTensorfleet`: UNETLoaderDisTorch2MultiGPU (unet_name, weight_dtype, compute_device,
+  virtual_vram_gb, donor_device, expert_mode_allocations, eject_models) + compute_dtype,
+  keep_loaded, mode, coordinator.
+- `UnetLoaderGGUFTensorfleet`: UnetLoaderGGUFDisTorch2MultiGPU (unet_name, then the DisTorch2
+  inputs) + the same extras.
+- `UnetLoaderGGUFAdvancedTensorfleet`: UnetLoaderGGUFAdvancedDisTorch2MultiGPU (unet_name,
+  dequant_dtype, patch_dtype, patch_on_device, then the DisTorch2 inputs) + keep_loaded, mode,
+  coordinator.
+Each validates the allocation through the coordinator's Plan when it runs (a bad string fails
+here, not at sampling time), loads the model with ComfyUI's progress bar showing the bytes
+loaded (ComfyUI's Cancel cancels the load on the coordinator) and returns a ComfyUI MODEL.
+`TensorfleetPlan` shows the plan (tables, the equivalent expert string and a picture) without
+loading.
+
+compute_device and donor_device offer the cluster's devices (GET /v2/workers on the
+coordinator's control API, short timeout, cached briefly), else the static list cpu,
+cuda:0..15; VALIDATE_INPUTS accepts any device name there, so a workflow saved on another
+cluster still loads in the editor and fails when it runs, naming the device.
 
 Clients are cached per coordinator address for the life of the ComfyUI process.
 """
@@ -14,8 +29,16 @@ import logging
 import os
 import threading
 
-from .tensorfleet_client import DEFAULT_ADDRESS, Client, ModelSpec, TensorfleetError
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from .tensorfleet_client import (DEFAULT_ADDRESS, CancelledError, Client, InvalidArgumentError,
+                                 ModelSpec, TensorfleetError)
 from . import tensorfleet_model
+from . import tensorfleet_plan_image
 
 log = logging.getLogger("tensorfleet")
 
@@ -40,18 +63,100 @@ def default_address():
     return os.environ.get("TENSORFLEET_COORDINATOR", DEFAULT_ADDRESS)
 
 
+STATIC_DEVICES = ["cpu"] + ["cuda:%d" % i for i in range(16)]
+CONTROL_PORT = 7780          # fleet-coordinator's default --http-listen port
+DEVICE_QUERY_TIMEOUT = 0.5   # seconds: INPUT_TYPES runs while the editor waits
+DEVICE_CACHE_SECONDS = 10.0
+_device_cache = {}           # control URL -> (monotonic time, [devices] or None)
+_device_cache_lock = threading.Lock()
+
+
+def control_url(address=None):
+    """The coordinator's control API: $TENSORFLEET_CONTROL, else the job address's host on
+    port 7780 (fleet-coordinator's default --http-listen)."""
+    env = os.environ.get("TENSORFLEET_CONTROL", "").strip()
+    if env:
+        return env.rstrip("/") if "://" in env else "http://" + env.rstrip("/")
+    host = urllib.parse.urlsplit(address or default_address()).hostname or "127.0.0.1"
+    if host in ("*", "0.0.0.0"):
+        host = "127.0.0.1"
+    return "http://%s:%d" % (host, CONTROL_PORT)
+
+
+def _device_order(device):
+    """DisTorch2's order: cpu first, then by type and index (cuda:2 before cuda:10)."""
+    kind, _, index = device.partition(":")
+    return (kind != "cpu", kind, int(index) if index.isdigit() else -1, device)
+
+
+def cluster_devices(url=None, timeout=DEVICE_QUERY_TIMEOUT):
+    """The devices of the cluster's workers (GET <control>/v2/workers), in DisTorch2's order.
+    Raises OSError / ValueError when the coordinator does not answer or answers nonsense."""
+    url = url or control_url()
+    with urllib.request.urlopen(url + "/v2/workers", timeout=timeout) as r:
+        workers = json.load(r)["workers"]
+    devices = {w["device"] for w in workers
+               if isinstance(w.get("device"), str) and w["device"] and
+               not w["device"].startswith("?")}  # "?": a static worker that never answered
+    return sorted(devices, key=_device_order)
+
+
 def device_list():
-    """DisTorch2's order: "cpu" first, then the GPUs. The devices are the cluster's workers,
-    not this process's, so offer cuda:0..15 (the coordinator rejects ids it has no worker for)."""
-    return ["cpu"] + ["cuda:%d" % i for i in range(16)]
+    """compute_device / donor_device choices: the cluster's devices when the coordinator's
+    control API answers within DEVICE_QUERY_TIMEOUT (cached DEVICE_CACHE_SECONDS), else the
+    static list cpu, cuda:0..15."""
+    url = control_url()
+    now = time.monotonic()
+    with _device_cache_lock:
+        hit = _device_cache.get(url)
+    if hit is None or now - hit[0] > DEVICE_CACHE_SECONDS:
+        try:
+            devices = cluster_devices(url) or None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.debug("tensorfleet: no device list from %s (%s); offering the static list",
+                      url, e)
+            devices = None
+        hit = (now, devices)
+        with _device_cache_lock:
+            _device_cache[url] = hit
+    return list(hit[1] or STATIC_DEVICES)
 
 
-def _diffusion_models():
+def _validate_device_inputs(compute_device=None, donor_device=None):
+    """VALIDATE_INPUTS for the device combos: any device name passes in the editor (the
+    cluster that runs the workflow may differ from the one that saved it); the run checks it."""
+    for name, value in (("compute_device", compute_device), ("donor_device", donor_device)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            return "%s must be a device name such as cuda:0 or cpu, got %r" % (name, value)
+    return True
+
+
+def check_devices(address, compute_device, donor_device, virtual_vram_gb, expert):
+    """Fails naming a device the cluster lacks and the devices it has. Skipped when the control
+    API does not answer (the coordinator's plan still refuses unknown devices)."""
+    url = control_url(address)
+    try:
+        have = cluster_devices(url, timeout=1.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not have:
+        return
+    wanted = [("compute_device", compute_device)]
+    if not expert.strip() and float(virtual_vram_gb) > 0:
+        wanted += [("donor_device", d.strip()) for d in donor_device.split(",") if d.strip()]
+    for name, device in wanted:
+        if device and device not in have:
+            raise InvalidArgumentError(
+                "%s '%s' is not a device of the Tensorfleet cluster (coordinator %s); the "
+                "cluster has %s" % (name, device, address, ", ".join(have)), "Plan")
+
+
+def _diffusion_models(gguf_only=False):
     """Model files under ComfyUI's diffusion_models folders, GGUF included: ComfyUI lists no
     .gguf there (ComfyUI-GGUF adds a folder kind of its own); the cluster runs them."""
     import folder_paths  # noqa: PLC0415 - ComfyUI module
 
-    names = set(folder_paths.get_filename_list("diffusion_models"))
+    names = set() if gguf_only else set(folder_paths.get_filename_list("diffusion_models"))
     for base in folder_paths.folder_names_and_paths.get("diffusion_models", ([], None))[0]:
         seen = set()  # real paths: a symlink cycle is walked once, not until paths get too long
         for root, dirs, files in os.walk(base, followlinks=True):
@@ -75,7 +180,12 @@ def _local_path(unet_name):
         return None
 
 
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]  # ComfyUI UNETLoader
+GGUF_DTYPES = ["default", "target", "float32", "float16", "bfloat16"]  # ComfyUI-GGUF Advanced
+
+
 def _distorch_inputs():
+    """DisTorch2's optional inputs, in upstream's order, with upstream's defaults."""
     devices = device_list()
     return {
         "compute_device": (devices, {"default": devices[1] if len(devices) > 1 else devices[0],
@@ -89,13 +199,27 @@ def _distorch_inputs():
                                                "tooltip": "DisTorch2 allocation string, e.g. "
                                                           "cuda:0,4gb;cuda:1,2gb;cpu,*"}),
         "eject_models": ("BOOLEAN", {"default": True}),
+    }
+
+
+def _extra_inputs(compute_dtype=True):
+    """Tensorfleet's own inputs, after upstream's."""
+    extra = {}
+    if compute_dtype:
+        extra["compute_dtype"] = (COMPUTE_DTYPES, {
+            "default": "default", "tooltip": "dtype the model computes in; default: the "
+                                             "stored dtype (GGUF: the file's float dtype)."})
+    extra.update({
         "keep_loaded": ("BOOLEAN", {"default": True,
                                     "tooltip": "Keep the model on the cluster after the prompt."}),
         "mode": (MODES, {"default": "auto", "tooltip": "stream: weights come to the compute "
                          "device (DisTorch); pipeline: activations go to the device holding the "
                          "next blocks; auto: chosen per range from measured bandwidth."}),
-        "coordinator": ("STRING", {"multiline": False, "default": default_address()}),
-    }
+        "coordinator": ("STRING", {"multiline": False, "default": default_address(),
+                                   "tooltip": "Coordinator job endpoint; empty: "
+                                              "$TENSORFLEET_COORDINATOR or " + DEFAULT_ADDRESS}),
+    })
+    return extra
 
 
 def _spec(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
@@ -115,15 +239,53 @@ def _explain(e, what, unet_name, address):
     return e
 
 
+def _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
+          expert_mode_allocations, eject_models, keep_loaded, mode, coordinator):
+    """What every loader does: check, plan, load with progress and cancel, wrap as a MODEL."""
+    import comfy.model_management as mm  # noqa: PLC0415 - ComfyUI module
+    import comfy.utils  # noqa: PLC0415
+
+    address = (coordinator or "").strip() or default_address()
+    spec = _spec(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
+                 expert_mode_allocations, eject_models, keep_loaded, mode)
+    client = client_for(address)
+    bar = []
+
+    def progress(loaded, total):
+        if total <= 0:
+            return
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(loaded, total)
+
+    try:
+        check_devices(address, compute_device, donor_device, virtual_vram_gb,
+                      expert_mode_allocations)
+        plan = client.plan(spec)  # validates the allocation now, not at sampling time
+        log.info("tensorfleet: plan for %s: %s", unet_name, plan.expert_string)
+        info = client.load_model(spec, progress=progress, should_cancel=mm.processing_interrupted)
+    except CancelledError:
+        mm.throw_exception_if_processing_interrupted()
+        raise
+    except TensorfleetError as e:
+        raise _explain(e, e.request or "load", unet_name, address) from None
+    if info.state == "failed":
+        raise TensorfleetError("Tensorfleet load of '%s' failed on the coordinator: %s"
+                               % (unet_name, info.error or "no reason given"), "LoadModel")
+    model = tensorfleet_model.build_model_patcher(client_for, address, spec, info,
+                                                  _local_path(unet_name))
+    return (model,)
+
+
 class UNETLoaderTensorfleet:
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "unet_name": (_diffusion_models(),),
-                "compute_dtype": (COMPUTE_DTYPES, {"default": "default"}),
+                "weight_dtype": (WEIGHT_DTYPES,),
             },
-            "optional": _distorch_inputs(),
+            "optional": dict(_distorch_inputs(), **_extra_inputs()),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -132,59 +294,128 @@ class UNETLoaderTensorfleet:
     DESCRIPTION = ("Loads a diffusion model on a Tensorfleet cluster, spread over its devices "
                    "with a DisTorch2 allocation, and returns a MODEL whose steps run there.")
 
-    def load_unet(self, unet_name, compute_dtype="default", compute_device="cuda:0",
+    @classmethod
+    def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
+        return _validate_device_inputs(compute_device, donor_device)
+
+    def load_unet(self, unet_name, weight_dtype="default", compute_device="cuda:0",
                   virtual_vram_gb=4.0, donor_device="cpu", expert_mode_allocations="",
-                  eject_models=True, keep_loaded=True, mode="auto", coordinator=None):
-        address = (coordinator or "").strip() or default_address()
-        spec = _spec(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
-                     expert_mode_allocations, eject_models, keep_loaded, mode)
-        client = client_for(address)
-        try:
-            plan = client.plan(spec)  # validates the allocation now, not at sampling time
-            log.info("tensorfleet: plan for %s: %s", unet_name, plan.expert_string)
-            info = client.load_model(spec)
-        except TensorfleetError as e:
-            raise _explain(e, e.request or "load", unet_name, address) from None
-        if info.state == "failed":
-            raise TensorfleetError("Tensorfleet load of '%s' failed on the coordinator: %s"
-                                   % (unet_name, info.error or "no reason given"), "LoadModel")
-        model = tensorfleet_model.build_model_patcher(client_for, address, spec, info,
-                                                      _local_path(unet_name))
-        return (model,)
+                  eject_models=True, compute_dtype="default", keep_loaded=True, mode="auto",
+                  coordinator=None):
+        if weight_dtype != "default":
+            log.warning("tensorfleet: weight_dtype %s is not applied yet: the cluster keeps the "
+                        "stored dtype of %s", weight_dtype, unet_name)
+        return _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
+                     expert_mode_allocations, eject_models, keep_loaded, mode, coordinator)
+
+
+class UnetLoaderGGUFTensorfleet:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"unet_name": (_diffusion_models(gguf_only=True),)},
+            "optional": dict(_distorch_inputs(), **_extra_inputs()),
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_unet"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads a GGUF diffusion model on a Tensorfleet cluster (each worker "
+                   "dequantises its blocks), spread with a DisTorch2 allocation.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
+        return _validate_device_inputs(compute_device, donor_device)
+
+    def load_unet(self, unet_name, compute_device="cuda:0", virtual_vram_gb=4.0,
+                  donor_device="cpu", expert_mode_allocations="", eject_models=True,
+                  compute_dtype="default", keep_loaded=True, mode="auto", coordinator=None):
+        return _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
+                     expert_mode_allocations, eject_models, keep_loaded, mode, coordinator)
+
+
+class UnetLoaderGGUFAdvancedTensorfleet:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet_name": (_diffusion_models(gguf_only=True),),
+                "dequant_dtype": (GGUF_DTYPES, {"default": "default"}),
+                "patch_dtype": (GGUF_DTYPES, {"default": "default"}),
+                "patch_on_device": ("BOOLEAN", {"default": False}),
+            },
+            "optional": dict(_distorch_inputs(), **_extra_inputs(compute_dtype=False)),
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_unet"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Loads a GGUF diffusion model on a Tensorfleet cluster; dequant_dtype is "
+                   "the dtype the workers dequantise into and compute in.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
+        return _validate_device_inputs(compute_device, donor_device)
+
+    def load_unet(self, unet_name, dequant_dtype="default", patch_dtype="default",
+                  patch_on_device=False, compute_device="cuda:0", virtual_vram_gb=4.0,
+                  donor_device="cpu", expert_mode_allocations="", eject_models=True,
+                  keep_loaded=True, mode="auto", coordinator=None):
+        # "target" is ComfyUI-GGUF's "the model's compute dtype": the default here.
+        compute_dtype = "default" if dequant_dtype in ("default", "target") else dequant_dtype
+        # patch_dtype / patch_on_device only concern LoRA patches, which are refused for now.
+        return _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
+                     expert_mode_allocations, eject_models, keep_loaded, mode, coordinator)
 
 
 class TensorfleetPlan:
     @classmethod
     def INPUT_TYPES(cls):
+        extra = _extra_inputs(compute_dtype=False)
         return {"required": {"unet_name": (_diffusion_models(),)},
-                "optional": _distorch_inputs()}
+                "optional": dict(_distorch_inputs(), **extra)}
 
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("plan", "expert_string")
+    RETURN_TYPES = ("STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("plan", "expert_string", "image")
     FUNCTION = "plan"
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     DESCRIPTION = ("Shows where each block of the model would go and the equivalent DisTorch2 "
-                   "expert string, without loading anything.")
+                   "expert string, without loading anything; `image` pictures the placement "
+                   "(connect a Preview Image).")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
+        return _validate_device_inputs(compute_device, donor_device)
 
     def plan(self, unet_name, compute_device="cuda:0", virtual_vram_gb=4.0, donor_device="cpu",
              expert_mode_allocations="", eject_models=True, keep_loaded=True, mode="auto",
              coordinator=None):
+        import torch  # noqa: PLC0415 - ComfyUI's IMAGE is a torch tensor
+
         address = (coordinator or "").strip() or default_address()
         spec = _spec(unet_name, "default", compute_device, virtual_vram_gb, donor_device,
                      expert_mode_allocations, eject_models, keep_loaded, mode)
         try:
+            check_devices(address, compute_device, donor_device, virtual_vram_gb,
+                          expert_mode_allocations)
             plan = client_for(address).plan(spec)
         except TensorfleetError as e:
             raise _explain(e, "plan", unet_name, address) from None
-        return {"ui": {"text": [plan.text]}, "result": (plan.text, plan.expert_string)}
+        picture = tensorfleet_plan_image.render(plan.plan(), title=unet_name)
+        image = torch.from_numpy(picture).unsqueeze(0)  # [1, H, W, 3], 0..1
+        return {"ui": {"text": [plan.text]}, "result": (plan.text, plan.expert_string, image)}
 
 
 NODE_CLASS_MAPPINGS = {
     "UNETLoaderTensorfleet": UNETLoaderTensorfleet,
+    "UnetLoaderGGUFTensorfleet": UnetLoaderGGUFTensorfleet,
+    "UnetLoaderGGUFAdvancedTensorfleet": UnetLoaderGGUFAdvancedTensorfleet,
     "TensorfleetPlan": TensorfleetPlan,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "UNETLoaderTensorfleet": "Load Diffusion Model (Tensorfleet)",
+    "UnetLoaderGGUFTensorfleet": "Unet Loader GGUF (Tensorfleet)",
+    "UnetLoaderGGUFAdvancedTensorfleet": "Unet Loader GGUF Advanced (Tensorfleet)",
     "TensorfleetPlan": "Tensorfleet Plan",
 }

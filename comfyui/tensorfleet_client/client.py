@@ -27,6 +27,7 @@ log = logging.getLogger("tensorfleet.client")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7770"
 RUN_CACHE_MISS = "run cache miss"
+PROGRESS_INTERVAL = 0.2  # seconds between load-progress questions
 
 
 class _ConnectionLost(Exception):
@@ -165,12 +166,16 @@ class Client:
 
     # --------------------------------------------------------------------------- transport
 
-    def _roundtrip(self, header, frames, timeout, what, rid, hello=False, should_cancel=None):
+    def _roundtrip(self, header, frames, timeout, what, rid, hello=False, should_cancel=None,
+                   on_models=None):
         """Sends [header][frames...] and waits for the reply with the same id.
 
         Returns (Response, data frames). Raises DeadlineExceededError, _ConnectionLost,
         ProtocolError, CancelledError (when should_cancel() turned true and the coordinator
         confirmed or did not answer within a grace period).
+        on_models: while waiting, ListModels is asked every PROGRESS_INTERVAL seconds on the same
+        connection (the coordinator answers it at once, beside the queued request) and each
+        answer ([ModelInfo]) is passed to on_models.
         """
         try:
             self._sock.send_multipart([header] + list(frames), copy=False)
@@ -181,8 +186,21 @@ class Client:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._mon, zmq.POLLIN)
         cancel_sent = False
+        listing = set()  # ids of ListModels asked for on_models, not answered yet
+        next_listing = time.monotonic() + PROGRESS_INTERVAL
         while True:
-            wait_ms = 50 if should_cancel is not None else 1000
+            if should_cancel is not None and not cancel_sent and should_cancel():
+                cancel_sent = True
+                self._sock.send(wire.cancel_request(self._take_id(), rid))
+                grace = time.monotonic() + 10.0
+                deadline = grace if deadline is None else min(deadline, grace)
+            if on_models is not None and not cancel_sent and time.monotonic() >= next_listing \
+                    and len(listing) < 4:
+                lid = self._take_id()
+                self._sock.send(wire.list_models_request(lid))
+                listing.add(lid)
+                next_listing = time.monotonic() + PROGRESS_INTERVAL
+            wait_ms = 50 if should_cancel is not None or on_models is not None else 1000
             if deadline is not None:
                 wait_ms = max(0, min(wait_ms, int((deadline - time.monotonic()) * 1000) + 1))
             events = dict(poller.poll(wait_ms))
@@ -194,14 +212,14 @@ class Client:
                 reply = wire.parse_response(msg[0].buffer)
                 if reply.id == rid:
                     return reply, msg[1:]
+                if reply.id in listing:
+                    listing.discard(reply.id)
+                    if reply.kind == "ListModelsResponse":
+                        on_models(reply.value)
+                    continue
                 log.debug("tensorfleet: dropping reply %d (%s) while waiting for %d",
                           reply.id, reply.kind, rid)
                 continue
-            if should_cancel is not None and not cancel_sent and should_cancel():
-                cancel_sent = True
-                self._sock.send(wire.cancel_request(self._take_id(), rid))
-                grace = time.monotonic() + 10.0
-                deadline = grace if deadline is None else min(deadline, grace)
             if deadline is not None and time.monotonic() >= deadline:
                 # The reply may still come later: drop the connection so that it cannot be
                 # mistaken for anything, and start clean on the next call.
@@ -212,7 +230,8 @@ class Client:
                 raise DeadlineExceededError("no reply to %s from %s within %.1f s"
                                             % (what, self.address, timeout), what)
 
-    def _call(self, build, what, timeout, frames=(), should_cancel=None, retry=True):
+    def _call(self, build, what, timeout, frames=(), should_cancel=None, retry=True,
+              on_models=None):
         """Builds a request with a fresh id (build(id) -> header), sends it and returns the
         non-error reply as (Response, frames). Reconnects and retries once when the
         connection was lost."""
@@ -222,7 +241,8 @@ class Client:
                 rid = self._take_id()
                 try:
                     reply, data = self._roundtrip(build(rid), frames, timeout, what, rid,
-                                                  should_cancel=should_cancel)
+                                                  should_cancel=should_cancel,
+                                                  on_models=on_models)
                 except _ConnectionLost as e:
                     self._reset()
                     self.reconnects += 1
@@ -245,11 +265,28 @@ class Client:
 
     # -------------------------------------------------------------------------- job API
 
-    def load_model(self, spec, name="", timeout=None):
-        """Loads (or re-uses) a model. Returns its ModelInfo. `spec` is a wire.ModelSpec."""
+    def load_model(self, spec, name="", timeout=None, progress=None, should_cancel=None):
+        """Loads (or re-uses) a model. Returns its ModelInfo. `spec` is a wire.ModelSpec.
+
+        progress: called as progress(bytes_loaded, bytes_total) while the coordinator loads
+          (from its ListModels, every PROGRESS_INTERVAL seconds) and once at the end.
+        should_cancel: a callable polled while waiting; when it returns true the load is
+          cancelled on the coordinator (it stops before its next block and evicts what it
+          loaded) and CancelledError is raised.
+        """
+        on_models = None
+        if progress is not None:
+            def on_models(models):
+                for m in models:
+                    if m.state == "loading" and (m.name == name if name else m.path == spec.path):
+                        progress(m.bytes_loaded, m.bytes_total)
         reply, _ = self._call(lambda rid: wire.load_model_request(rid, spec, name), "LoadModel",
-                              self.load_timeout if timeout is None else timeout)
-        return self._expect(reply, "LoadModelResponse", "LoadModel")
+                              self.load_timeout if timeout is None else timeout,
+                              should_cancel=should_cancel, on_models=on_models)
+        info = self._expect(reply, "LoadModelResponse", "LoadModel")
+        if progress is not None:
+            progress(info.bytes_loaded, info.bytes_total)
+        return info
 
     def unload_model(self, name, timeout=None):
         reply, _ = self._call(lambda rid: wire.unload_model_request(rid, name), "UnloadModel",

@@ -37,6 +37,10 @@ def _s(b):
     return b.decode() if b is not None else ""
 
 
+SLOW_LOAD_TOTAL = 400   # bytes of a "slowload*" model on the JobPeer
+SLOW_LOAD_STEPS = 4     # ListModels answers before its load completes
+
+
 class JobPeer:
     """A ROUTER on tcp://127.0.0.1:<port> answering job requests. `port=None` picks one."""
 
@@ -57,6 +61,9 @@ class JobPeer:
         self.helloed = set()
         self.models = {}
         self._pending = {}        # (peer, request id) of Forwards waiting for a cancel
+        # "slowload*" models: (peer, request id) -> [name, path, ListModels answered]; the load
+        # is answered after SLOW_LOAD_STEPS ListModels (each shows more bytes), or cancelled.
+        self._loads = {}
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -94,7 +101,8 @@ class JobPeer:
             return g.AckEnd(b)
         self._send(peer, rid, g.JobResponseBody.Ack, body)
 
-    def _model_info(self, b, name, path):
+    def _model_info(self, b, name, path, loading=None):
+        """loading: None (Ready) or bytes loaded so far of SLOW_LOAD_TOTAL (state Loading)."""
         strings = [b.CreateString(s) for s in (name, path, "flux", "cuda:0", json.dumps(
             {"config": {"guidance_embed": "schnell" not in path, "in_channels": 16,
                         "out_channels": 16, "depth": 2, "depth_single_blocks": 2},
@@ -103,7 +111,10 @@ class JobPeer:
         g.ModelInfoAddName(b, strings[0])
         g.ModelInfoAddPath(b, strings[1])
         g.ModelInfoAddFamily(b, strings[2])
-        g.ModelInfoAddState(b, g.ModelState.Ready)
+        g.ModelInfoAddState(b, g.ModelState.Ready if loading is None else g.ModelState.Loading)
+        if "slowload" in path:
+            g.ModelInfoAddBytesLoaded(b, SLOW_LOAD_TOTAL if loading is None else loading)
+            g.ModelInfoAddBytesTotal(b, SLOW_LOAD_TOTAL)
         g.ModelInfoAddComputeDevice(b, strings[3])
         g.ModelInfoAddKeepLoaded(b, True)
         g.ModelInfoAddPlanJson(b, strings[4])
@@ -183,6 +194,9 @@ class JobPeer:
                     self._send(peer, rid, g.JobResponseBody.PlanResponse, plan)
                 else:
                     name = _s(r.Name()) or os.path.splitext(os.path.basename(details["path"]))[0]
+                    if details["path"].startswith("slowload"):
+                        self._loads[(peer, rid)] = [name, details["path"], 0]
+                        continue
                     self.models[name] = details["path"]
 
                     def load(b, name=name, path=details["path"]):
@@ -195,8 +209,17 @@ class JobPeer:
             if kind == g.JobRequestBody.ListModelsRequest:
                 self.requests.append(("ListModels", {}))
 
+                answered = []
+                for key, load in self._loads.items():
+                    load[2] += 1
+                    if load[2] >= SLOW_LOAD_STEPS:
+                        answered.append(key)
+
                 def lst(b):
                     infos = [self._model_info(b, n, p) for n, p in self.models.items()]
+                    infos += [self._model_info(b, n, p, loading=k * SLOW_LOAD_TOTAL //
+                                               SLOW_LOAD_STEPS)
+                              for n, p, k in self._loads.values()]
                     g.ListModelsResponseStartModelsVector(b, len(infos))
                     for i in reversed(infos):
                         b.PrependUOffsetTRelative(i)
@@ -205,6 +228,16 @@ class JobPeer:
                     g.ListModelsResponseAddModels(b, v)
                     return g.ListModelsResponseEnd(b)
                 self._send(peer, rid, g.JobResponseBody.ListModelsResponse, lst)
+                for key in answered:
+                    name, path, _ = self._loads.pop(key)
+                    self.models[name] = path
+
+                    def load(b, name=name, path=path):
+                        m = self._model_info(b, name, path)
+                        g.LoadModelResponseStart(b)
+                        g.LoadModelResponseAddModel(b, m)
+                        return g.LoadModelResponseEnd(b)
+                    self._send(key[0], key[1], g.JobResponseBody.LoadModelResponse, load)
                 continue
             if kind == g.JobRequestBody.CancelRequest:
                 c = g.CancelRequest()
@@ -214,6 +247,9 @@ class JobPeer:
                 if (peer, target) in self._pending:
                     del self._pending[(peer, target)]
                     self._error(peer, target, g.ErrorCode.Cancelled, "Forward cancelled")
+                if (peer, target) in self._loads:
+                    del self._loads[(peer, target)]
+                    self._error(peer, target, g.ErrorCode.Cancelled, "load cancelled")
                 self._ack(peer, rid)
                 continue
             if kind == g.JobRequestBody.ForwardRequest:

@@ -4,6 +4,7 @@ written from ComfyUI's source) and a JobPeer standing in for the far end of the 
 import importlib.util
 import json
 import os
+import socket
 import struct
 import sys
 import threading
@@ -34,6 +35,12 @@ def load_package():
     spec.loader.exec_module(module)
     return module
 
+
+# No coordinator control API here: the device lists are the static ones (a closed port).
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    NO_CONTROL = "http://127.0.0.1:%d" % _s.getsockname()[1]
+os.environ["TENSORFLEET_CONTROL"] = NO_CONTROL
 
 PKG = load_package()
 Loader = PKG.NODE_CLASS_MAPPINGS["UNETLoaderTensorfleet"]
@@ -70,6 +77,8 @@ def conds(batch=1, seed=0):
 def test_node_surface_mirrors_distorch2(models_dir):
     assert PKG.NODE_DISPLAY_NAME_MAPPINGS == {
         "UNETLoaderTensorfleet": "Load Diffusion Model (Tensorfleet)",
+        "UnetLoaderGGUFTensorfleet": "Unet Loader GGUF (Tensorfleet)",
+        "UnetLoaderGGUFAdvancedTensorfleet": "Unet Loader GGUF Advanced (Tensorfleet)",
         "TensorfleetPlan": "Tensorfleet Plan"}
     for cls in PKG.NODE_CLASS_MAPPINGS.values():
         assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY == "tensorfleet"
@@ -77,6 +86,22 @@ def test_node_surface_mirrors_distorch2(models_dir):
     types = Loader.INPUT_TYPES()
     assert types["required"]["unet_name"][0] == ["dev.safetensors", "q8/dev-Q8_0.gguf",
                                                  "schnell.safetensors", "slow.safetensors"]
+    # ComfyUI's UNETLoader: unet_name, weight_dtype (DisTorch2 keeps them first).
+    assert list(types["required"]) == ["unet_name", "weight_dtype"]
+    assert types["required"]["weight_dtype"][0] == ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast",
+                                                    "fp8_e5m2"]
+    # DisTorch2's inputs in upstream's order, then ours.
+    assert list(types["optional"]) == ["compute_device", "virtual_vram_gb", "donor_device",
+                                       "expert_mode_allocations", "eject_models",
+                                       "compute_dtype", "keep_loaded", "mode", "coordinator"]
+    gguf = PKG.NODE_CLASS_MAPPINGS["UnetLoaderGGUFTensorfleet"].INPUT_TYPES()
+    assert gguf["required"]["unet_name"][0] == ["q8/dev-Q8_0.gguf"]
+    adv = PKG.NODE_CLASS_MAPPINGS["UnetLoaderGGUFAdvancedTensorfleet"].INPUT_TYPES()
+    assert list(adv["required"]) == ["unet_name", "dequant_dtype", "patch_dtype",
+                                     "patch_on_device"]
+    assert adv["required"]["dequant_dtype"] == (["default", "target", "float32", "float16",
+                                                 "bfloat16"], {"default": "default"})
+    assert adv["required"]["patch_on_device"] == ("BOOLEAN", {"default": False})
     opt = types["optional"]
     devices = opt["compute_device"][0]
     assert devices[0] == "cpu" and devices[1] == "cuda:0"
