@@ -90,10 +90,15 @@ def _device_order(device):
 
 
 def cluster_devices(url=None, timeout=DEVICE_QUERY_TIMEOUT):
-    """The devices of the cluster's workers (GET <control>/v2/workers), in DisTorch2's order.
-    Raises OSError / ValueError when the coordinator does not answer or answers nonsense."""
+    """The devices of the cluster's workers (GET <control>/v2/workers, with $TENSORFLEET_TOKEN
+    as bearer token when set), in DisTorch2's order. Raises OSError / ValueError when the
+    coordinator does not answer or answers nonsense."""
     url = url or control_url()
-    with urllib.request.urlopen(url + "/v2/workers", timeout=timeout) as r:
+    request = urllib.request.Request(url + "/v2/workers")
+    token = os.environ.get("TENSORFLEET_TOKEN", "").strip()
+    if token:  # the coordinator's --http-token-file
+        request.add_header("Authorization", "Bearer " + token)
+    with urllib.request.urlopen(request, timeout=timeout) as r:
         workers = json.load(r)["workers"]
     devices = {w["device"] for w in workers
                if isinstance(w.get("device"), str) and w["device"] and

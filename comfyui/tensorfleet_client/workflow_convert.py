@@ -158,9 +158,12 @@ def _convert_ui_node(node, report):
     node["widgets_values"] = [values.get(n, DEFAULTS.get(n)) for n in TARGETS[target]]
     for slot in node.get("inputs") or []:  # widgets turned into sockets keep their links
         if isinstance(slot, dict) and slot.get("name") in renames:
-            slot["name"] = renames[slot["name"]]
+            old_name = slot["name"]
+            slot["name"] = renames[old_name]
             if isinstance(slot.get("widget"), dict):
                 slot["widget"]["name"] = slot["name"]
+            if slot.get("localized_name") == old_name:  # newer frontends save it too
+                slot["localized_name"] = slot["name"]
     props = node.setdefault("properties", {})
     if isinstance(props, dict):
         props["Node name for S&R"] = target

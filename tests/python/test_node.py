@@ -313,3 +313,47 @@ def test_example_workflows_match_the_nodes(models_dir, fname):
     sampler = next(n for n in nodes.values() if n["type"] == "KSampler")
     model_link = sampler["inputs"][0]["link"]
     assert next(l for l in wf["links"] if l[0] == model_link)[1] == ours[0]["id"]
+
+
+# ------------------------------------------------------------- load progress and cancel
+
+@pytest.fixture
+def progress_seen():
+    """(value, total) of every progress-bar update, as ComfyUI's server hook would see them."""
+    import comfy.utils  # noqa: PLC0415 - the stand-in's progress bar
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: seen.append((value, total)))
+    yield seen
+    comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_load_drives_comfys_progress_bar_with_bytes_loaded(peer, models_dir, progress_seen):
+    from conftest_client import SLOW_LOAD_STEPS, SLOW_LOAD_TOTAL  # noqa: PLC0415
+    (models_dir / "slowload.safetensors").write_bytes(b"")
+    seen = progress_seen
+    load(peer, "slowload.safetensors")
+    # The peer answers the load after SLOW_LOAD_STEPS ListModels, each showing more bytes.
+    step = SLOW_LOAD_TOTAL // SLOW_LOAD_STEPS
+    assert seen == [(k * step, SLOW_LOAD_TOTAL) for k in range(1, SLOW_LOAD_STEPS + 1)] + \
+        [(SLOW_LOAD_TOTAL, SLOW_LOAD_TOTAL)]  # and once more from the load's own answer
+    kinds = [k for k, _ in peer.requests]
+    assert kinds == ["Hello", "Plan", "LoadModel"] + ["ListModels"] * SLOW_LOAD_STEPS
+
+
+def test_comfy_cancel_during_a_load_cancels_it_on_the_coordinator(peer, models_dir,
+                                                                  progress_seen):
+    (models_dir / "slowload.safetensors").write_bytes(b"")
+    seen = []
+    import comfy.utils  # noqa: PLC0415
+    # ComfyUI's Cancel, pressed when the first progress arrives.
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: (seen.append(value),
+                                                     mm.interrupt_current_processing(True)))
+    with pytest.raises(mm.InterruptProcessingException):
+        load(peer, "slowload.safetensors")
+    kinds = [k for k, _ in peer.requests]
+    assert kinds == ["Hello", "Plan", "LoadModel", "ListModels", "Cancel"]
+    assert peer.requests[-1][1]["target"] == 3  # the LoadModel's request id
+    assert seen == [100] and "slowload" not in peer.models
+    assert not mm.processing_interrupted()  # ComfyUI's flag is consumed, as upstream does
