@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """An independent Flux.1 forward pass in python3-torch, written from
-../shared/reference/architectures.md §1-§2 (not from our C++), used as the oracle for
-fleet-run-local. It computes in float64 by default; only the timestep sinusoid is formed in
-float32, exactly as ComfyUI does (architectures.md §6).
+the description in docs/models.md, "Flux as ComfyUI computes it" (not from our C++), used as the
+oracle for fleet-run-local. It computes in float64 by default; only the timestep sinusoid is
+formed in float32, exactly as ComfyUI does (docs/models.md, "Precision: what a reference must
+copy").
 
 Its safetensors I/O lives in safetensors_io.py (re-exported here).
 
@@ -19,7 +20,7 @@ from safetensors_io import load_safetensors, save_safetensors  # noqa: F401 (re-
 
 
 # ---------------------------------------------------------------------------------------------
-# Building blocks, each from its description in architectures.md §2.
+# Building blocks, each from its description in docs/models.md ("Flux as ComfyUI computes it").
 
 def layer_norm(x, eps=1e-6):
     """LayerNorm over the last axis without affine parameters."""

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A minimal safetensors reader and writer on python3-torch (Debian has no safetensors package),
 shared by the Python tests, the Flux reference and the file fixtures of the C++ tests. The writer
-is the one of reference/toolchain.md section 3: independent of our C++ writer."""
+is the one of docs/toolchain.md section 3: independent of our C++ writer."""
 import json
 import struct
 

@@ -9,7 +9,8 @@ import torch
 import flux_reference as ref
 from conftest import run_checked
 
-KEYS_TSV = pathlib.Path("/work/shared/reference/keys/flux-dev.tsv")
+# The real checkpoint's key list (the repository's copy, shared with the C++ layout tests).
+KEYS_TSV = pathlib.Path(__file__).resolve().parents[1] / "unit/formats/keys/flux-dev.tsv"
 
 
 def run_local(fleet_bin, tmp_path, model, inputs, *flags, trace=False):

@@ -289,8 +289,7 @@ def to_ts(objs_with_source, tmp):
 
 
 def main():
-    dc.require_tool("kubectl")
-    dc.require_tool("node")
+    dc.require_machine_tool("kubectl", (1, 21), ["version", "--client"])
     dc.require_node_modules("kubernetes-models", "typescript")
     overlays = sorted(p for p in (dc.ROOT / "deploy/k8s/overlays").iterdir() if (p / "kustomization.yaml").exists())
     if not overlays:

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
-"""Writes a safetensors file with torch (tests/python/safetensors_io.py: the toolchain.md writer,
-independent of ours) and a JSON sidecar listing each tensor's dtype, shape and bytes (hex), for
-safetensors_test.cc."""
+"""Writes a safetensors file with torch (tests/python/safetensors_io.py: the writer of
+docs/toolchain.md section 3, independent of ours) and a JSON sidecar listing each tensor's dtype,
+shape and bytes (hex), for safetensors_test.cc."""
 import json
 import pathlib
 import sys

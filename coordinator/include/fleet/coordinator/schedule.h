@@ -11,8 +11,8 @@
 // from measured bandwidth and per-block compute time (defaults until measured), and the
 // explanation says what it chose and why.
 //
-// Result contract (DESIGN.md section 4): a range computes on another device only when that
-// device's backing has the same type as the compute device's (all CPU, or all CUDA), unless
+// Result contract (docs/ARCHITECTURE.md section 5): a range computes on another device only when
+// that device's backing has the same type as the compute device's (all CPU, or all CUDA), unless
 // allow_mixed is set; otherwise auto streams it and pipeline is an error that says so.
 //
 // Thread safety: pure functions over values.

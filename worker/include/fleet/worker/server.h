@@ -1,4 +1,4 @@
-// WorkerServer: the fleet-worker process minus its flag parsing (DESIGN.md section 2).
+// WorkerServer: the fleet-worker process minus its flag parsing (docs/ARCHITECTURE.md section 3).
 //
 // One worker serves one device. It holds blocks of models under a hard capacity budget
 // (weights live in the shm arena's weights range on CPU backing, so peers can read them
