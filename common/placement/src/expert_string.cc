@@ -97,39 +97,52 @@ StatusOr<ExpertString> ParseExpert(std::string_view text) {
       if (!out.normalised_devices.empty()) out.normalised_devices += ", ";
       out.normalised_devices += "'" + e.device_text + "' as " + e.id.ToString();
     }
-    for (const auto& prev : out.entries) {
-      if (prev.id == e.id) {
-        return fail(e.Where() + " names " + e.id.ToString() + " again (first in " + prev.Where() +
-                    "); each device may appear once");
-      }
-    }
     if (value.empty()) {
       return fail(e.Where() + " has an empty value (expected e.g. 4gb, 25%, 0.5 or *)");
     }
     if (value == "*") {
       e.kind = TokenKind::kWildcard;
     } else if (value.find('*') != std::string_view::npos) {
-      return fail(e.Where() + ": a wildcard value must be just '*' (DisTorch2 ignored the " +
-                  "number next to it)");
+      // DisTorch2 makes any value holding a '*' the wildcard and ignores the rest. We accept
+      // one '*' before or after a value that is itself valid ("5gb*", "*5gb"), and warn.
+      size_t star = value.find('*');
+      std::string_view rest;
+      if (star == 0 && value.find('*', 1) == std::string_view::npos) {
+        rest = config::TrimSpace(value.substr(1));
+      } else if (star == value.size() - 1) {
+        rest = config::TrimSpace(value.substr(0, star));
+      } else {
+        return fail(e.Where() + ": a wildcard is '*', optionally with one number before or " +
+                    "after it (which is ignored), e.g. cpu,* or cpu,5gb*");
+      }
+      Status valid = Status::OK();
+      if (!rest.empty() && rest.back() == '%') {
+        valid = ParseDecimal(rest.substr(0, rest.size() - 1)).status();
+      } else if (!config::IsPlainNumber(rest)) {
+        valid = config::ParseBytes(rest).status();
+      }
+      if (!valid.ok()) {
+        return fail(e.Where() + ": the text next to '*' is not a value (" +
+                    std::string(valid.message()) + ")");
+      }
+      e.kind = TokenKind::kWildcard;
+      out.warnings.push_back("expert_mode_allocations: " + e.Where() + ": '" + e.value_text +
+                             "' makes " + e.id.ToString() +
+                             " the wildcard (it takes the rest of the model); the number " +
+                             std::string(rest) + " is ignored, as in DisTorch2 (write " +
+                             e.id.ToString() + ",* to say so)");
     } else if (value.back() == '%') {
       e.kind = TokenKind::kRatio;
       auto d = ParseDecimal(value.substr(0, value.size() - 1));
       if (!d.ok()) return fail(e.Where() + ": invalid ratio: " + std::string(d.status().message()));
       e.number = *d;
     } else if (config::IsPlainNumber(value)) {
-      e.kind = TokenKind::kFraction;
+      e.kind = TokenKind::kFraction;  // above 1: bytes or a percentage, decided below
       auto d = ParseDecimal(value);
       if (!d.ok()) {
         return fail(e.Where() + ": invalid fraction: " + std::string(d.status().message()));
       }
       e.number = *d;
-      uint64_t one = 1;
-      for (int i = 0; i < e.number.scale; ++i) one *= 10;
-      if (e.number.mantissa > one) {
-        return fail(e.Where() + ": fraction " + e.value_text +
-                    " is above 1 (a fraction of the device's total memory; for bytes write " +
-                    e.value_text + "b)");
-      }
     } else {
       auto bytes = config::ParseBytes(value);
       if (!bytes.ok()) return fail(e.Where() + ": " + std::string(bytes.status().message()));
@@ -141,6 +154,77 @@ StatusOr<ExpertString> ParseExpert(std::string_view text) {
   }
   if (out.entries.empty()) {
     return fail("no device,value entry in '" + std::string(text) + "'");
+  }
+
+  // A plain number above 1 cannot be a fraction of a device's memory: next to byte values it
+  // is a byte count, next to percentages a percentage (DisTorch2's '%' is optional).
+  bool unit_bytes = false, percentages = false;
+  for (const auto& e : out.entries) {
+    unit_bytes |= e.kind == TokenKind::kBytes;
+    percentages |= e.kind == TokenKind::kRatio;
+  }
+  for (auto& e : out.entries) {
+    if (e.kind != TokenKind::kFraction) continue;
+    uint64_t one = 1;
+    for (int i = 0; i < e.number.scale; ++i) one *= 10;
+    if (e.number.mantissa <= one) continue;
+    if (percentages) {
+      e.kind = TokenKind::kRatio;
+      out.warnings.push_back("expert_mode_allocations: " + e.Where() + ": " + e.value_text +
+                             " without '%' among percentages is read as " + e.value_text +
+                             "% (write " + e.value_text + "% to say so)");
+    } else if (unit_bytes) {
+      auto bytes = config::ParseBytes(e.value_text);
+      if (!bytes.ok()) return fail(e.Where() + ": " + std::string(bytes.status().message()));
+      e.kind = TokenKind::kBytes;
+      e.bytes = *bytes;
+      out.warnings.push_back("expert_mode_allocations: " + e.Where() + ": " + e.value_text +
+                             " without a unit among byte values is read as bytes (" +
+                             config::FormatBytes(e.bytes) + "; write " + e.value_text +
+                             "b to say so)");
+    } else {
+      return fail(e.Where() + ": fraction " + e.value_text +
+                  " is above 1 (a fraction of the device's total memory; for bytes write " +
+                  e.value_text + "b)");
+    }
+  }
+
+  // A device named twice: its values are added, if they are of the same kind.
+  auto kind_name = [](TokenKind k) -> std::string {
+    switch (k) {
+      case TokenKind::kBytes:
+        return "bytes";
+      case TokenKind::kFraction:
+        return "a fraction";
+      case TokenKind::kRatio:
+        return "a percentage";
+      case TokenKind::kWildcard:
+        return "the wildcard";
+    }
+    return "?";
+  };
+  for (size_t i = 0; i < out.entries.size(); ++i) {
+    const Entry& e = out.entries[i];
+    for (size_t j = 0; j < i; ++j) {
+      const Entry& prev = out.entries[j];
+      if (prev.id != e.id) continue;
+      if (prev.kind != e.kind) {
+        return fail(e.Where() + " names " + e.id.ToString() + " again (first in " + prev.Where() +
+                    ") with " + kind_name(e.kind) + " instead of " + kind_name(prev.kind) +
+                    ": the values of a device named twice are added, so they must be of one "
+                    "kind");
+      }
+      if (!out.duplicates.empty()) out.duplicates += ", ";
+      out.duplicates += e.id.ToString() + " (entries " + std::to_string(prev.index) + " and " +
+                        std::to_string(e.index) + ")";
+      out.warnings.push_back("expert_mode_allocations: " + e.Where() + " names " +
+                             e.id.ToString() + " again (first in " + prev.Where() + "); " +
+                             (e.kind == TokenKind::kWildcard
+                                  ? std::string("it is the wildcard once")
+                                  : "its values are added") +
+                             " (name each device once to avoid this warning)");
+      break;
+    }
   }
 
   bool any_bytes = false, any_fraction = false, any_ratio = false, any_wildcard = false;

@@ -45,16 +45,22 @@ struct Entry {
 };
 
 struct ExpertString {
-  std::vector<Entry> entries;
+  std::vector<Entry> entries;  // a device named twice has two entries of the same kind
   Mode mode = Mode::kBytes;
   // What DisTorch2 would have done with the same text (for Plan::deviations); empty when it
   // would have read every value the way we do.
   std::string upstream_difference;
   bool has_tb_unit = false;        // a value with a t/tb/tib unit (DisTorch2: bytes)
   std::string normalised_devices;  // "' CPU' -> cpu" list when names were trimmed/lower-cased
+  std::string duplicates;          // "cuda:0 (entries 1 and 3)" when a device is named twice
+  // Upstream spellings we read one way and warn about: a number next to '*', a bare number
+  // read as bytes or as a percentage, a device named twice.
+  std::vector<std::string> warnings;
 };
 
 /// Parses a non-empty expert string. Errors name the entry, its text and its position.
+/// A plain number above 1 is bytes when another value has a byte unit, a percentage when
+/// another value is one, and an error otherwise (a fraction cannot exceed 1).
 StatusOr<ExpertString> ParseExpert(std::string_view text);
 
 }  // namespace fleet::placement::internal

@@ -192,6 +192,90 @@ std::vector<size_t> UpstreamOrder(const std::vector<DeviceInfo>& devices,
   return order;
 }
 
+// The most weight bytes the walk may give the compute device besides its pinned units: its
+// capacity minus pinned units and headroom, the prefetch estimated from the largest free unit.
+uint64_t ComputeWeightRoom(const DeviceInfo& compute, uint64_t pinned_bytes,
+                           const Headroom& headroom, uint64_t largest_free) {
+  uint64_t need = SatAdd(
+      SatAdd(pinned_bytes, headroom.activation_bytes),
+      SatAdd(headroom.reserve_bytes,
+             internal::MulDiv(largest_free, static_cast<uint64_t>(headroom.prefetch_depth), 1)));
+  return SatSub(compute.capacity_bytes, need);
+}
+
+// GPU-only mode: `rest` bytes that the quotas leave go to the devices of the walk (the GPUs of
+// the string and the compute device) in proportion to their quotas, each up to its room (its
+// capacity minus its quota; `compute_room` for the compute device). Water filling: a device
+// whose share would exceed its room gets its room and the others share the rest again. What
+// the devices with a quota cannot hold goes to a compute device with no quota of its own, as
+// DisTorch2's orphans do. Integer bytes; a byte left over by rounding goes to the first devices
+// of the walk. Adds the shares to walk->quota and *spread.
+Status SpreadGpuOnly(const std::vector<DeviceInfo>& devices, const std::vector<Quota>& quota,
+                     size_t compute, uint64_t rest, uint64_t compute_room, Walk* walk,
+                     std::vector<uint64_t>* spread) {
+  auto room = [&](size_t d) {
+    uint64_t cap = d == compute ? compute_room : devices[d].capacity_bytes;
+    return SatSub(cap, SatAdd(walk->quota[d], (*spread)[d]));
+  };
+  auto weight = [&](size_t d) { return quota[d].named ? quota[d].bytes : 0; };
+  uint64_t left = rest;
+  std::vector<size_t> active;
+  for (size_t d : walk->order) {
+    if (weight(d) > 0 && room(d) > 0) active.push_back(d);
+  }
+  while (left > 0 && !active.empty()) {
+    unsigned __int128 total = 0;
+    for (size_t d : active) total += weight(d);
+    std::vector<size_t> capped;
+    std::vector<uint64_t> share(active.size());
+    for (size_t i = 0; i < active.size(); ++i) {
+      share[i] = static_cast<uint64_t>(static_cast<unsigned __int128>(left) * weight(active[i]) /
+                                       total);
+      if (share[i] >= room(active[i])) capped.push_back(active[i]);
+    }
+    if (!capped.empty()) {  // the capped devices take their room; the others share again
+      for (size_t d : capped) {
+        uint64_t r = room(d);
+        (*spread)[d] += r;
+        left -= r;
+      }
+      std::erase_if(active, [&](size_t d) { return room(d) == 0; });
+      continue;
+    }
+    uint64_t given = 0;
+    for (size_t i = 0; i < active.size(); ++i) {
+      (*spread)[active[i]] += share[i];
+      given += share[i];
+    }
+    left -= given;
+    for (size_t i = 0; left > 0 && i < active.size(); ++i) {  // rounding: fewer than |active|
+      ++(*spread)[active[i]];
+      --left;
+    }
+  }
+  if (left > 0 && weight(compute) == 0) {
+    uint64_t r = std::min(left, room(compute));
+    (*spread)[compute] += r;
+    left -= r;
+  }
+  if (left > 0) {
+    std::string tried;
+    for (size_t d : walk->order) {
+      if (!tried.empty()) tried += ", ";
+      tried += devices[d].id.ToString() + " " + Size((*spread)[d]) + " more than its quota of " +
+               Size(weight(d));
+    }
+    return ResourceExhaustedError(
+        "expert_mode_allocations: GPU-only mode (no '*' and no cpu entry): the quotas leave " +
+        SizeExact(rest) + " of the model, and the devices it tried can hold only " +
+        SizeExact(rest - left) + " of it (" + tried +
+        "; each up to its capacity, the compute device's less pinned units and headroom): " +
+        SizeExact(left) + " missing; add cpu,* to let the rest go to CPU RAM, or add a device");
+  }
+  for (size_t d : walk->order) walk->quota[d] += (*spread)[d];
+  return Status::OK();
+}
+
 std::string OrderText(const std::vector<DeviceInfo>& devices, const std::vector<size_t>& order) {
   std::string out;
   for (size_t d : order) out += (out.empty() ? "" : ", ") + devices[d].id.ToString();
@@ -317,6 +401,14 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
                                                      " (trimmed, any case); DisTorch2 passed "
                                                      "the text to torch, which raised"});
     }
+    if (!parsed.duplicates.empty()) {
+      plan.deviations.push_back(
+          {"duplicate-devices",
+           "a device named twice, " + parsed.duplicates +
+               ", gets the sum of its values; DisTorch2 kept only the last value (in bytes "
+               "mode after taking both from the model, so the difference went missing)"});
+    }
+    for (const auto& w : parsed.warnings) plan.warnings.push_back(w);
     std::string lower(expert);
     for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     upstream_bytes_mode = lower.find_first_of("gmkb") != std::string::npos;
@@ -333,12 +425,18 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
     for (const auto& e : parsed.entries) {
       any_wildcard |= e.kind == TokenKind::kWildcard;
       if (e.kind == TokenKind::kRatio) {
-        if (e.number.scale > 6 || e.number.mantissa >= 1000000000000000ull) {
+        uint64_t pow10 = 1;
+        for (int i = 0; i < e.number.scale && i < 7; ++i) pow10 *= 10;
+        if (e.number.scale > 6 || e.number.mantissa / pow10 >= 1000000000ull) {
           return InvalidArgumentError("expert_mode_allocations: " + e.Where() +
                                       ": ratio has too many digits (at most 9 before and 6 "
                                       "after the point)");
         }
         ratio_sum += ratio_units(e.number);
+        if (ratio_sum >= 1000000000000000000ull) {  // keeps every sum below in 64 bits
+          return InvalidArgumentError("expert_mode_allocations: " + e.Where() +
+                                      ": the ratios add up to 10^12% or more");
+        }
       }
     }
     if (parsed.mode == Mode::kRatio) {
@@ -354,6 +452,7 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
       }
     }
     uint64_t ratio_den = any_wildcard ? 100ull * 1000000 : static_cast<uint64_t>(ratio_sum);
+    std::vector<uint64_t> ratio_of(devices.size(), 0);  // percent x 10^6, duplicates added
     for (const auto& e : parsed.entries) {
       auto d = index_of(e.id);
       if (!d) {
@@ -362,15 +461,16 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
       }
       Quota& q = quota[*d];
       q.named = true;
-      switch (e.kind) {
+      switch (e.kind) {  // a device named twice: the entries are of one kind, added
         case TokenKind::kBytes:
-          q.bytes = e.bytes;
+          q.bytes = SatAdd(q.bytes, e.bytes);
           break;
         case TokenKind::kFraction:
-          q.bytes = internal::MulDecimal(devices[*d].total_bytes, e.number);
+          q.bytes = SatAdd(q.bytes, internal::MulDecimal(devices[*d].total_bytes, e.number));
           break;
         case TokenKind::kRatio:
-          q.bytes = internal::MulDiv(model_bytes, ratio_units(e.number), ratio_den);
+          ratio_of[*d] += ratio_units(e.number);
+          q.bytes = internal::MulDiv(model_bytes, ratio_of[*d], ratio_den);
           break;
         case TokenKind::kWildcard:
           q.wildcard = true;
@@ -482,7 +582,40 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
     walk.quota[wildcards[k]] =
         k + 1 == wildcards.size() ? kUnbounded : devices[wildcards[k]].capacity_bytes;
   }
+  std::vector<uint64_t> spread(devices.size(), 0);  // GPU-only: bytes added to each quota
+  if (gpu_only) {
+    uint64_t quotas = 0;
+    for (size_t d : walk.order) quotas = SatAdd(quotas, walk.quota[d]);
+    const uint64_t rest = SatSub(free_bytes, quotas);
+    if (rest > 0) {
+      FLEET_RETURN_IF_ERROR(SpreadGpuOnly(devices, quota, compute, rest,
+                                          ComputeWeightRoom(devices[compute], pinned_bytes,
+                                                            headroom, largest_free),
+                                          &walk, &spread));
+      size_t receivers = 0;
+      for (uint64_t b : spread) receivers += b > 0 ? 1 : 0;
+      char buf[160];
+      std::snprintf(buf, sizeof(buf),
+                    "GPU-ONLY MODE: Distributed remaining %.2f MB across %zu GPUs (no CPU "
+                    "fallback)",
+                    static_cast<double>(rest) / (1 << 20), receivers);
+      plan.notes.push_back(buf);
+    }
+  }
   WalkResult result = RunWalk(units, compute, walk);
+  for (size_t w : walk.order) {  // what each wildcard took beyond its own quota (DisTorch2's log)
+    if (!quota[w].wildcard || plan.mode == Mode::kComputeOnly) continue;
+    uint64_t took = 0;
+    for (size_t u = 0; u < units.size(); ++u) {
+      if (result.device[u] == w && !units[u].pinned) took += units[u].bytes;
+    }
+    took = SatSub(took, quota[w].bytes);
+    if (took == 0) continue;
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "Assigning remaining %.2f MB of model to wildcard device '%s'",
+                  static_cast<double>(took) / (1 << 20), devices[w].id.ToString().c_str());
+    plan.notes.push_back(buf);
+  }
 
   // The plan's tables.
   for (size_t i = 0; i < devices.size(); ++i) {
@@ -578,12 +711,23 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
                             plan.compute_device.ToString() +
                             " (DisTorch2's orphans); raise a quota or add a '*' entry");
   }
-  if (gpu_only && plan.orphan_bytes > 0 && upstream_bytes_mode) {
+  uint64_t spread_bytes = 0;
+  std::string spread_to;
+  for (size_t d : walk.order) {
+    if (spread[d] == 0) continue;
+    spread_bytes += spread[d];
+    spread_to += (spread_to.empty() ? "" : ", ") + devices[d].id.ToString() + " " +
+                 Size(spread[d]);
+  }
+  if (spread_bytes > 0) {
     plan.deviations.push_back(
-        {"gpu-only", "no '*' and no cpu entry: " + Size(plan.orphan_bytes) +
-                         " that the quotas leave stay on the compute device " +
-                         plan.compute_device.ToString() +
-                         "; DisTorch2 would have put them on cpu, its default wildcard"});
+        {"gpu-only",
+         "no '*' and no cpu entry: the " + Size(spread_bytes) +
+             " that the quotas leave are spread over the GPUs in proportion to their quotas (" +
+             spread_to + "); DisTorch2 would have " +
+             (upstream_bytes_mode ? "put them on cpu, its default wildcard in bytes mode"
+                                  : "left them on the compute device " +
+                                        plan.compute_device.ToString() + " (orphans)")});
   }
   bool has_donor = false;
   for (size_t i = 0; i < devices.size(); ++i) has_donor |= i != compute && quota[i].named;
@@ -650,10 +794,11 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
       std::string example;
       for (size_t d = 0; d < devices.size(); ++d) {
         if (!quota[d].named || quota[d].wildcard) continue;
-        uint64_t r = UpstreamRounded(quota[d].bytes, devices[d].total_bytes);
+        uint64_t exact = SatAdd(quota[d].bytes, spread[d]);
+        uint64_t r = UpstreamRounded(exact, devices[d].total_bytes);
         rounded.quota[d] = d == compute ? SatSub(r, pinned_bytes) : r;
-        if (r != quota[d].bytes && example.empty()) {
-          example = devices[d].id.ToString() + "'s quota of " + SizeExact(quota[d].bytes) +
+        if (r != exact && example.empty()) {
+          example = devices[d].id.ToString() + "'s quota of " + SizeExact(exact) +
                     " would have been " + SizeExact(r);
         }
       }

@@ -71,6 +71,7 @@ std::string Plan::ToJson() const {
                      {"reserve_bytes", reserve_bytes}};
   out["orphan_bytes"] = orphan_bytes;
   out["expert_string"] = expert_string;
+  out["notes"] = notes;
   out["warnings"] = warnings;
   out["deviations"] = nlohmann::ordered_json::array();
   for (const auto& d : deviations) {
@@ -122,6 +123,7 @@ std::string Plan::ToText() const {
   out += "Evict other models first (eject_models): " + std::string(eject_models ? "yes" : "no") +
          "; keep loaded: " + (keep_loaded ? "yes" : "no") + "\n";
   out += "\nv2 Expert String: " + expert_string + "\n";
+  for (const auto& n : notes) out += n + "\n";
   for (const auto& w : warnings) out += "warning: " + w + "\n";
   if (!deviations.empty()) {
     out += std::to_string(deviations.size()) +

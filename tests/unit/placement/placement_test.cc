@@ -84,6 +84,7 @@ struct Case {
   std::optional<std::string> expert_string = {};
   std::optional<std::set<std::string>> deviations = {};
   std::string warning = {};  // substring of some warning
+  std::string note = {};     // substring of some note (DisTorch2's log lines)
   std::optional<Mode> mode = {};
   // Expectations for an error (code != kOk).
   StatusCode error = StatusCode::kOk;
@@ -199,6 +200,11 @@ TEST_P(PlanCaseTest, Plans) {
     bool found = false;
     for (const auto& w : plan->warnings) found |= w.find(c.warning) != std::string::npos;
     EXPECT_TRUE(found) << "no warning with '" << c.warning << "' in:\n" << plan->ToText();
+  }
+  if (!c.note.empty()) {
+    bool found = false;
+    for (const auto& n : plan->notes) found |= n.find(c.note) != std::string::npos;
+    EXPECT_TRUE(found) << "no note with '" << c.note << "' in:\n" << plan->ToText();
   }
 }
 
@@ -425,10 +431,57 @@ std::vector<Case> Cases() {
        .device_bytes = {{"cuda:0", 4 * kGiB}, {"cpu", 20 * kGiB}},
        .deviations = Devs{},
        .warning = "cpu takes the rest"},
-      {.name = "BytesGpuOnly_RestStaysOnGpus",
+      // The compute device is not in the string, so its share of the rest is 0: cuda:1 takes
+      // the rest up to its capacity (21.6 GiB), the compute device what is left beyond that.
+      {.name = "BytesGpuOnly_ComputeNotNamed_RestToTheNamedGpuUpToItsCapacity",
        .devices = k3,
        .model = "u:24:1gb",
        .expert = "cuda:1,12gb",
+       .device_bytes = {{"cuda:0", 3 * kGiB}, {"cuda:1", 21 * kGiB}, {"cpu", 0}},
+       .deviations = Devs{"gpu-only"},
+       .note = "GPU-ONLY MODE: Distributed remaining 12288.00 MB across 2 GPUs (no CPU "
+               "fallback)"},
+      // The WAN 2.2 two-GPU guide's strings (a 33.6 GiB model in 0.4 GiB blocks): GPU-only,
+      // "cuda:0,12gb;cuda:1,16gb", spreads the 5.6 GiB the quotas leave 3:4, so the GPUs hold
+      // 14.4 and 19.2 GiB (43% / 57%, the guide's table); with ";cpu,*" the rest goes to cpu.
+      {.name = "SeedGuideGpuOnly_12gb16gb_Is43And57Percent",
+       .devices = k3,
+       .model = "u:84:0.4gb",
+       .expert = "cuda:0,12gb;cuda:1,16gb",
+       .device_bytes = {{"cuda:0", 36 * 429496729ull}, {"cuda:1", 48 * 429496729ull}, {"cpu", 0}},
+       .unit_device = {{"blocks.83", "cuda:0"}, {"blocks.48", "cuda:0"}, {"blocks.47", "cuda:1"}},
+       .deviations = Devs{"gpu-only"},
+       .note = "GPU-ONLY MODE: Distributed remaining 5734.40 MB across 2 GPUs (no CPU fallback)"},
+      {.name = "SeedGuideCpuFallback_12gb16gbCpuWildcard",
+       .devices = k3,
+       .model = "u:84:0.4gb",
+       .expert = "cuda:0,12gb;cuda:1,16gb;cpu,*",
+       .device_bytes =
+           {{"cuda:0", 30 * 429496729ull}, {"cuda:1", 40 * 429496729ull}, {"cpu", 14 * 429496729ull}},
+       .deviations = Devs{},
+       .note = "Assigning remaining 5734.40 MB of model to wildcard device 'cpu'"},
+      // A second GPU with less room: its share of the rest is capped at its capacity (16.2
+      // GiB), and the compute device takes the rest of the rest.
+      {.name = "SeedGuideGpuOnly_SmallSecondGpu_ShareCappedAtCapacity",
+       .devices = "cuda:0=24gb,cuda:1=18gb,cpu=64gb",
+       .model = "u:84:0.4gb",
+       .expert = "cuda:0,12gb;cuda:1,16gb",
+       .device_bytes = {{"cuda:0", 44 * 429496729ull}, {"cuda:1", 40 * 429496729ull}, {"cpu", 0}},
+       .deviations = Devs{"gpu-only"}},
+      {.name = "SeedGuideGpuOnly_TooBig_SaysBytesMissingAndWhere",
+       .devices = k3,
+       .model = "u:50:1gb",
+       .expert = "cuda:0,12gb;cuda:1,16gb",
+       .error = kFull,
+       .error_has = {"GPU-only mode", "the quotas leave 22.00 GiB",
+                     "cuda:0 7.60 GiB more than its quota of 12.00 GiB",
+                     "cuda:1 5.60 GiB more than its quota of 16.00 GiB",
+                     "8.80 GiB (9448928050 bytes) missing", "cpu,*"}},
+      // Fractions without cpu are GPU-only too (DisTorch2 left the rest on compute as orphans).
+      {.name = "FractionGpuOnly_RestSpread",
+       .devices = k3,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,0.25;cuda:1,0.25",
        .device_bytes = {{"cuda:0", 12 * kGiB}, {"cuda:1", 12 * kGiB}, {"cpu", 0}},
        .deviations = Devs{"gpu-only"}},
       {.name = "BytesGpuOnly_TooBig_SaysBytesMissing",
@@ -552,6 +605,12 @@ std::vector<Case> Cases() {
        .expert = "cuda:0,40%;cuda:1,20%;cuda:2,20%;cpu,20%",
        .device_bytes =
            {{"cuda:0", 16 * kGiB}, {"cuda:1", 8 * kGiB}, {"cuda:2", 8 * kGiB}, {"cpu", 8 * kGiB}}},
+      {.name = "UpstreamReadme_Ratio8_8_4",
+       .devices = k3,
+       .model = "u:40:1gb",
+       .expert = "cuda:0,8%;cuda:1,8%;cpu,4%",
+       .device_bytes = {{"cuda:0", 16 * kGiB}, {"cuda:1", 16 * kGiB}, {"cpu", 8 * kGiB}},
+       .deviations = Devs{}},
       {.name = "RatioDuplicateDevice",
        .devices = k2,
        .model = "u:24:1gb",
@@ -622,6 +681,17 @@ std::vector<Case> Cases() {
        .device_bytes = {{"cuda:0", 18 * kGiB}, {"cpu", 6 * kGiB}},
        .deviations = Devs{},
        .warning = "orphans"},
+      {.name = "UpstreamReadme_Fraction",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,0.1;cpu,0.5",
+       .device_bytes = {{"cuda:0", 2 * kGiB}, {"cpu", 22 * kGiB}},
+       .deviations = Devs{}},
+      {.name = "UpstreamReadme_FractionThreeDevices",
+       .devices = k3,
+       .model = "u:96:64mb",
+       .expert = "cuda:0,0.0207;cuda:1,0.1273;cpu,0.0808",
+       .mode = Mode::kFraction},
       {.name = "FractionMpsName_NotBytes",
        .devices = "mps=32gb,cpu=64gb",
        .model = "u:24:1gb",
@@ -757,12 +827,77 @@ std::vector<Case> Cases() {
        .expert = "cuda:0,1e3gb;cpu,*",
        .error = kBad,
        .error_has = {"unknown unit 'e3gb'"}},
-      {.name = "ExpertWildcardWithNumber",
+      // DisTorch2 ignores a number next to '*' (its README's own example): so do we, warning.
+      {.name = "UpstreamEqual_WildcardWithNumber",
        .devices = k2,
        .model = "u:24:1gb",
        .expert = "cuda:0,4gb;cpu,5gb*",
+       .device_bytes = {{"cuda:0", 4 * kGiB}, {"cpu", 20 * kGiB}},
+       .deviations = Devs{},
+       .warning = "entry 2 'cpu,5gb*' at character 12: '5gb*' makes cpu the wildcard (it takes "
+                  "the rest of the model); the number 5gb is ignored",
+       .note = "Assigning remaining 20480.00 MB of model to wildcard device 'cpu'"},
+      {.name = "WildcardWithNumberBefore",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,4gb;cpu,*5gb",
+       .device_bytes = {{"cuda:0", 4 * kGiB}, {"cpu", 20 * kGiB}},
+       .warning = "the number 5gb is ignored"},
+      {.name = "UpstreamReadme_BytesWildcardWithNumber",
+       .devices = k3,
+       .model = "u:64:128mb",
+       .expert = "cuda:0,500mb;cuda:1,3.0g;cpu,5gb*",
+       .device_bytes = {{"cuda:0", 3 * 128 * kMiB}, {"cuda:1", 3 * kGiB}, {"cpu", 37 * 128 * kMiB}},
+       .warning = "the number 5gb is ignored",
+       .note = "Assigning remaining 4736.00 MB of model to wildcard device 'cpu'"},
+      {.name = "ExpertWildcardStarInsideNumber",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,4gb;cpu,5*gb",
        .error = kBad,
-       .error_has = {"must be just '*'"}},
+       .error_has = {"entry 2 'cpu,5*gb' at character 12: a wildcard is '*'"}},
+      {.name = "ExpertWildcardNextToGarbage",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,4gb;cpu,*abc",
+       .error = kBad,
+       .error_has = {"entry 2 'cpu,*abc' at character 12: the text next to '*' is not a value"}},
+      {.name = "ExpertTwoStars",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cpu,**",
+       .error = kBad,
+       .error_has = {"entry 1 'cpu,**' at character 1: a wildcard is '*'"}},
+      // A plain number above 1 cannot be a fraction: among byte values it is bytes, among
+      // percentages a percentage, and alone an error (FractionAboveOne).
+      {.name = "BareByteCountAmongBytes_IsBytes",
+       .devices = k3,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,4gb;cuda:1,2147483648;cpu,*",
+       .device_bytes = {{"cuda:0", 4 * kGiB}, {"cuda:1", 2 * kGiB}, {"cpu", 18 * kGiB}},
+       .deviations = Devs{"integer-quotas"},  // DisTorch2 also reads bytes, then rounds
+       .warning = "entry 2 'cuda:1,2147483648' at character 12: 2147483648 without a unit among "
+                  "byte values is read as bytes (2.00 GiB; write 2147483648b to say so)"},
+      {.name = "UpstreamEqual_BareByteCountCpuIsDefaultWildcard",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,4gb;cpu,1073741824",
+       .device_bytes = {{"cuda:0", 4 * kGiB}, {"cpu", 20 * kGiB}},
+       .warning = "read as bytes (1.00 GiB"},
+      {.name = "BareNumberAtMostOneAmongBytesIsStillAFraction",
+       .devices = k3,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,4gb;cuda:1,1;cpu,*",
+       .device_bytes = {{"cuda:0", 4 * kGiB}, {"cuda:1", 20 * kGiB}, {"cpu", 0}},
+       .deviations = Devs{"mode-by-token"}},
+      {.name = "UpstreamEqual_BarePercentageAmongPercentages",
+       .devices = "cuda:0=24gb,cpu=72gb",
+       .model = "u:24:1gb",
+       .expert = "cuda:0,25%;cpu,75",
+       .device_bytes = {{"cuda:0", 6 * kGiB}, {"cpu", 18 * kGiB}},
+       .deviations = Devs{},
+       .warning = "entry 2 'cpu,75' at character 12: 75 without '%' among percentages is read "
+                  "as 75%"},
       {.name = "ExpertPlusSign",
        .devices = k2,
        .model = "u:24:1gb",
@@ -775,18 +910,46 @@ std::vector<Case> Cases() {
        .expert = "cuda:0,99999999tb",
        .error = kBad,
        .error_has = {"8 EiB"}},
-      {.name = "ExpertDuplicateDevice",
+      // A device named twice gets the sum of its values (DisTorch2 kept the last one).
+      {.name = "ExpertDuplicateDevice_BytesAdded",
        .devices = k2,
        .model = "u:24:1gb",
        .expert = "cuda:0,1gb;cpu,*;cuda:0,2gb",
-       .error = kBad,
-       .error_has = {"entry 3 'cuda:0,2gb' at character 18 names cuda:0 again"}},
-      {.name = "ExpertDuplicateDeviceSpelledDifferently",
+       .device_bytes = {{"cuda:0", 3 * kGiB}, {"cpu", 21 * kGiB}},
+       .deviations = Devs{"duplicate-devices"},
+       .warning = "entry 3 'cuda:0,2gb' at character 18 names cuda:0 again (first in entry 1 "
+                  "'cuda:0,1gb' at character 1); its values are added"},
+      {.name = "ExpertDuplicateDeviceSpelledDifferently_BytesAdded",
        .devices = k2,
        .model = "u:24:1gb",
-       .expert = "cuda:0,1gb;CUDA:0,2gb",
+       .expert = "cuda:0,1gb;CUDA:0,2gb;cpu,*",
+       .device_bytes = {{"cuda:0", 3 * kGiB}, {"cpu", 21 * kGiB}},
+       .deviations = Devs{"duplicate-devices", "device-names"}},
+      {.name = "ExpertDuplicateDevice_FractionsAdded",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,0.25;cpu,*;cuda:0,0.25",
+       .device_bytes = {{"cuda:0", 12 * kGiB}, {"cpu", 12 * kGiB}},
+       .deviations = Devs{"duplicate-devices", "mode-by-token"}},
+      {.name = "ExpertDuplicateDevice_RatiosAdded",
+       .devices = "cuda:0=24gb,cpu=72gb",
+       .model = "u:24:1gb",
+       .expert = "cuda:0,25%;cpu,50%;cuda:0,25%",
+       .device_bytes = {{"cuda:0", 12 * kGiB}, {"cpu", 12 * kGiB}},
+       .deviations = Devs{"duplicate-devices"}},
+      {.name = "ExpertDuplicateDevice_WildcardTwice",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cpu,*;cuda:0,4gb;cpu,*",
+       .device_bytes = {{"cuda:0", 4 * kGiB}, {"cpu", 20 * kGiB}},
+       .warning = "it is the wildcard once"},
+      {.name = "ExpertDuplicateDevice_DifferentKinds",
+       .devices = k2,
+       .model = "u:24:1gb",
+       .expert = "cuda:0,1gb;cuda:0,0.1;cpu,*",
        .error = kBad,
-       .error_has = {"again"}},
+       .error_has = {"entry 2 'cuda:0,0.1' at character 12 names cuda:0 again (first in entry 1 "
+                     "'cuda:0,1gb' at character 1) with a fraction instead of bytes"}},
       {.name = "ExpertOnlySemicolons",
        .devices = k2,
        .model = "u:24:1gb",
@@ -944,6 +1107,32 @@ TEST(MakePlanTest, HeadroomIsPrefetchDepthTimesLargestStreamedUnit) {
   EXPECT_EQ(plan->prefetch_bytes, 9 * kGiB);
   EXPECT_EQ(plan->Device(device::DeviceId::Cuda(0))->headroom_bytes, 9 * kGiB + 150 * kMiB);
   EXPECT_EQ(plan->Device(device::DeviceId::Cpu())->headroom_bytes, 0u);
+}
+
+// The WAN 2.2 two-GPU guide's table for its GPU-only string: 43% / 57% of the model, as the
+// plan text shows it.
+TEST(SeedGuideTest, GpuOnly12gb16gbPutsFortyThreeAndFiftySevenPercentOnTheGpus) {
+  auto devices = *ParseDeviceTable(k3);
+  Request r;
+  r.expert_mode_allocations = "cuda:0,12gb;cuda:1,16gb";
+  auto plan = MakePlan(devices, MakeModel("u:84:0.4gb"), r);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  auto percent = [&](const device::DeviceId& id) {
+    return std::lround(100.0 * static_cast<double>(plan->Device(id)->weight_bytes) /
+                       static_cast<double>(plan->model_bytes));
+  };
+  EXPECT_EQ(percent(device::DeviceId::Cuda(0)), 43);
+  EXPECT_EQ(percent(device::DeviceId::Cuda(1)), 57);
+  EXPECT_EQ(plan->Device(device::DeviceId::Cpu())->weight_bytes, 0u);
+  std::string text = plan->ToText();
+  EXPECT_NE(text.find("42.9%"), std::string::npos) << text;
+  EXPECT_NE(text.find("57.1%"), std::string::npos) << text;
+  EXPECT_NE(text.find("GPU-ONLY MODE: Distributed remaining 5734.40 MB across 2 GPUs (no CPU "
+                      "fallback)"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(plan->ToJson().find("\"notes\": [\n    \"GPU-ONLY MODE"), std::string::npos)
+      << plan->ToJson();
 }
 
 TEST(MakePlanTest, IsDeterministic) {

@@ -14,7 +14,10 @@
 // compute device then takes units from the model's tail while they fit its quota, and every other
 // device (numeric order, cpu last, the wildcard device after the others) takes the next
 // contiguous range towards the head; what fits no quota stays on the compute device (DisTorch2's
-// "orphans"). Then weights plus inference headroom are checked against every capacity.
+// "orphans"). An expert string with no wildcard and no cpu entry is GPU-only: the part of the
+// model its quotas leave is first spread over its GPUs and the compute device in proportion to
+// their quotas, up to their capacities. Then weights plus inference headroom are checked
+// against every capacity.
 //
 // Thread safety: everything here is a pure function of its arguments or a plain value type.
 #pragma once
@@ -109,6 +112,10 @@ struct Plan {
   uint64_t reserve_bytes = 0;
   uint64_t orphan_bytes = 0;  // bytes that fit no quota and stayed on compute
   std::string expert_string;  // DisTorch's "v2 Expert String": dev,f.ffff;...
+  // Where the rest of the model went, in DisTorch2's log wording ("GPU-ONLY MODE: Distributed
+  // remaining X MB across N GPUs (no CPU fallback)", "Assigning remaining X MB of model to
+  // wildcard device 'cpu'"); X in MiB.
+  std::vector<std::string> notes;
   std::vector<std::string> warnings;
   std::vector<Deviation> deviations;  // only those that changed this plan
   bool eject_models = true;
@@ -121,11 +128,11 @@ struct Plan {
 
   /// {mode, compute_device, model_bytes, devices: [{id, role, total_bytes, capacity_bytes,
   ///  quota_bytes, bytes, pinned_bytes, headroom_bytes, units}], assignments: [{unit, device,
-  ///  bytes, pinned, pin_reason}], headroom, expert_string, warnings, deviations, eject_models,
-  ///  keep_loaded}, indented by 2.
+  ///  bytes, pinned, pin_reason}], headroom, orphan_bytes, expert_string, notes, warnings,
+  ///  deviations, eject_models, keep_loaded}, indented by 2.
   std::string ToJson() const;
   /// Readable tables: devices, per-device assignment summary, pinned units, headroom, the v2
-  /// expert string and warnings.
+  /// expert string, notes and warnings.
   std::string ToText() const;
   /// One paragraph per deviation ("no deviation ..." when there is none).
   std::string ExplainText() const;
