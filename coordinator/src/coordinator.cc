@@ -351,8 +351,9 @@ struct Coordinator::Impl {
     }
   }
 
-  // Loads every unit on its device, one thread per device. Returns the first error.
-  Status LoadUnits(LoadedModel& m) {
+  // Loads every unit on its device, one thread per device. Returns the first error, or
+  // Cancelled once `cancelled` turned true (checked before each unit).
+  Status LoadUnits(LoadedModel& m, const std::shared_ptr<std::atomic<bool>>& cancelled) {
     std::map<std::string, std::vector<std::string>> per_device;
     for (const auto& a : m.plan.assignments) per_device[a.device.ToString()].push_back(a.unit);
     std::mutex err_mu;
@@ -372,6 +373,12 @@ struct Coordinator::Impl {
           {
             std::lock_guard lock(err_mu);
             if (!first_error.ok()) return;
+            if (cancelled && cancelled->load()) {
+              first_error = CancelledError("load of '" + m.name + "' cancelled by the client after " +
+                                           config::FormatBytes(m.bytes_loaded.load()) + " of " +
+                                           config::FormatBytes(m.bytes_total));
+              return;
+            }
           }
           worker::ModelSpec spec{m.name, m.layout.family, m.layout.config_json,
                                  *protocol::ParseDType(m.compute_dtype)};
@@ -545,7 +552,8 @@ StatusOr<PlanResult> Coordinator::Plan(const ModelSpec& spec) const {
   return PlanResult{impl_->PlanJson(m, &*schedule), text, plan.expert_string};
 }
 
-StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, const ModelSpec& spec) {
+StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, const ModelSpec& spec,
+                                           std::shared_ptr<std::atomic<bool>> cancelled) {
   if (draining_.load()) return UnavailableError("the coordinator is shutting down: not loading models");
   std::string name = requested_name.empty() ? DefaultName(spec.path) : requested_name;
   FLEET_RETURN_IF_ERROR(CheckModelName(name));
@@ -661,7 +669,7 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
   FLEET_LOG(INFO, "models") << "loading " << name << " (" << model->layout.family << ", "
                             << config::FormatBytes(model->bytes_total) << " as " << model->compute_dtype << ") on "
                             << model->plan.devices.size() << " devices, compute " << model->compute_device;
-  Status loaded = impl_->LoadUnits(*model);
+  Status loaded = impl_->LoadUnits(*model, cancelled);
   if (!loaded.ok()) {
     {
       std::lock_guard lock(impl_->mu);
@@ -670,7 +678,11 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
       impl_->models.erase(name);
     }
     impl_->EvictEverywhere(*model);  // the units that did load must not stay resident
-    FLEET_LOG(ERROR, "models") << "loading " << name << " failed: " << loaded;
+    if (loaded.code() == StatusCode::kCancelled) {
+      FLEET_LOG(INFO, "models") << loaded.message() << "; what was loaded is evicted";
+    } else {
+      FLEET_LOG(ERROR, "models") << "loading " << name << " failed: " << loaded;
+    }
     return loaded;
   }
   std::lock_guard lock(impl_->mu);

@@ -376,7 +376,7 @@ struct JobServer::Impl {
         const auto* r = req->body_as_LoadModelRequest();
         auto spec = ReadSpec(r->spec());
         if (!spec.ok()) return ErrorReply(id, spec.status());
-        auto info = coordinator->LoadModel(Str(r->name()), *spec);
+        auto info = coordinator->LoadModel(Str(r->name()), *spec, cancelled);  // CancelRequest stops it
         if (!info.ok()) return ErrorReply(id, info.status());
         flatbuffers::FlatBufferBuilder fbb;
         auto body = wire::CreateLoadModelResponse(fbb, BuildModelInfo(fbb, *info));

@@ -108,7 +108,10 @@ class Coordinator {
   static StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options);
   ~Coordinator();
 
-  StatusOr<ModelInfo> LoadModel(const std::string& name, const ModelSpec& spec);
+  /// Loads `spec` as `name` (empty: the file's stem). When `cancelled` turns true the load
+  /// stops before its next unit, evicts what it loaded and returns Cancelled.
+  StatusOr<ModelInfo> LoadModel(const std::string& name, const ModelSpec& spec,
+                                std::shared_ptr<std::atomic<bool>> cancelled = nullptr);
   Status UnloadModel(const std::string& name);
   std::vector<ModelInfo> ListModels() const;
   StatusOr<ModelInfo> GetModel(const std::string& name) const;
