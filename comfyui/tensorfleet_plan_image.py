@@ -3,6 +3,8 @@
 render(plan) takes the coordinator's plan JSON (as a dict: devices, assignments, schedule) and
 returns a float32 numpy array [H, W, 3] in 0..1 (ComfyUI's IMAGE without the batch axis):
 
+- a bar of the whole model in block order across the full width (the ranges stay visible
+  when the model is small against the devices);
 - one bar per device, its length scaled to the device's capacity (the longest bar is the
   largest capacity), the compute device marked;
 - inside each bar the blocks the device holds, in model order, as wide as their bytes and
@@ -187,7 +189,7 @@ def render(plan, title=""):
         for i in range(first, last + 1):
             range_of[units[i]] = k
     legend_rows = min(len(ranges), 16)
-    height = (MARGIN + 3 * LINE + len(devices) * ROW_H + LINE + (legend_rows + 2) * LINE
+    height = (MARGIN + 3 * LINE + (len(devices) + 1) * ROW_H + LINE + (legend_rows + 2) * LINE
               + MARGIN)
     img = np.empty((height, WIDTH, 3), dtype=np.float32)
     img[:] = BACKGROUND
@@ -208,6 +210,33 @@ def render(plan, title=""):
                        for d in devices] + [sum(unit_bytes.values()), 1])
     px_per_byte = (bar_x1 - bar_x0) / float(scale_bytes)
     pipeline_starts = {units[first] for first, _, _, site in ranges if site == "pipeline"}
+
+    def draw_blocks(held, x, by0, by1, scale):
+        """Draws `held` from x on, each block unit_bytes * scale pixels wide."""
+        for u in held:
+            k = range_of.get(u, 0)
+            site = ranges[k][3] if ranges else "resident"
+            sx0, x = int(round(x)), x + unit_bytes[u] * scale
+            sx1 = max(sx0 + 1, int(round(x)))
+            color = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
+            _fill(img, sx0, by0 + 2, sx1, by1 - 2, color)
+            if site == "stream":
+                _hatch(img, sx0, by0 + 2, sx1, by1 - 2)
+            if sx1 - sx0 >= 4:  # a thin separator between blocks
+                _fill(img, sx1 - 1, by0 + 2, sx1, by1 - 2, color * 0.6)
+            if u in pipeline_starts:
+                _fill(img, sx0, by0 - 6, sx0 + 3, by1 + 6, MARK)
+                draw_text(img, sx0 + 5, by1 + 2, "P", MARK)
+
+    # The whole model in block order across the full width: the ranges whatever the capacities.
+    draw_text(img, MARGIN, y + 2, "MODEL, BLOCK ORDER", max_width=LABEL_W - 8)
+    draw_text(img, MARGIN, y + 2 + LINE, "%d BLOCKS" % len(units), DIM, max_width=LABEL_W - 8)
+    total = max(1, sum(unit_bytes.values()))
+    _fill(img, bar_x0, y, bar_x1, y + BAR_H, EMPTY)
+    draw_blocks(units, float(bar_x0), y, y + BAR_H, (bar_x1 - bar_x0) / float(total))
+    _outline(img, bar_x0, y, bar_x1, y + BAR_H, OUTLINE)
+    y += ROW_H
+
     for d in devices:
         dev = d.get("id", "?")
         cap = int(d.get("capacity_bytes") or d.get("total_bytes") or 0)
@@ -221,21 +250,7 @@ def render(plan, title=""):
         by0, by1 = y, y + BAR_H
         bx1 = bar_x0 + max(2, int(round(cap * px_per_byte)))
         _fill(img, bar_x0, by0, bx1, by1, EMPTY)
-        x = float(bar_x0)
-        for u in held:
-            k = range_of.get(u, 0)
-            _, _, _, site = ranges[k] if ranges else (0, 0, "", "resident")
-            sx0, x = int(round(x)), x + unit_bytes[u] * px_per_byte
-            sx1 = max(sx0 + 1, int(round(x)))
-            color = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
-            _fill(img, sx0, by0 + 2, sx1, by1 - 2, color)
-            if site == "stream":
-                _hatch(img, sx0, by0 + 2, sx1, by1 - 2)
-            if sx1 - sx0 >= 4:  # a thin separator between blocks
-                _fill(img, sx1 - 1, by0 + 2, sx1, by1 - 2, color * 0.6)
-            if u in pipeline_starts:
-                _fill(img, sx0, by0 - 6, sx0 + 3, by1 + 6, MARK)
-                draw_text(img, sx0 + 5, by1 + 2, "P", MARK)
+        draw_blocks(held, float(bar_x0), by0, by1, px_per_byte)
         _outline(img, bar_x0, by0, bx1, by1, OUTLINE)
         y += ROW_H
 

@@ -5,15 +5,16 @@ load progress on ComfyUI's progress bar, ComfyUI's Cancel during a load (the mod
 and nothing stays resident on any worker), and the plan picture."""
 
 import json
+import time
 import urllib.request
 
 import numpy as np
 import pytest
 
-import execution  # comfy_standin
 from conftest_client import cluster, run_fleet  # noqa: F401  (fixture)
 from test_node import NO_CONTROL, PKG, Loader, folder_paths, mm, progress_seen, tf  # noqa: F401
 from test_workflow_convert import _widget_names
+import execution  # noqa: E402  (comfy_standin, on sys.path once test_node is imported)
 
 nodes = PKG.tensorfleet_nodes
 image_mod = PKG.tensorfleet_plan_image
@@ -37,9 +38,17 @@ def _model(cluster, name, *flags):
     return name
 
 
-def _workers(cluster):
-    with urllib.request.urlopen("http://%s/v2/workers" % cluster.http, timeout=5) as r:
-        return json.load(r)["workers"]
+def _workers(cluster, since=None):
+    """GET /v2/workers; with `since` (time.monotonic()), once every worker's last heartbeat
+    (which carries its residency) came after that moment."""
+    while True:
+        asked = time.monotonic()
+        with urllib.request.urlopen("http://%s/v2/workers" % cluster.http, timeout=5) as r:
+            workers = json.load(r)["workers"]
+        if since is None or all(w["last_seen_seconds"] < asked - since for w in workers):
+            return workers
+        assert asked - since < 60, "no heartbeat from every worker within a minute"
+        time.sleep(0.1)
 
 
 def test_device_lists_are_the_clusters(control):
@@ -89,7 +98,7 @@ def test_load_progress_on_comfys_bar_and_cancel_leaves_nothing(control, progress
         Loader().load_unet(name, **kw)
     client = nodes.client_for(control.address)
     assert client.list_models() == []
-    for w in _workers(control):
+    for w in _workers(control, since=time.monotonic()):
         assert (w["device"], w["resident_bytes"], w["models"]) == (w["device"], 0, [])
     # Loading again works, and drives the progress bar up to the model's bytes.
     Loader().load_unet(name, **kw)
@@ -99,8 +108,9 @@ def test_load_progress_on_comfys_bar_and_cancel_leaves_nothing(control, progress
     assert all(t == info.bytes_total for _, t in progress_seen)
     values = [v for v, _ in progress_seen]
     assert values == sorted(values)
+    assert sum(w["resident_bytes"] for w in _workers(control, since=time.monotonic())) > 0
     client.unload_model(info.name)
-    assert all(w["resident_bytes"] == 0 for w in _workers(control))
+    assert all(w["resident_bytes"] == 0 for w in _workers(control, since=time.monotonic()))
 
 
 def test_plan_node_pictures_the_placement(control, tmp_path):

@@ -274,8 +274,10 @@ class _Request:
 
 
 def _route():
+    # The package's own route (test_pack imports a second copy from the archive).
     routes = [r for r in server.PromptServer.instance.routes
-              if r.path == "/tensorfleet/convert-workflow"]
+              if r.path == "/tensorfleet/convert-workflow" and
+              r.handler.__module__ == PKG.__name__ + ".tensorfleet_routes"]
     assert len(routes) == 1 and routes[0].method == "POST"
     return routes[0].handler
 
