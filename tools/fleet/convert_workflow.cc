@@ -67,7 +67,8 @@ int ConvertWorkflow(const std::vector<std::string>& args) {
   for (auto& a : argv_s) argv.push_back(a.data());
   argv.push_back(nullptr);
   execvp(python.c_str(), argv.data());
-  std::fprintf(stderr, "fleet convert-workflow: cannot run %s (set FLEET_PYTHON to a python3): %s\n",
+  std::fprintf(stderr,
+               "fleet convert-workflow: cannot run %s (set FLEET_PYTHON to a python3): %s\n",
                python.c_str(), std::strerror(errno));
   return 1;
 }
@@ -76,6 +77,7 @@ int ConvertWorkflow(const std::vector<std::string>& args) {
 
 // Registered by hand: FLEET_REGISTER_COMMAND takes an identifier, and this name has a dash.
 [[maybe_unused]] static const bool kConvertWorkflowRegistered = RegisterCommand(
-    Command{"convert-workflow", "Rewrite a ComfyUI workflow from DisTorch2 loaders to Tensorfleet's", ConvertWorkflow});
+    Command{"convert-workflow",
+            "Rewrite a ComfyUI workflow from DisTorch2 loaders to Tensorfleet's", ConvertWorkflow});
 
 }  // namespace fleet::cli
