@@ -220,6 +220,10 @@ def test_fleet_convert_workflow_writes_what_the_module_computes(fleet_bin, tmp_p
 
 
 def test_fleet_convert_workflow_errors(fleet_bin, tmp_path):
+    r = _fleet(fleet_bin, "-h")
+    assert r.returncode == 0 and r.stdout.startswith("usage: fleet convert-workflow")
+    r = _fleet(fleet_bin, "--version")
+    assert r.returncode == 0 and r.stdout.startswith("fleet ")
     r = _fleet(fleet_bin, tmp_path / "missing.json", tmp_path / "o.json")
     assert r.returncode == 2 and "cannot read" in r.stderr and "missing.json" in r.stderr
     (tmp_path / "bad.json").write_text("{not json")

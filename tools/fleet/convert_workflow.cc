@@ -31,6 +31,12 @@ constexpr const char* kScript = "tensorfleet_client/workflow_convert.py";
 bool IsFile(const std::string& path) { return access(path.c_str(), R_OK) == 0; }
 
 int ConvertWorkflow(const std::vector<std::string>& args) {
+  for (const auto& a : args) {
+    if (a == "--version") {  // answered here: the converter is a script with no version of its own
+      std::printf("fleet %s\n", FLEET_VERSION);
+      return 0;
+    }
+  }
   std::vector<std::string> tried;
   std::string script;
   const char* env = std::getenv("FLEET_COMFYUI_DIR");
