@@ -155,6 +155,53 @@ TEST_F(PlanCliTest, ModelFile) {
   EXPECT_NE(bad.err.find("garbage.safetensors"), std::string::npos) << bad.err;
 }
 
+// The WAN 2.2 two-GPU guide's GPU-only string: a 33.6 GiB model (84 blocks of 0.4 GiB) ends up
+// 43% / 57% on the two GPUs, and the plan says so in DisTorch2's words.
+TEST_F(PlanCliTest, GpuOnlyStringSpreadsTheRestOverTheGpus) {
+  std::string units = "[";
+  for (int i = 0; i < 84; ++i) {
+    units += (i ? "," : "") + std::string("{\"name\": \"blocks.") + std::to_string(i) +
+             "\", \"bytes\": 429496729}";
+  }
+  std::string path = Write("wan.json", units + "]");
+  const std::string devices = "cuda:0=24gb,cuda:1=24gb,cpu=64gb";
+  Outcome r = Plan({"--units", path, "--devices", devices, "--expert-mode-allocations",
+                    "cuda:0,12gb;cuda:1,16gb", "--explain"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("GPU-ONLY MODE: Distributed remaining 5734.40 MB across 2 GPUs (no CPU "
+                       "fallback)"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("42.9%  blocks.48..blocks.83 (36)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("57.1%  blocks.0..blocks.47 (48)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[gpu-only] no '*' and no cpu entry"), std::string::npos) << r.out;
+
+  Outcome j = Plan({"--units", path, "--devices", devices, "--expert-mode-allocations",
+                    "cuda:0,12gb;cuda:1,16gb;cpu,*", "--json"});
+  ASSERT_EQ(j.status, 0) << j.err;
+  auto plan = nlohmann::json::parse(j.out);
+  ASSERT_EQ(plan["notes"].size(), 1u) << j.out;
+  EXPECT_EQ(plan["notes"][0], "Assigning remaining 5734.40 MB of model to wildcard device 'cpu'");
+
+  Outcome full = Plan({"--units", path, "--devices", "cuda:0=16gb,cuda:1=16gb,cpu=64gb",
+                       "--expert-mode-allocations", "cuda:0,12gb;cuda:1,16gb"});
+  EXPECT_EQ(full.status, 2) << full.out;
+  EXPECT_NE(full.err.find("GPU-only mode"), std::string::npos) << full.err;
+  EXPECT_NE(full.err.find("missing"), std::string::npos) << full.err;
+}
+
+// An example from DisTorch2's README: a number next to '*' is ignored, with a warning.
+TEST_F(PlanCliTest, UpstreamReadmeWildcardWithNumberIsAccepted) {
+  Outcome r = Plan({"--example", "flux-dev", "--devices", "cuda:0=24gb,cuda:1=12gb,cpu=64gb",
+                    "--expert-mode-allocations", "cuda:0,500mb;cuda:1,3.0g;cpu,5gb*"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("warning: expert_mode_allocations: entry 3 'cpu,5gb*' at character 26: "
+                       "'5gb*' makes cpu the wildcard"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("of model to wildcard device 'cpu'"), std::string::npos) << r.out;
+}
+
 TEST_F(PlanCliTest, InvalidInputExitsTwoWithOneLine) {
   const std::string devices = "cuda:0=24gb,cpu=64gb";
   struct Case {
@@ -164,6 +211,12 @@ TEST_F(PlanCliTest, InvalidInputExitsTwoWithOneLine) {
       {{"--example", "flux-dev", "--devices", devices, "--expert-mode-allocations",
         "cuda:0,4tbx;cpu,*"},
        "entry 1 'cuda:0,4tbx' at character 1"},
+      {{"--example", "flux-dev", "--devices", devices, "--expert-mode-allocations",
+        "cuda:0,4gb;cpu,5*gb"},
+       "entry 2 'cpu,5*gb' at character 12: a wildcard is '*'"},
+      {{"--example", "flux-dev", "--devices", devices, "--expert-mode-allocations",
+        "cuda:0,4gb;cpu,*;cuda:0,25%"},
+       "entry 3 'cuda:0,25%' at character 18 names cuda:0 again"},
       {{"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0"}, "missing"},
       {{"--example", "flux-dev", "--devices", devices, "--coordinator", "tcp://127.0.0.1:1"},
        "--coordinator is not available yet"},
