@@ -61,6 +61,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fleet-coordinator: unexpected argument '%s'\n", positional[0].c_str());
     return 2;
   }
+  if (!log::SetFormatByName(options.log_format)) {
+    std::fprintf(stderr, "fleet-coordinator: --log-format: expected text or json, got '%s'\n",
+                 options.log_format.c_str());
+    return 2;
+  }
   log::SetProcessTag("coordinator");
 
   // Signals are taken by sigwait below, never by a random thread.

@@ -21,7 +21,64 @@ json ModelJson(const ModelInfo& m, bool with_plan) {
             {"mode", ExecModeName(m.mode)},
             {"keep_loaded", m.keep_loaded}};
   if (!m.error.empty()) j["error"] = m.error;
-  if (with_plan && !m.plan_json.empty()) j["plan"] = json::parse(m.plan_json);
+  json bytes_per_device = json::object();
+  if (!m.plan_json.empty()) {
+    json plan = json::parse(m.plan_json);
+    for (const auto& d : plan["devices"]) {
+      if (d["bytes"].get<uint64_t>() > 0) bytes_per_device[d["id"].get<std::string>()] = d["bytes"];
+    }
+    if (with_plan) j["plan"] = std::move(plan);
+  }
+  j["bytes_per_device"] = std::move(bytes_per_device);
+  return j;
+}
+
+// KServe's tensor datatype for a protocol dtype name.
+std::string KServeDatatype(const std::string& dtype) {
+  if (dtype == "bf16") return "BF16";
+  if (dtype == "f16") return "FP16";
+  if (dtype == "f32") return "FP32";
+  return "BYTES";
+}
+
+// KServe model metadata (GET /v2/models/{name}): name, versions, platform, inputs/outputs as
+// far as the family says, plus our state and a plan summary. Tensors a family does not
+// describe yet are left out (empty lists) rather than guessed.
+json ModelMetadata(const ModelInfo& m) {
+  json j = ModelJson(m, false);
+  j["versions"] = json::array({"1"});
+  j["platform"] = "tensorfleet";
+  json inputs = json::array(), outputs = json::array();
+  if (!m.plan_json.empty()) {
+    json plan = json::parse(m.plan_json);
+    const json& c = plan["config"];
+    const std::string dt = KServeDatatype(plan.value("compute_dtype", ""));
+    if (m.family == "flux") {  // docs/models.md: the Flux forward pass (-1: any size)
+      const int64_t latent = c.value("in_channels", 64) / 4;
+      inputs.push_back({{"name", "x"}, {"datatype", dt}, {"shape", {-1, latent, -1, -1}}});
+      inputs.push_back({{"name", "timestep"}, {"datatype", "FP32"}, {"shape", {-1}}});
+      inputs.push_back({{"name", "context"}, {"datatype", dt}, {"shape", {-1, -1, c.value("context_in_dim", -1)}}});
+      inputs.push_back({{"name", "y"}, {"datatype", dt}, {"shape", {-1, -1}}});
+      if (c.value("guidance_embed", false)) {
+        inputs.push_back({{"name", "guidance"}, {"datatype", dt}, {"shape", {-1}}, {"optional", true}});
+      }
+      outputs.push_back({{"name", "out"}, {"datatype", dt}, {"shape", {-1, c.value("out_channels", 64) / 4, -1, -1}}});
+    }
+    json devices = json::array();
+    for (const auto& d : plan["devices"]) {
+      if (d["bytes"].get<uint64_t>() == 0 && d["role"] == "unused") continue;
+      devices.push_back({{"id", d["id"]}, {"role", d["role"]}, {"bytes", d["bytes"]}, {"units", d["units"].size()}});
+    }
+    j["plan_summary"] = {{"compute_device", plan["compute_device"]},
+                         {"compute_dtype", plan.value("compute_dtype", "")},
+                         {"mode", plan["mode"]},
+                         {"model_bytes", plan["model_bytes"]},
+                         {"expert_string", plan["expert_string"]},
+                         {"devices", devices}};
+    if (plan.contains("schedule")) j["plan_summary"]["bit_identical"] = plan["schedule"]["bit_identical"];
+  }
+  j["inputs"] = inputs;
+  j["outputs"] = outputs;
   return j;
 }
 
@@ -103,10 +160,41 @@ HttpHandler MakeControlApi(Coordinator* c) {
       return Json({{"models", models}});
     }
     const std::string kModel = "/v2/models/";
+    const std::string kReady = "/ready";
+    if (get && p.rfind(kModel, 0) == 0 && p.size() > kModel.size() + kReady.size() &&
+        p.compare(p.size() - kReady.size(), kReady.size(), kReady) == 0) {
+      const std::string name = p.substr(kModel.size(), p.size() - kModel.size() - kReady.size());
+      Status ready = c->ModelReady(name);
+      json body = {{"name", name}, {"ready", ready.ok()}};
+      if (!ready.ok()) body["reason"] = std::string(ready.message());
+      return Json(body, ready.ok() ? 200 : 503);
+    }
     if (get && p.rfind(kModel, 0) == 0) {
       auto m = c->GetModel(p.substr(kModel.size()));
       if (!m.ok()) return ErrorResponse(m.status());
-      return Json(ModelJson(*m, true));
+      json j = ModelMetadata(*m);
+      if (!m->plan_json.empty()) j["plan"] = json::parse(m->plan_json);
+      return Json(j);
+    }
+    if (p == "/v2/repository/index") {
+      if (!post) return ErrorResponse(InvalidArgumentError(req.method + " " + p + ": use POST"));
+      bool ready_only = false;
+      if (!req.body.empty()) {
+        json b = json::parse(req.body, nullptr, false);
+        if (b.is_discarded() || !b.is_object()) return ErrorResponse(InvalidArgumentError("request body is not a JSON object"));
+        if (b.contains("ready")) {
+          if (!b["ready"].is_boolean()) return ErrorResponse(InvalidArgumentError("\"ready\" must be true or false"));
+          ready_only = b["ready"].get<bool>();
+        }
+      }
+      json index = json::array();
+      for (const auto& e : c->RepositoryIndex()) {
+        if (ready_only && e.state != "READY") continue;
+        json row = {{"name", e.name}, {"version", "1"}, {"state", e.state}, {"path", e.path}};
+        if (!e.reason.empty()) row["reason"] = e.reason;
+        index.push_back(std::move(row));
+      }
+      return Json(index);
     }
     const std::string kRepo = "/v2/repository/models/";
     if (p.rfind(kRepo, 0) == 0) {

@@ -510,6 +510,69 @@ void Coordinator::BeginDrain() { draining_.store(true); }
 
 std::vector<ModelInfo> Coordinator::ListModels() const {
   std::lock_guard lock(impl_->mu);
+Status Coordinator::ModelReady(const std::string& name) const {
+  if (draining_.load()) return UnavailableError("draining: the coordinator is shutting down");
+  std::set<std::string> up;
+  for (const auto& w : registry_->Snapshot()) {
+    if (w.up) up.insert(w.device);
+  }
+  std::lock_guard lock(impl_->mu);
+  auto it = impl_->models.find(name);
+  if (it == impl_->models.end()) return NotFoundError("no model named '" + name + "' is loaded");
+  const LoadedModel& m = *it->second;
+  if (m.state == ModelState::kLoading) {
+    return UnavailableError("model '" + name + "' is loading (" + config::FormatBytes(m.bytes_loaded.load()) +
+                            " of " + config::FormatBytes(m.bytes_total) + ")");
+  }
+  if (m.state != ModelState::kReady) {
+    return UnavailableError("model '" + name + "' is " + std::string(ModelStateName(m.state)) +
+                            (m.error.empty() ? "" : ": " + m.error));
+  }
+  std::set<std::string> needed = {m.compute_device};
+  for (const auto& b : m.blocks) needed.insert(b.holder);
+  for (const auto& d : needed) {
+    if (!up.count(d)) return UnavailableError("worker " + d + ", which model '" + name + "' needs, is down");
+  }
+  return Status::OK();
+}
+
+std::vector<RepositoryEntry> Coordinator::RepositoryIndex() const {
+  std::vector<RepositoryEntry> out;
+  std::set<std::string> used;  // files of loaded models
+  {
+    std::lock_guard lock(impl_->mu);
+    for (const auto& [name, m] : impl_->models) {
+      RepositoryEntry e{name, m->rel_path, "", ""};
+      switch (m->state) {
+        case ModelState::kReady: e.state = "READY"; break;
+        case ModelState::kLoading: e.state = "LOADING"; break;
+        case ModelState::kUnloading: e.state = "UNLOADING"; break;
+        case ModelState::kFailed: e.state = "UNAVAILABLE"; e.reason = m->error; break;
+      }
+      used.insert(m->rel_path);
+      out.push_back(std::move(e));
+    }
+  }
+  std::set<std::string> files;  // sorted, unique across roots
+  for (const auto& root : options_.model_root) {
+    std::error_code ec;
+    // Symlinked directories are not followed (no cycles); symlinked files are listed.
+    fs::recursive_directory_iterator it(root, fs::directory_options::skip_permission_denied, ec), end;
+    for (; !ec && it != end && files.size() < kMaxIndexFiles; it.increment(ec)) {
+      if (it.depth() >= 8) it.disable_recursion_pending();
+      std::error_code fec;
+      if (!it->is_regular_file(fec)) continue;
+      const std::string ext = it->path().extension().string();
+      if (ext != ".safetensors" && ext != ".gguf") continue;
+      files.insert(it->path().lexically_relative(root).generic_string());
+    }
+  }
+  for (const auto& f : files) {
+    if (!used.count(f)) out.push_back(RepositoryEntry{f, f, "UNAVAILABLE", "not loaded"});
+  }
+  return out;
+}
+
   std::vector<ModelInfo> out;
   for (const auto& [name, m] : impl_->models) out.push_back(impl_->Info(*m));
   return out;
@@ -682,6 +745,7 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
       FLEET_LOG(INFO, "models") << loaded.message() << "; what was loaded is evicted";
     } else {
       FLEET_LOG(ERROR, "models") << "loading " << name << " failed: " << loaded;
+    metrics_->RemoveModel(name);     // the gauges showed it loading
     }
     return loaded;
   }
@@ -715,10 +779,8 @@ Status Coordinator::UnloadModel(const std::string& name) {
     impl_->models.erase(it);
   }
   impl_->EvictEverywhere(*m);
-  metrics_->model_loaded.Add({{"model", name}}).Set(0);
-  for (const auto& d : m->plan.devices) {
-    metrics_->model_bytes.Add({{"model", name}, {"device", d.id.ToString()}}).Set(0);
-  }
+  // Removed, not zeroed: an unloaded model has no series (docs/metrics.md, "After an unload").
+  metrics_->RemoveModel(name);
   FLEET_LOG(INFO, "models") << "unloaded " << name;
   return Status();
 }
@@ -729,6 +791,18 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
   auto start = Clock::now();
   std::shared_ptr<LoadedModel> m;
   std::string job;
+  auto result = ForwardLoaded(request);
+  // Under mu, and only for a model that is loaded: an unload removes the model's series after
+  // taking it out of `models`, so a late count cannot bring them back, and names of models that
+  // are not loaded never become series.
+  std::lock_guard lock(impl_->mu);
+  if (impl_->models.count(request.model)) {
+    metrics_->forwards.Add({{"model", request.model}, {"outcome", result.ok() ? "ok" : "failed"}}).Increment();
+  }
+  return result;
+}
+
+StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request) {
   bool run_cached = false;
   {
     std::lock_guard lock(impl_->mu);

@@ -45,33 +45,36 @@ HttpResponse ErrorResponse(const Status& status) {
   return HttpResponse{HttpStatusFor(status.code()), j.dump(), "application/json"};
 }
 
-std::string QueryParam(std::string_view query, std::string_view name) {
+std::string PercentDecode(std::string_view raw, bool plus_is_space) {
   auto hex = [](char c) -> int {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
     if (c >= 'A' && c <= 'F') return c - 'A' + 10;
     return -1;
   };
+  std::string out;
+  for (size_t i = 0; i < raw.size(); ++i) {
+    if (raw[i] == '+' && plus_is_space) {
+      out += ' ';
+    } else if (raw[i] == '%' && i + 2 < raw.size() &&
+               hex(raw[i + 1]) >= 0 && hex(raw[i + 2]) >= 0) {
+      out += static_cast<char>(hex(raw[i + 1]) * 16 + hex(raw[i + 2]));
+      i += 2;
+    } else {
+      out += raw[i];
+    }
+  }
+  return out;
+}
+
+std::string QueryParam(std::string_view query, std::string_view name) {
   while (!query.empty()) {
     size_t amp = query.find('&');
     std::string_view item = query.substr(0, amp);
     query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
     size_t eq = item.find('=');
     if (item.substr(0, eq) != name) continue;
-    std::string_view raw = eq == std::string_view::npos ? std::string_view() : item.substr(eq + 1);
-    std::string out;
-    for (size_t i = 0; i < raw.size(); ++i) {
-      if (raw[i] == '+') {
-        out += ' ';
-      } else if (raw[i] == '%' && i + 2 < raw.size() && hex(raw[i + 1]) >= 0 &&
-                 hex(raw[i + 2]) >= 0) {
-        out += static_cast<char>(hex(raw[i + 1]) * 16 + hex(raw[i + 2]));
-        i += 2;
-      } else {
-        out += raw[i];
-      }
-    }
-    return out;
+    return PercentDecode(eq == std::string_view::npos ? std::string_view() : item.substr(eq + 1), true);
   }
   return "";
 }
@@ -140,7 +143,7 @@ struct HttpServer::Impl {
       auto& req = parser.get();
       std::string target(req.target());
       size_t q = target.find('?');
-      HttpRequest request{std::string(req.method_string()), target.substr(0, q),
+      HttpRequest request{std::string(req.method_string()), PercentDecode(target.substr(0, q), false),
                           q == std::string::npos ? "" : target.substr(q + 1), req.body()};
       HttpResponse response;
       if (!Authorized(req, request.path)) {

@@ -337,8 +337,12 @@ struct JobServer::Impl {
       inflight[{identity, id}] = cancelled;
     }
     auto shared = std::make_shared<Frames>(std::move(frames));
+    const auto queued_at = std::chrono::steady_clock::now();
     Status queued = queue->Submit(
-        [this, identity, id, type, shared, cancelled] {
+        [this, identity, id, type, shared, cancelled, queued_at] {
+          coordinator->metrics()
+              .queue_wait.Add({{"type", type}}, metrics::DurationBuckets())
+              .Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - queued_at).count());
           UpdateQueueGauges();
           Frames reply = Run(id, shared, cancelled);
           CountReply(type, reply);

@@ -4,11 +4,17 @@
 //   FLEET_REGISTER_COMMAND(plan, "Plan a model's placement over devices", RunPlan);
 //
 // A command returns the process exit status: 0 success, 1 failure of the work, 2 bad input
-// (one clear line on stderr). Thread safety: commands run on the main thread only.
+// (one clear line on stderr). Every command parses its flags with ParseFlags, so --help/-h,
+// --version and flag errors behave the same everywhere. Thread safety: commands run on the
+// main thread only.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "fleet/config/options.h"
+#include "fleet/status/status.h"
 
 namespace fleet::cli {
 
@@ -19,6 +25,18 @@ struct Command {
   const char* summary;
   CommandFn run;
 };
+
+/// Parses a command's flags into `set` (environment FLEET_* first, then `args`). Returns the
+/// positional arguments, or nullopt when the command should return `*exit_code` at once: 0
+/// after printing the usage (--help, -h) or "fleet <version>" (--version), 2 after reporting a
+/// bad flag with ReportError. `command` is "fleet plan" style, for messages.
+std::optional<std::vector<std::string>> ParseFlags(const std::string& command, config::OptionSet& set,
+                                                   const std::vector<std::string>& args, int* exit_code,
+                                                   const config::EnvLookup& env = config::ProcessEnv());
+
+/// Prints "<command>: <message>" on stderr (and {"error": message} on stdout when `json`);
+/// returns `exit_code`.
+int ReportError(const std::string& command, bool json, const Status& status, int exit_code);
 
 /// Registers a command at static-initialisation time; returns true.
 bool RegisterCommand(Command command);

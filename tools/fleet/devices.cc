@@ -14,15 +14,11 @@ int RunDevices(const std::vector<std::string>& args) {
   bool json = false;
   config::OptionSet set("fleet devices", "List the devices of this machine with their memory.");
   set.Add("json", &json, "Print JSON instead of a table");
-  std::vector<std::string> argv = args;
-  auto parsed = set.Parse(argv);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "fleet devices: %s\n", std::string(parsed.status().message()).c_str());
-    return 2;
-  }
-  if (parsed->help) {
-    std::fputs(set.Usage().c_str(), stdout);
-    return 0;
+  int rc = 0;
+  auto positional = ParseFlags("fleet devices", set, args, &rc);
+  if (!positional) return rc;
+  if (!positional->empty()) {
+    return ReportError("fleet devices", json, InvalidArgumentError("unexpected argument '" + (*positional)[0] + "'"), 2);
   }
   std::string why;
   auto devices = device::DiscoverAll(&why);

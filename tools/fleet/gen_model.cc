@@ -198,15 +198,13 @@ int RunGenModel(const std::vector<std::string>& args) {
   set.Add("seed", &seed, "PRNG seed");
   set.Add("dtype", &dtype_text, "Stored dtype: bf16, f16 or f32");
   set.Add("prefix", &prefix, "Key prefix, e.g. model.diffusion_model.");
-  auto parsed = set.Parse(args, [](const std::string&) { return std::optional<std::string>(); });
-  if (!parsed.ok()) return Fail("gen-model", parsed.status(), 2);
-  if (parsed->help) {
-    std::fputs(set.Usage().c_str(), stdout);
-    return 0;
-  }
-  if (parsed->positional.size() != 1) {
+  int rc = 0;
+  auto parsed = ParseFlags("fleet gen-model", set, args, &rc, [](const std::string&) { return std::optional<std::string>(); });
+  if (!parsed) return rc;
+  const std::vector<std::string>& positional = *parsed;
+  if (positional.size() != 1) {
     std::fprintf(stderr, "fleet gen-model: expected one output path, got %zu arguments\n",
-                 parsed->positional.size());
+                 positional.size());
     return 2;
   }
   FluxShape s;
@@ -285,7 +283,7 @@ int RunGenModel(const std::vector<std::string>& args) {
   auto dtype = ParseDtypeFlag(dtype_text);
   if (!dtype.ok()) return Fail("gen-model", dtype.status(), 2);
   Status st =
-      WriteFluxModel(s, static_cast<uint64_t>(seed), dtype->dtype, prefix, parsed->positional[0]);
+      WriteFluxModel(s, static_cast<uint64_t>(seed), dtype->dtype, prefix, positional[0]);
   if (!st.ok()) return Fail("gen-model", st, 1);
   return 0;
 }
@@ -303,15 +301,13 @@ int RunGenInputs(const std::vector<std::string>& args) {
   set.Add("txt_len", &txt_len, "Text tokens");
   set.Add("seed", &seed, "PRNG seed");
   set.Add("guidance", &guidance, "Guidance strength (dev models)");
-  auto parsed = set.Parse(args, [](const std::string&) { return std::optional<std::string>(); });
-  if (!parsed.ok()) return Fail("gen-inputs", parsed.status(), 2);
-  if (parsed->help) {
-    std::fputs(set.Usage().c_str(), stdout);
-    return 0;
-  }
-  if (parsed->positional.size() != 2) {
+  int rc = 0;
+  auto parsed = ParseFlags("fleet gen-inputs", set, args, &rc, [](const std::string&) { return std::optional<std::string>(); });
+  if (!parsed) return rc;
+  const std::vector<std::string>& positional = *parsed;
+  if (positional.size() != 2) {
     std::fprintf(stderr, "fleet gen-inputs: expected MODEL and OUT paths, got %zu arguments\n",
-                 parsed->positional.size());
+                 positional.size());
     return 2;
   }
   for (auto [flag, v] : {std::pair{"batch", batch}, std::pair{"height", height},
@@ -322,13 +318,13 @@ int RunGenInputs(const std::vector<std::string>& args) {
       return 2;
     }
   }
-  auto file = formats::ModelFile::Open(parsed->positional[0]);
+  auto file = formats::ModelFile::Open(positional[0]);
   if (!file.ok()) return Fail("gen-inputs", file.status(), 2);
   auto layout = formats::DetectLayout(**file);
   if (!layout.ok()) return Fail("gen-inputs", layout.status(), 2);
   if (layout->family != "flux") {
     std::fprintf(stderr, "fleet gen-inputs: %s is a '%s' model; only flux is supported\n",
-                 parsed->positional[0].c_str(), layout->family.c_str());
+                 positional[0].c_str(), layout->family.c_str());
     return 2;
   }
   auto config = nlohmann::json::parse(layout->config_json);
@@ -357,7 +353,7 @@ int RunGenInputs(const std::vector<std::string>& args) {
     std::vector<float> g(static_cast<size_t>(batch), static_cast<float>(guidance));
     st = w.Add("guidance", dtype, {batch}, Encode(g, dtype));
   }
-  if (st.ok()) st = w.Write(parsed->positional[1]);
+  if (st.ok()) st = w.Write(positional[1]);
   if (!st.ok()) return Fail("gen-inputs", st, 1);
   return 0;
 }

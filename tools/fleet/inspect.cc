@@ -20,21 +20,14 @@ int RunInspect(const std::vector<std::string>& args) {
                         "Show a model file's format, tensors, detected family and placement units.");
   set.Add("json", &json, "Print JSON instead of a table");
   set.Add("tensors", &tensors, "Also list every tensor of each unit");
-  auto parsed = set.Parse(args);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "fleet inspect: %s\n", std::string(parsed.status().message()).c_str());
+  int rc = 0;
+  auto positional = ParseFlags("fleet inspect", set, args, &rc);
+  if (!positional) return rc;
+  if (positional->size() != 1) {
+    std::fprintf(stderr, "fleet inspect: expected exactly one FILE (got %zu)\n", positional->size());
     return 2;
   }
-  if (parsed->help) {
-    std::fputs(set.Usage().c_str(), stdout);
-    return 0;
-  }
-  if (parsed->positional.size() != 1) {
-    std::fprintf(stderr, "fleet inspect: expected exactly one FILE (got %zu)\n",
-                 parsed->positional.size());
-    return 2;
-  }
-  const std::string& path = parsed->positional[0];
+  const std::string& path = (*positional)[0];
   auto file = formats::ModelFile::Open(path);
   if (!file.ok()) {
     std::fprintf(stderr, "fleet inspect: %s\n", std::string(file.status().message()).c_str());

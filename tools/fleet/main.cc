@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -23,8 +24,39 @@ void PrintUsage(FILE* out) {
                "Tensorfleet runs diffusion models that are too big for one GPU across every\n"
                "device of a machine or cluster.\n\ncommands:\n");
   for (const auto& c : Commands()) std::fprintf(out, "  %-12s %s\n", c.name, c.summary);
+  std::fprintf(out, "\n  --version    print the version (every command and binary takes it)\n");
 }
 }  // namespace
+
+int ReportError(const std::string& command, bool json, const Status& status, int exit_code) {
+  const std::string message(status.message());
+  if (json) std::printf("%s\n", nlohmann::ordered_json{{"error", message}}.dump(2).c_str());
+  std::fprintf(stderr, "%s: %s\n", command.c_str(), message.c_str());
+  return exit_code;
+}
+
+std::optional<std::vector<std::string>> ParseFlags(const std::string& command, config::OptionSet& set,
+                                                   const std::vector<std::string>& args, int* exit_code,
+                                                   const config::EnvLookup& env) {
+  auto parsed = set.Parse(args, env);
+  if (!parsed.ok()) {
+    bool json = false;
+    for (const auto& a : args) json |= a == "--json" || a == "--json=true";
+    *exit_code = ReportError(command, json, parsed.status(), 2);
+    return std::nullopt;
+  }
+  if (parsed->help) {
+    std::fputs(set.Usage().c_str(), stdout);
+    *exit_code = 0;
+    return std::nullopt;
+  }
+  if (parsed->version) {
+    std::printf("fleet %s\n", std::string(config::OptionSet::Version()).c_str());
+    *exit_code = 0;
+    return std::nullopt;
+  }
+  return std::move(parsed->positional);
+}
 
 bool RegisterCommand(Command command) {
   Registry().push_back(command);
@@ -61,9 +93,14 @@ int ExecSibling(const std::string& name, const std::vector<std::string>& args) {
 
 int main(int argc, char** argv) {
   using namespace fleet::cli;
-  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "help") == 0) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0 ||
+      std::strcmp(argv[1], "help") == 0) {
     PrintUsage(stdout);
     return argc < 2 ? 2 : 0;
+  }
+  if (std::strcmp(argv[1], "--version") == 0) {
+    std::printf("fleet %s\n", std::string(fleet::config::OptionSet::Version()).c_str());
+    return 0;
   }
   std::vector<std::string> args(argv + 2, argv + argc);
   for (const auto& c : Commands()) {

@@ -1,11 +1,13 @@
 // `fleet plan`: where a model's blocks would live for the given DisTorch2 inputs, before
 // anything loads. The model comes from a model file, a built-in example or a JSON unit list;
-// the devices from --devices (what-if planning).
+// the devices from --devices (what-if planning), or from a running cluster (--coordinator URL:
+// the coordinator plans the file under its model roots over its workers, GET /v2/plan).
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cluster.h"
 #include "command.h"
 #include "fleet/config/bytes.h"
 #include "fleet/config/options.h"
@@ -32,11 +34,10 @@ struct PlanFlags {
   std::string units;
   std::string example;
   std::string family = "auto";
-  std::string coordinator;
+  ClusterFlags cluster;  // --coordinator, --token, --timeout, --json
   int64_t prefetch_depth = 2;
   std::string activation_bytes;  // empty: the example's estimate, else 0
   config::Bytes reserve;
-  bool json = false;
   bool explain = false;
 };
 
@@ -110,12 +111,50 @@ StatusOr<Model> LoadModel(const PlanFlags& flags, const std::vector<std::string>
 }
 
 int Fail(bool json, const Status& status) {
-  std::string message(status.message());
-  if (json) {
-    std::printf("%s\n", nlohmann::ordered_json{{"error", message}}.dump(2).c_str());
+  return ReportError("fleet plan", json, status, status.code() == StatusCode::kInternal ? 1 : 2);
+}
+
+// The plan of the running cluster's coordinator (GET /v2/plan) over its real devices, with its
+// capacity left after the models it keeps loaded.
+int PlanOnCluster(const PlanFlags& f, const std::vector<std::string>& positional) {
+  if (!f.units.empty() || !f.example.empty() || positional.size() != 1) {
+    return Fail(f.cluster.json, InvalidArgumentError("--coordinator plans one MODEL file under the coordinator's "
+                                                     "model roots (--example and --units need --devices)"));
   }
-  std::fprintf(stderr, "fleet plan: %s\n", message.c_str());
-  return status.code() == StatusCode::kInternal ? 1 : 2;
+  auto client = ConnectCluster(f.cluster);
+  if (!client.ok()) return Fail(f.cluster.json, client.status());
+  auto flag = [](bool b) { return std::string(b ? "true" : "false"); };
+  char vram[32];
+  std::snprintf(vram, sizeof(vram), "%.17g", f.virtual_vram_gb);
+  std::string query = "path=" + UrlEncode(positional[0]) + "&compute_device=" + UrlEncode(f.compute_device) +
+                      "&virtual_vram_gb=" + vram + "&donor_device=" + UrlEncode(f.donor_device) +
+                      "&expert_mode_allocations=" + UrlEncode(f.expert_mode_allocations) +
+                      "&eject_models=" + flag(f.eject_models) + "&keep_loaded=" + flag(f.keep_loaded);
+  auto plan = client->Call("GET", "/v2/plan?" + query);
+  if (!plan.ok()) {
+    // The coordinator refusing the plan (a bad string, over capacity) is bad input; not
+    // reaching it is a failure of the work.
+    const bool refused = plan.status().code() == StatusCode::kInvalidArgument ||
+                         plan.status().code() == StatusCode::kNotFound;
+    return ReportError("fleet plan", f.cluster.json, plan.status(), refused ? 2 : 1);
+  }
+  if (f.cluster.json) {
+    std::printf("%s\n", plan->dump(2).c_str());
+    return 0;
+  }
+  std::fputs(plan->value("text", "").c_str(), stdout);
+  if (f.explain) {
+    const auto& deviations = (*plan)["deviations"];
+    if (deviations.empty()) {
+      std::printf("\nNo deviation from DisTorch2 changed this plan.\n");
+    } else {
+      std::printf("\nDeviations from DisTorch2 that changed this plan:\n");
+      for (const auto& d : deviations) {
+        std::printf("  [%s] %s\n", d.value("code", "").c_str(), d.value("sentence", "").c_str());
+      }
+    }
+  }
+  return 0;
 }
 
 int RunPlan(const std::vector<std::string>& args) {
@@ -131,12 +170,12 @@ int RunPlan(const std::vector<std::string>& args) {
   set.Add("donor_device", &f.donor_device, "DisTorch2 donor_device: donor(s), comma-separated");
   set.Add("expert_mode_allocations", &f.expert_mode_allocations,
           "DisTorch2 expert string, e.g. 'cuda:0,4gb;cpu,*' (overrides virtual VRAM)");
+  f.cluster.coordinator.clear();  // no default: planning against a cluster is asked for
+  AddClusterFlags(set, &f.cluster);
   set.Add("eject_models", &f.eject_models, "DisTorch2 eject_models: evict other models first");
   set.Add("keep_loaded", &f.keep_loaded, "Keep this model's shares resident across model switches");
   set.Add("devices", &f.devices,
           "What-if devices: id=TOTAL[/CAPACITY],... e.g. cuda:0=24gb,cuda:1=12gb,cpu=64gb");
-  set.Add("coordinator", &f.coordinator,
-          "Take the devices from a running cluster (not available yet)");
   set.Add("units", &f.units, "JSON list of {name, bytes, pinned} in model order");
   std::string examples;
   for (const auto& n : placement::ExampleNames()) examples += (examples.empty() ? "" : ", ") + n;
@@ -146,29 +185,21 @@ int RunPlan(const std::vector<std::string>& args) {
   set.Add("activation_bytes", &f.activation_bytes,
           "Activation estimate for the largest input (default: the example's, else 0)");
   set.Add("reserve", &f.reserve, "Extra reserve on the compute device");
-  set.Add("json", &f.json, "Print the plan as JSON");
   set.Add("explain", &f.explain, "List every deviation from DisTorch2 that changed this plan");
 
-  bool json_requested = false;
-  for (const auto& a : args) json_requested |= a == "--json" || a == "--json=true";
-  auto parsed = set.Parse(args);
-  if (!parsed.ok()) return Fail(json_requested, parsed.status());
-  if (parsed->help) {
-    std::fputs(set.Usage().c_str(), stdout);
-    return 0;
-  }
-  if (!f.coordinator.empty()) {
-    return Fail(f.json, UnimplementedError("--coordinator is not available yet (the coordinator "
-                                           "has no plan API); use --devices for what-if planning"));
-  }
+  int rc = 0;
+  auto positional = ParseFlags("fleet plan", set, args, &rc);
+  if (!positional) return rc;
+  const bool json = f.cluster.json;
+  if (f.devices.empty() && !f.cluster.coordinator.empty()) return PlanOnCluster(f, *positional);
   if (f.devices.empty()) {
-    return Fail(f.json, InvalidArgumentError("--devices is required, e.g. --devices "
-                                             "cuda:0=24gb,cpu=64gb"));
+    return Fail(json, InvalidArgumentError("give the devices: --devices cuda:0=24gb,cpu=64gb (what-if), or "
+                                           "--coordinator http://HOST:7780 (a running cluster's)"));
   }
   auto devices = placement::ParseDeviceTable(f.devices);
-  if (!devices.ok()) return Fail(f.json, devices.status());
-  auto model = LoadModel(f, parsed->positional);
-  if (!model.ok()) return Fail(f.json, model.status());
+  if (!devices.ok()) return Fail(json, devices.status());
+  auto model = LoadModel(f, *positional);
+  if (!model.ok()) return Fail(json, model.status());
 
   placement::Request request;
   request.compute_device = f.compute_device;
@@ -182,7 +213,7 @@ int RunPlan(const std::vector<std::string>& args) {
   if (!f.activation_bytes.empty()) {
     auto bytes = config::ParseBytes(f.activation_bytes);
     if (!bytes.ok()) {
-      return Fail(f.json, InvalidArgumentError("--activation-bytes: " +
+      return Fail(json, InvalidArgumentError("--activation-bytes: " +
                                                std::string(bytes.status().message())));
     }
     request.headroom.activation_bytes = *bytes;
@@ -190,8 +221,8 @@ int RunPlan(const std::vector<std::string>& args) {
   request.headroom.reserve_bytes = f.reserve.value;
 
   auto plan = placement::MakePlan(*devices, model->units, request);
-  if (!plan.ok()) return Fail(f.json, plan.status());
-  if (f.json) {
+  if (!plan.ok()) return Fail(json, plan.status());
+  if (json) {
     std::printf("%s\n", plan->ToJson().c_str());
     return 0;
   }

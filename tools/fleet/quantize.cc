@@ -53,31 +53,26 @@ StatusOr<formats::GgufWriter> Quantize(const std::string& in, uint64_t* quantise
 int RunQuantize(const std::vector<std::string>& args) {
   config::OptionSet set("fleet quantize IN.safetensors OUT.gguf",
                         "Write a GGUF copy of a model with its large 2-D weights in Q8_0.");
-  auto parsed = set.Parse(args);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "fleet quantize: %s\n", std::string(parsed.status().message()).c_str());
-    return 2;
-  }
-  if (parsed->help) {
-    std::fputs(set.Usage().c_str(), stdout);
-    return 0;
-  }
-  if (parsed->positional.size() != 2) {
+  int rc = 0;
+  auto parsed = ParseFlags("fleet quantize", set, args, &rc);
+  if (!parsed) return rc;
+  const std::vector<std::string>& positional = *parsed;
+  if (positional.size() != 2) {
     std::fprintf(stderr, "fleet quantize: expected IN.safetensors OUT.gguf\n");
     return 2;
   }
   uint64_t quantised = 0;
-  auto gguf = Quantize(parsed->positional[0], &quantised);
+  auto gguf = Quantize(positional[0], &quantised);
   if (!gguf.ok()) {  // a file we cannot read or convert: bad input
     std::fprintf(stderr, "fleet quantize: %s\n", std::string(gguf.status().message()).c_str());
     return 2;
   }
-  Status written = gguf->Write(parsed->positional[1]);
+  Status written = gguf->Write(positional[1]);
   if (!written.ok()) {
     std::fprintf(stderr, "fleet quantize: %s\n", std::string(written.message()).c_str());
     return 1;
   }
-  std::printf("%s: %llu tensors in Q8_0\n", parsed->positional[1].c_str(),
+  std::printf("%s: %llu tensors in Q8_0\n", positional[1].c_str(),
               static_cast<unsigned long long>(quantised));
   return 0;
 }

@@ -322,14 +322,13 @@ int RunUp(const std::vector<std::string>& args) {
   set.Add("activation_reserve", &o.activation_reserve, "Headroom kept on the compute device (coordinator flag)");
   set.Add("worker_threads", &o.worker_threads, "libtorch intra-op threads per worker (fleet-worker --compute-threads)");
   set.Add("heartbeat_timeout", &o.heartbeat_timeout, "A worker silent this long is marked down (coordinator flag)");
-  auto parsed = set.Parse(args, [](const std::string&) { return std::optional<std::string>(); });
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "fleet up: %s\n", std::string(parsed.status().message()).c_str());
-    return 2;
-  }
-  if (parsed->help) {
-    std::fputs(set.Usage().c_str(), stdout);
-    return 0;
+  int parse_rc = 0;
+  // No FLEET_* environment here: those variables configure the coordinator and workers it starts.
+  auto positional =
+      ParseFlags("fleet up", set, args, &parse_rc, [](const std::string&) { return std::optional<std::string>(); });
+  if (!positional) return parse_rc;
+  if (!positional->empty()) {
+    return ReportError("fleet up", false, InvalidArgumentError("unexpected argument '" + (*positional)[0] + "'"), 2);
   }
   if (o.dir.empty()) o.dir = "/tmp/fleet-up-" + std::to_string(getpid());
   std::error_code ec;

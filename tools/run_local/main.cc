@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "fleet/config/options.h"
+#include "fleet/log/log.h"
 #include "fleet/models/host_allocator.h"
 #include "run_local.h"
 
@@ -38,7 +39,14 @@ int main(int argc, char** argv) {
   set.Add("repeat", &repeat, "Run the forward this many times and print the time of each");
   set.Add("tune_allocator", &tune_allocator,
           "Keep freed buffers in the heap (models::TuneHostAllocator); false to measure without");
+  std::string log_format = "text";
+  set.Add("log_format", &log_format, "Log line format on stderr: text or json (one object per line)");
   std::vector<std::string> positional = set.ParseOrExit(argc, argv);
+  if (!log::SetFormatByName(log_format)) {
+    std::fprintf(stderr, "fleet-run-local: --log-format: expected text or json, got '%s'\n",
+                 log_format.c_str());
+    return 2;
+  }
   // Before libtorch allocates anything big (weights are views of the mapping).
   if (tune_allocator) models::TuneHostAllocator();
   if (positional.size() != 1) {

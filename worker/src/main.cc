@@ -73,6 +73,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fleet-worker: unexpected argument '%s'\n", positional[0].c_str());
     return 2;
   }
+  if (!fleet::log::SetFormatByName(o.log_format)) {
+    std::fprintf(stderr, "fleet-worker: --log-format: expected text or json, got '%s'\n",
+                 o.log_format.c_str());
+    return 2;
+  }
   fleet::log::SetProcessTag("worker[" + o.id + "]");
   fleet::models::TuneHostAllocator();
   // One malloc arena: ZeroMQ's I/O threads allocate the big inbound messages, and a per-thread

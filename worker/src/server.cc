@@ -280,12 +280,18 @@ struct WorkerServer::Impl {
     }
   }
 
+  // A model this worker no longer holds loses every series (removed, not zeroed: dashboards and
+  // alerts see no model=... series after an unload; docs/metrics.md).
   void UpdateModelGaugesLocked(const std::string& model) {
     auto it = models_.find(model);
-    const double bytes = it == models_.end() ? 0 : static_cast<double>(it->second.bytes);
-    const double blocks = it == models_.end() ? 0 : static_cast<double>(it->second.blocks.size());
-    m->resident_bytes.Add({{"device", config.id}, {"model", model}}).Set(bytes);
-    m->blocks_resident.Add({{"device", config.id}, {"model", model}}).Set(blocks);
+    if (it == models_.end()) {
+      m->RemoveModel(model);
+      return;
+    }
+    m->resident_bytes.Add({{"device", config.id}, {"model", model}})
+        .Set(static_cast<double>(it->second.bytes));
+    m->blocks_resident.Add({{"device", config.id}, {"model", model}})
+        .Set(static_cast<double>(it->second.blocks.size()));
   }
   void UpdateActivationGaugeLocked() {
     m->activation_bytes.Add({{"device", config.id}})

@@ -81,6 +81,8 @@ std::string OptionSet::FlagName(std::string_view name) {
   return out;
 }
 
+std::string_view OptionSet::Version() { return FLEET_VERSION; }
+
 std::string OptionSet::EnvName(std::string_view name) {
   std::string out = "FLEET_";
   for (char c : name) out += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
@@ -183,6 +185,10 @@ StatusOr<OptionSet::Result> OptionSet::Parse(const std::vector<std::string>& arg
       result.positional.insert(result.positional.end(), args.begin() + i + 1, args.end());
       break;
     }
+    if (arg == "-h") {
+      result.help = true;
+      continue;
+    }
     if (arg.size() < 3 || arg.compare(0, 2, "--") != 0) {
       result.positional.push_back(arg);
       continue;
@@ -195,6 +201,10 @@ StatusOr<OptionSet::Result> OptionSet::Parse(const std::vector<std::string>& arg
     }
     if (body == "help") {
       result.help = true;
+      continue;
+    }
+    if (body == "version") {
+      result.version = true;
       continue;
     }
     if (body == "dump-config") {
@@ -241,6 +251,10 @@ std::vector<std::string> OptionSet::ParseOrExit(int argc, char** argv) {
     std::cout << Usage();
     std::exit(0);
   }
+  if (result->version) {
+    std::cout << program_ << " " << Version() << "\n";
+    std::exit(0);
+  }
   if (result->dump) {
     if (*result->dump == "json") std::cout << DumpJson() << "\n";
     else if (*result->dump == "table") std::cout << DescribeJson() << "\n";
@@ -257,7 +271,8 @@ std::string OptionSet::Usage() const {
            ", default '" + o.default_text + "')\n      " + o.help + "\n";
   }
   out += "  --dump-config[=env|json|table]\n      Print the effective configuration and exit.\n";
-  out += "  --help\n      Print this text and exit.\n";
+  out += "  --version\n      Print the version and exit.\n";
+  out += "  --help, -h\n      Print this text and exit.\n";
   return out;
 }
 

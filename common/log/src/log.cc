@@ -20,6 +20,7 @@ struct State {
   std::map<std::string, int, std::less<>> verbosity;  // guarded by mu
   int default_verbosity = 0;         // guarded by mu
   std::atomic<int> min_level{static_cast<int>(Level::kInfo)};
+  std::atomic<int> format{static_cast<int>(Format::kText)};
   std::atomic<bool> env_read{false};
 };
 
@@ -40,6 +41,41 @@ char LevelLetter(Level level) {
     case Level::kError: return 'E';
   }
   return '?';
+}
+
+const char* LevelName(Level level) {
+  switch (level) {
+    case Level::kDebug: return "debug";
+    case Level::kInfo: return "info";
+    case Level::kWarning: return "warning";
+    case Level::kError: return "error";
+  }
+  return "unknown";
+}
+
+// Appends `text` as a JSON string literal (quotes, backslashes and control characters escaped;
+// other bytes are copied, so UTF-8 stays UTF-8).
+void AppendJsonString(std::string& out, std::string_view text) {
+  out += '"';
+  for (char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (ch) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20 || c == 0x7f) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += ch;
+        }
+    }
+  }
+  out += '"';
 }
 
 }  // namespace
@@ -65,6 +101,11 @@ void ConfigureFromEnv() {
       std::fprintf(stderr, "W fleet: ignoring FLEET_LOG_LEVEL='%s' (use debug, info, warning or error)\n", env);
     }
   }
+  if (const char* env = std::getenv("FLEET_LOG_FORMAT"); env && *env) {
+    if (!SetFormatByName(env)) {
+      std::fprintf(stderr, "W fleet: ignoring FLEET_LOG_FORMAT='%s' (use text or json)\n", env);
+    }
+  }
   if (const char* env = std::getenv("FLEET_VERBOSE"); env && *env) {
     std::string_view rest(env);
     while (!rest.empty()) {
@@ -86,6 +127,23 @@ void ConfigureFromEnv() {
       SetVerbosity(name, static_cast<int>(v));
     }
   }
+}
+
+void SetFormat(Format format) {
+  GetState().format.store(static_cast<int>(format), std::memory_order_relaxed);
+}
+
+Format GetFormat() {
+  EnsureEnv();
+  return static_cast<Format>(GetState().format.load(std::memory_order_relaxed));
+}
+
+bool SetFormatByName(std::string_view name) {
+  std::string t = config::AsciiLower(config::TrimSpace(name));
+  if (t == "text") SetFormat(Format::kText);
+  else if (t == "json") SetFormat(Format::kJson);
+  else return false;
+  return true;
 }
 
 void SetSink(Sink sink) {
@@ -134,18 +192,38 @@ std::string FormatRecord(const Record& r) {
   auto now = system_clock::now();
   std::time_t secs = system_clock::to_time_t(now);
   auto micros = duration_cast<microseconds>(now.time_since_epoch()).count() % 1000000;
-  std::tm tm{};
-  localtime_r(&secs, &tm);
-  char stamp[32];
-  std::snprintf(stamp, sizeof(stamp), "%02d:%02d:%02d.%06lld", tm.tm_hour, tm.tm_min, tm.tm_sec,
-                static_cast<long long>(micros));
   std::string tag;
   {
     State& s = GetState();
     std::lock_guard lock(s.mu);
     tag = s.process_tag;
   }
+  std::tm tm{};
+  char stamp[48];
   std::string out;
+  if (GetFormat() == Format::kJson) {
+    gmtime_r(&secs, &tm);
+    std::snprintf(stamp, sizeof(stamp), "%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ", tm.tm_year + 1900,
+                  tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                  static_cast<long long>(micros));
+    out += "{\"time\":\"";
+    out += stamp;
+    out += "\",\"level\":\"";
+    out += LevelName(r.level);
+    out += "\",\"process\":";
+    AppendJsonString(out, tag);
+    out += ",\"subsystem\":";
+    AppendJsonString(out, r.subsystem);
+    out += ",\"function\":";
+    AppendJsonString(out, r.function);
+    out += ",\"message\":";
+    AppendJsonString(out, r.message);
+    out += '}';
+    return out;
+  }
+  localtime_r(&secs, &tm);
+  std::snprintf(stamp, sizeof(stamp), "%02d:%02d:%02d.%06lld", tm.tm_hour, tm.tm_min, tm.tm_sec,
+                static_cast<long long>(micros));
   out += LevelLetter(r.level);
   out += ' ';
   out += stamp;

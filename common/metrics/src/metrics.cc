@@ -149,7 +149,15 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
       expected_bandwidth(BuildGauge()
                              .Name("fleet_coordinator_expected_bandwidth_bytes_per_second")
                              .Help("Link bandwidth measured by the coordinator")
-                             .Register(r)) {}
+                             .Register(r)),
+      forwards(BuildCounter()
+                   .Name("fleet_coordinator_forwards_total")
+                   .Help("Forwards (sampling steps) per model by outcome (ok, failed)")
+                   .Register(r)),
+      queue_wait(BuildHistogram()
+                     .Name("fleet_coordinator_queue_wait_seconds")
+                     .Help("Time a job waited in the job queue before a job thread ran it")
+                     .Register(r)) {}
 
 namespace {
 template <typename T>
@@ -191,7 +199,56 @@ std::vector<std::pair<std::string, std::string>> CoordinatorMetrics::Describe() 
           Entry(model_loaded),
           Entry(model_bytes),
           Entry(plan_decisions),
-          Entry(expected_bandwidth)};
+          Entry(expected_bandwidth),
+          Entry(forwards),
+          Entry(queue_wait)};
+}
+
+template <typename T>
+void RemoveSeries(prometheus::Family<T>& family, const std::string& label, const std::string& value) {
+  // Family has no iterator; Collect() lists every series with its labels.
+  std::vector<prometheus::Labels> doomed;
+  for (const auto& mf : family.Collect()) {
+    for (const auto& metric : mf.metric) {
+      prometheus::Labels labels;
+      bool match = false;
+      for (const auto& l : metric.label) {
+        labels[l.name] = l.value;
+        match = match || (l.name == label && l.value == value);
+      }
+      if (match) doomed.push_back(std::move(labels));
+    }
+  }
+  for (const auto& labels : doomed) {
+    if (!family.Has(labels)) continue;  // removed concurrently
+    if constexpr (std::is_same_v<T, prometheus::Histogram>) {
+      family.Remove(&family.Add(labels, DurationBuckets()));  // Add returns the existing series
+    } else {
+      family.Remove(&family.Add(labels));
+    }
+  }
+}
+
+template void RemoveSeries(prometheus::Family<prometheus::Gauge>&, const std::string&, const std::string&);
+template void RemoveSeries(prometheus::Family<prometheus::Counter>&, const std::string&, const std::string&);
+template void RemoveSeries(prometheus::Family<prometheus::Histogram>&, const std::string&, const std::string&);
+
+void WorkerMetrics::RemoveModel(const std::string& model) {
+  RemoveSeries(resident_bytes, "model", model);
+  RemoveSeries(blocks_resident, "model", model);
+  RemoveSeries(block_compute_duration, "model", model);
+  RemoveSeries(prefetch_stall, "model", model);
+}
+
+void CoordinatorMetrics::RemoveModel(const std::string& model) {
+  RemoveSeries(step_duration, "model", model);
+  RemoveSeries(prefetch_stall, "model", model);
+  RemoveSeries(step_transfer_bytes, "model", model);
+  RemoveSeries(model_load_duration, "model", model);
+  RemoveSeries(model_loaded, "model", model);
+  RemoveSeries(model_bytes, "model", model);
+  RemoveSeries(plan_decisions, "model", model);
+  RemoveSeries(forwards, "model", model);
 }
 
 // A minimal HTTP/1.0 server for GET /metrics. prometheus-cpp's Exposer (CivetWeb) cannot start

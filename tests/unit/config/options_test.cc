@@ -133,6 +133,24 @@ TEST(OptionsTest, HelpAndDumpAreReported) {
       << usage;
 }
 
+TEST(OptionsTest, ShortHelpAndVersionAreReported) {
+  TestOptions o;
+  OptionSet set("test", "a test");
+  Register(&o, &set);
+  auto r = set.Parse({"-h"}, FakeEnv({}));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->help);
+  EXPECT_FALSE(r->version);
+  r = set.Parse({"--version", "pos"}, FakeEnv({}));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->version);
+  EXPECT_FALSE(r->help);
+  EXPECT_EQ(r->positional, std::vector<std::string>{"pos"});
+  EXPECT_EQ(OptionSet::Version(), FLEET_VERSION);
+  EXPECT_NE(set.Usage().find("--help, -h"), std::string::npos);
+  EXPECT_NE(set.Usage().find("--version"), std::string::npos);
+}
+
 TEST(DurationTest, Grammar) {
   EXPECT_EQ(*ParseDuration("3"), std::chrono::seconds(3));
   EXPECT_EQ(*ParseDuration("250ms"), std::chrono::milliseconds(250));

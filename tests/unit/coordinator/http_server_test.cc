@@ -81,6 +81,13 @@ TEST(HttpServerTest, BadAddressIsAnError) {
   EXPECT_EQ(server.status().code(), StatusCode::kInvalidArgument);
 }
 
+TEST(HttpServerTest, PercentDecoding) {
+  EXPECT_EQ(PercentDecode("/v2/models/my%20model%2Fx", false), "/v2/models/my model/x");
+  EXPECT_EQ(PercentDecode("a+b%2", false), "a+b%2");  // '+' kept in paths, a cut escape kept
+  EXPECT_EQ(PercentDecode("a+b%41", true), "a bA");
+  EXPECT_EQ(QueryParam("path=x%2By.gguf&q=1", "path"), "x+y.gguf");
+}
+
 TEST(HttpStatusTest, Mapping) {
   EXPECT_EQ(HttpStatusFor(StatusCode::kInvalidArgument), 400);
   EXPECT_EQ(HttpStatusFor(StatusCode::kNotFound), 404);

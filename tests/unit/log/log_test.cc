@@ -1,6 +1,7 @@
 #include "fleet/log/log.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <stdlib.h>
 
 #include <string>
@@ -72,6 +73,32 @@ TEST(LogFormatTest, LineCarriesLevelTagSubsystemAndFunction) {
   SetProcessTag("");
   EXPECT_EQ(line[0], 'W');
   EXPECT_NE(line.find(" worker[cuda:1] worker LoadBlock] over capacity"), std::string::npos) << line;
+}
+
+TEST(LogFormatTest, JsonLineIsOneObjectWithEveryField) {
+  SetProcessTag("worker[cuda:1]");
+  ASSERT_TRUE(SetFormatByName(" JSON "));
+  std::string line = FormatRecord(
+      Record{Level::kError, "worker", "LoadBlock", "bad \"name\"\\path\nline2\x01 caf\xc3\xa9"});
+  SetFormat(Format::kText);
+  SetProcessTag("");
+  EXPECT_EQ(line.find('\n'), std::string::npos) << line;
+  auto j = nlohmann::json::parse(line);
+  EXPECT_EQ(j["level"], "error");
+  EXPECT_EQ(j["process"], "worker[cuda:1]");
+  EXPECT_EQ(j["subsystem"], "worker");
+  EXPECT_EQ(j["function"], "LoadBlock");
+  EXPECT_EQ(j["message"], "bad \"name\"\\path\nline2\x01 caf\xc3\xa9");
+  const std::string time = j["time"];
+  ASSERT_EQ(time.size(), 27u) << time;  // 2026-12-02T22:01:03.123456Z
+  EXPECT_EQ(time[10], 'T');
+  EXPECT_EQ(time.back(), 'Z');
+}
+
+TEST(LogFormatTest, UnknownFormatNameChangesNothing) {
+  SetFormat(Format::kText);
+  EXPECT_FALSE(SetFormatByName("yaml"));
+  EXPECT_EQ(GetFormat(), Format::kText);
 }
 
 TEST(LogParseTest, Levels) {

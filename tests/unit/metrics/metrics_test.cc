@@ -80,5 +80,42 @@ TEST(Metrics, ServerExposesTheRegistry) {
   EXPECT_FALSE(MetricsServer::Start("256.0.0.1:0", registry).ok());
 }
 
+TEST(Metrics, RemoveModelDropsEverySeriesOfThatModelOnly) {
+  prometheus::Registry registry;
+  CoordinatorMetrics c(registry);
+  for (const std::string model : {"gone", "kept"}) {
+    c.model_loaded.Add({{"model", model}}).Set(1);
+    c.model_bytes.Add({{"model", model}, {"device", "cuda:0"}}).Set(5);
+    c.model_bytes.Add({{"model", model}, {"device", "cpu"}}).Set(7);
+    c.step_duration.Add({{"model", model}, {"mode", "stream"}}, DurationBuckets()).Observe(0.1);
+    c.model_load_duration.Add({{"model", model}}, LoadBuckets()).Observe(2);
+    c.forwards.Add({{"model", model}, {"outcome", "ok"}}).Increment();
+    c.forwards.Add({{"model", model}, {"outcome", "failed"}}).Increment();
+    c.plan_decisions.Add({{"model", model}, {"mode", "pipeline"}}).Increment();
+  }
+  c.queue_wait.Add({{"type", "forward"}}, DurationBuckets()).Observe(0.01);
+  c.RemoveModel("gone");
+  const std::string text = Serialize(registry);
+  EXPECT_EQ(text.find("model=\"gone\""), std::string::npos) << text;
+  EXPECT_NE(text.find("fleet_coordinator_forwards_total{model=\"kept\",outcome=\"failed\"} 1"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("fleet_coordinator_model_bytes{device=\"cpu\",model=\"kept\"} 7"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("fleet_coordinator_queue_wait_seconds_count{type=\"forward\"} 1"), std::string::npos)
+      << text;
+
+  WorkerMetrics w(registry);
+  w.resident_bytes.Add({{"device", "cpu"}, {"model", "gone"}}).Set(3);
+  w.block_compute_duration.Add({{"device", "cpu"}, {"model", "gone"}, {"block", "b0"}}, DurationBuckets())
+      .Observe(1);
+  w.resident_bytes.Add({{"device", "cpu"}, {"model", "kept"}}).Set(4);
+  w.RemoveModel("gone");
+  const std::string wtext = Serialize(registry);
+  EXPECT_EQ(wtext.find("model=\"gone\""), std::string::npos) << wtext;
+  EXPECT_NE(wtext.find("fleet_worker_resident_bytes{device=\"cpu\",model=\"kept\"} 4"), std::string::npos)
+      << wtext;
+}
+
 }  // namespace
 }  // namespace fleet::metrics

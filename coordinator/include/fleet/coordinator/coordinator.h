@@ -96,6 +96,14 @@ struct ForwardResult {
   double prefetch_stall_seconds = 0;
 };
 
+/// One row of the repository index (Triton's POST /v2/repository/index).
+struct RepositoryEntry {
+  std::string name;   // the loaded model's name, or a file's path relative to its model root
+  std::string path;   // the file, relative to a model root
+  std::string state;  // Triton's states: READY, LOADING, UNLOADING, UNAVAILABLE
+  std::string reason; // why not READY ("not loaded", the load error)
+};
+
 struct ClusterStatus {
   std::vector<WorkerRecord> workers;
   std::vector<ModelInfo> models;
@@ -116,8 +124,16 @@ class Coordinator {
   std::vector<ModelInfo> ListModels() const;
   StatusOr<ModelInfo> GetModel(const std::string& name) const;
   StatusOr<PlanResult> Plan(const ModelSpec& spec) const;
+  /// Runs one Forward; counts it in fleet_coordinator_forwards_total when the model is loaded.
   StatusOr<ForwardResult> Forward(const ForwardRequest& request);
   ClusterStatus Cluster() const;
+  /// OK when model `name` is ready and every worker it needs is up; else Unavailable (or
+  /// NotFound) saying why.
+  Status ModelReady(const std::string& name) const;
+  /// Loaded models with their state, then every .safetensors / .gguf file under the model roots
+  /// that no loaded model uses (state UNAVAILABLE, "not loaded"). At most kMaxIndexFiles files.
+  std::vector<RepositoryEntry> RepositoryIndex() const;
+  static constexpr size_t kMaxIndexFiles = 10000;
 
   /// Live: always true once created. Ready (OK): not draining, at least one worker up, and
   /// every worker a loaded model needs is up; otherwise Unavailable saying what is missing.
@@ -137,6 +153,7 @@ class Coordinator {
  private:
   struct Impl;
   explicit Coordinator(const CoordinatorOptions& options);
+  StatusOr<ForwardResult> ForwardLoaded(const ForwardRequest& request);
 
   const CoordinatorOptions options_;
   std::shared_ptr<prometheus::Registry> metrics_registry_;

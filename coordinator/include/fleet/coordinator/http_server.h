@@ -22,7 +22,7 @@ namespace fleet::coordinator {
 
 struct HttpRequest {
   std::string method;  // "GET", "POST"
-  std::string path;    // without the query string, e.g. "/v2/models"
+  std::string path;    // without the query string, percent-decoded, e.g. "/v2/models"
   std::string query;   // after '?', undecoded
   std::string body;
 };
@@ -37,6 +37,8 @@ struct HttpResponse {
 HttpResponse ErrorResponse(const Status& status);
 /// The HTTP status for a Status code (InvalidArgument -> 400, NotFound -> 404, ...).
 int HttpStatusFor(StatusCode code);
+/// Decodes %XX escapes (and '+' as a space when `plus_is_space`, as in query strings).
+std::string PercentDecode(std::string_view raw, bool plus_is_space);
 /// Decodes one query parameter ("a=1&b=x%20y", "b" -> "x y"); empty when absent.
 std::string QueryParam(std::string_view query, std::string_view name);
 

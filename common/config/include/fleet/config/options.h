@@ -68,15 +68,17 @@ class OptionSet {
 
   struct Result {
     std::vector<std::string> positional;  // arguments that are not flags, in order
-    bool help = false;                    // --help was given
+    bool help = false;                    // --help or -h was given
+    bool version = false;                 // --version was given
     std::optional<std::string> dump;      // --dump-config[=env|json] was given
   };
   /// Applies environment overrides, then `args` (without argv[0]). Unknown flags, missing or
   /// malformed values are InvalidArgument errors naming the flag (or variable) and the value.
   StatusOr<Result> Parse(const std::vector<std::string>& args, const EnvLookup& env = ProcessEnv());
 
-  /// Parse for a main(): prints usage on --help and the dump on --dump-config (exit 0), or one
-  /// line on stderr and exit 2 on a bad option. Returns the positional arguments.
+  /// Parse for a main(): prints usage on --help/-h, "<program> <version>" on --version and the
+  /// dump on --dump-config (exit 0), or one line on stderr and exit 2 on a bad option. Returns
+  /// the positional arguments.
   std::vector<std::string> ParseOrExit(int argc, char** argv);
 
   /// Usage text: one paragraph per option with its flag, variable, default and help.
@@ -90,6 +92,8 @@ class OptionSet {
 
   static std::string FlagName(std::string_view name);  // model_root -> --model-root
   static std::string EnvName(std::string_view name);   // model_root -> FLEET_MODEL_ROOT
+  /// The FLEET_VERSION the binaries were built with ("0.1.0").
+  static std::string_view Version();
 
  private:
   using Target = std::variant<bool*, int64_t*, double*, std::string*, Bytes*, Duration*,

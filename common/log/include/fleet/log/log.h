@@ -6,9 +6,14 @@
 // Environment (read once, at the first log call, or again through ConfigureFromEnv):
 //   FLEET_LOG_LEVEL=debug|info|warning|error        minimum level (default info)
 //   FLEET_VERBOSE=transport=2,worker=1,*=0          per-subsystem verbosity for FLEET_VLOG
+//   FLEET_LOG_FORMAT=text|json                      line format (default text); the binaries
+//                                                   also take --log-format (their option tables)
 //
-// Each line carries level, time, process tag, subsystem and the calling function:
+// A text line carries level, time, process tag, subsystem and the calling function:
 //   I 22:01:03.123456 worker[cuda:1] LoadBlock] loaded double_blocks.3 (679 MB)
+// A json line is one object with the same fields (time in UTC, RFC 3339 with microseconds):
+//   {"time":"2026-12-02T22:01:03.123456Z","level":"info","process":"worker[cuda:1]",
+//    "subsystem":"worker","function":"LoadBlock","message":"loaded double_blocks.3 (679 MB)"}
 // Log where an error is handled, not where it is created.
 //
 // Thread safety: every function here is safe to call from any thread.
@@ -22,6 +27,7 @@
 namespace fleet::log {
 
 enum class Level { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3 };
+enum class Format { kText = 0, kJson = 1 };
 
 struct Record {
   Level level;
@@ -46,7 +52,11 @@ int Verbosity(std::string_view subsystem);
 void ConfigureFromEnv();
 /// Parses "debug", "info", "warning"/"warn", "error" (any case).
 bool ParseLevel(std::string_view text, Level* level);
-/// Formats a record the way the default sink prints it (no trailing newline).
+void SetFormat(Format format);
+Format GetFormat();
+/// Sets the format from "text" or "json" (any case); false (and nothing changed) otherwise.
+bool SetFormatByName(std::string_view name);
+/// Formats a record the way the default sink prints it in the current format (no newline).
 std::string FormatRecord(const Record& record);
 
 bool IsOn(Level level);

@@ -50,6 +50,8 @@ struct WorkerMetrics {
 
   /// {name, "gauge"|"counter"|"histogram"} of every family above.
   std::vector<std::pair<std::string, std::string>> Describe() const;
+  /// Removes every series labelled model=`model` (when no block of it is held any more).
+  void RemoveModel(const std::string& model);
 };
 
 /// The families of fleet-coordinator (docs/metrics.md, "Coordinator").
@@ -70,10 +72,19 @@ struct CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>& model_bytes;              // model, device
   prometheus::Family<prometheus::Counter>& plan_decisions;         // model, mode
   prometheus::Family<prometheus::Gauge>& expected_bandwidth;       // src, dst
+  prometheus::Family<prometheus::Counter>& forwards;               // model, outcome
+  prometheus::Family<prometheus::Histogram>& queue_wait;           // type
 
   /// {name, "gauge"|"counter"|"histogram"} of every family above.
   std::vector<std::pair<std::string, std::string>> Describe() const;
+  /// Removes every series labelled model=`model` (at unload: dashboards and alerts stop seeing
+  /// the model instead of seeing zeros).
+  void RemoveModel(const std::string& model);
 };
+
+/// Removes from `family` every series whose label `label` equals `value`.
+template <typename T>
+void RemoveSeries(prometheus::Family<T>& family, const std::string& label, const std::string& value);
 
 /// The version string put in the *_info metrics.
 const std::string& Version();
