@@ -4,12 +4,17 @@
 Loads ggml's own libggml-base.so (npm @node-llama-cpp/linux-x64, see package.json) through
 ctypes and writes, into OUT_DIR:
   oracle.gguf        a GGUF v3 file (written by the writer below) holding one tensor of every
-                     dequantisable type: rows quantised by ggml_quantize_chunk from random data,
-                     plus rows of random block bytes (f16 scale fields kept finite)
-  <name>.f32/.f16/.bf16   ggml's dequantize_row_* / ggml_fp16_to_fp32_row / ggml_bf16_to_fp32_row
-                     output, and that output rounded by ggml_fp32_to_fp16_row / _bf16_row
-  ggml.json          ggml's type table (blck_size, type_size for every id) and what ggml's own
-                     gguf parser read from oracle.gguf (version, alignment, data offset, tensors)
+                     type ggml can dequantise (every type whose ggml_type_traits has a to_float,
+                     plus F32): rows quantised by ggml_quantize_chunk from random data (an
+                     all-zero row, a row with outliers, a row with all-zero blocks; a synthetic
+                     importance matrix for the IQ types that want one), plus rows of random
+                     block bytes (f16 / e8m0 scale fields kept finite)
+  <name>.f32/.f16/.bf16   ggml's to_float output (ggml_get_type_traits(type)->to_float, i.e.
+                     dequantize_row_* / ggml_fp16_to_fp32_row / ggml_bf16_to_fp32_row), and that
+                     output rounded by ggml_fp32_to_fp16_row / _bf16_row
+  ggml.json          ggml's type table (name, blck_size, type_size, whether it has a to_float,
+                     for every id) and what ggml's own gguf parser read from oracle.gguf
+                     (version, alignment, data offset, tensors)
 Usage: ggml_oracle.py SOURCE_DIR OUT_DIR [seed]
 """
 import ctypes
@@ -26,13 +31,23 @@ T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I6
 FMT = {T_U8: "<B", T_I8: "<b", T_U16: "<H", T_I16: "<h", T_U32: "<I", T_I32: "<i", T_F32: "<f",
        T_BOOL: "<?", T_U64: "<Q", T_I64: "<q", T_F64: "<d"}
 
-# ggml type id -> (name, f16 field offsets inside a block, for random-byte rows)
+# ggml type id -> (name, scale fields of a block to keep finite in random-byte rows: a list of
+# f16 field offsets, or "e8m0" (MXFP4: byte 0), "ue4m3" (NVFP4: bytes 0..3, every byte decodes
+# finite; the first blocks get the edge codes) or "iq1m" (IQ1_M: an f16 spread over the top
+# nibbles of its four u16 scales at byte 48)). Block layouts: ggml-common.h.
 TYPES = {
     0: ("F32", None), 1: ("F16", None), 30: ("BF16", None),
     2: ("Q4_0", [0]), 3: ("Q4_1", [0, 2]), 6: ("Q5_0", [0]), 7: ("Q5_1", [0, 2]),
     8: ("Q8_0", [0]), 10: ("Q2_K", [80, 82]), 11: ("Q3_K", [108]), 12: ("Q4_K", [0, 2]),
     13: ("Q5_K", [0, 2]), 14: ("Q6_K", [208]),
+    16: ("IQ2_XXS", [0]), 17: ("IQ2_XS", [0]), 18: ("IQ3_XXS", [0]), 19: ("IQ1_S", [0]),
+    20: ("IQ4_NL", [0]), 21: ("IQ3_S", [0]), 22: ("IQ2_S", [0]), 23: ("IQ4_XS", [0]),
+    29: ("IQ1_M", "iq1m"), 34: ("TQ1_0", [52]), 35: ("TQ2_0", [64]),
+    39: ("MXFP4", "e8m0"), 40: ("NVFP4", "ue4m3"), 41: ("Q1_0", [0]), 42: ("Q2_0", [0]),
 }
+# Quantised with a synthetic importance matrix: the types ggml_quantize_requires_imatrix names
+# (asked at run time) plus these, which use one when given.
+IMATRIX_TYPES = {"IQ2_S", "IQ1_M"}
 
 
 def s(x):
@@ -68,12 +83,32 @@ def write_gguf(path, kv, tensors, align=32, version=3):
     return len(head)
 
 
+N_TYPE_IDS = 43  # ggml.h GGML_TYPE_COUNT of the packaged ggml
+
+
+class TypeTraits(ctypes.Structure):
+    """ggml.h struct ggml_type_traits (checked against ggml_type_name/_blck_size/_type_size)."""
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
 class Ggml:
     def __init__(self, source_dir):
         self.lib = L = ctypes.CDLL(os.path.join(source_dir, LIB))
         L.ggml_type_size.restype = ctypes.c_size_t
         L.ggml_blck_size.restype = ctypes.c_int64
         L.ggml_type_name.restype = ctypes.c_char_p
+        L.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
+        L.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        L.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        L.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        L.ggml_quantize_init.restype = None
+        L.ggml_quantize_init.argtypes = [ctypes.c_int]
         L.ggml_quantize_chunk.restype = ctypes.c_size_t
         L.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -82,23 +117,25 @@ class Ggml:
                    "ggml_fp32_to_bf16_row"):
             getattr(L, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             getattr(L, fn).restype = None
+        for i in range(N_TYPE_IDS):  # the struct layout is the one this script assumes
+            t = L.ggml_get_type_traits(i).contents
+            assert (t.type_name == L.ggml_type_name(i) and t.blck_size == L.ggml_blck_size(i)
+                    and t.type_size == L.ggml_type_size(i)), \
+                "ggml_type_traits of type %d does not match ggml_type_name/blck_size/type_size: " \
+                "the struct layout in ggml_oracle.py is out of date" % i
+
+    def has_to_float(self, gtype):
+        return bool(self.lib.ggml_get_type_traits(gtype).contents.to_float)
 
     def to_float(self, gtype, data, n):
-        L = self.lib
+        """ggml's own to_float for the type (F32 has none: the bytes are the values)."""
+        if gtype == 0:
+            return np.frombuffer(bytes(data), dtype=np.float32).copy()
+        fn = self.lib.ggml_get_type_traits(gtype).contents.to_float
+        assert fn, "ggml has no to_float for type %d" % gtype
         src = ctypes.create_string_buffer(bytes(data), len(data))
         dst = np.zeros(n, dtype=np.float32)
-        name = TYPES[gtype][0]
-        if name == "F32":
-            return np.frombuffer(bytes(data), dtype=np.float32).copy()
-        if name == "F16":
-            L.ggml_fp16_to_fp32_row(src, dst.ctypes.data, n)
-        elif name == "BF16":
-            L.ggml_bf16_to_fp32_row(src, dst.ctypes.data, n)
-        else:
-            fn = getattr(L, "dequantize_row_" + name.lower().replace("_k", "_K"))
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-            fn.restype = None
-            fn(src, dst.ctypes.data, n)
+        TO_FLOAT(fn)(ctypes.cast(src, ctypes.c_void_p), dst.ctypes.data, n)
         return dst
 
     def round16(self, x, kind):
@@ -107,22 +144,43 @@ class Ggml:
         fn(x.ctypes.data, out.ctypes.data, len(x))
         return out
 
-    def quantize(self, gtype, x, nrows, n_per_row):
+    def quantize(self, gtype, x, nrows, n_per_row, imatrix=None):
         size = self.lib.ggml_type_size(gtype) * (nrows * n_per_row) // self.lib.ggml_blck_size(gtype)
         dst = ctypes.create_string_buffer(size)
         xs = np.ascontiguousarray(x, dtype=np.float32)
-        got = self.lib.ggml_quantize_chunk(gtype, xs.ctypes.data, dst, 0, nrows, n_per_row, None)
+        qw = None
+        if imatrix is not None:
+            qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+            assert qw.shape == (n_per_row,)
+        self.lib.ggml_quantize_init(gtype)  # the IQ grids; ggml_quantize_chunk does it too
+        got = self.lib.ggml_quantize_chunk(gtype, xs.ctypes.data, dst, 0, nrows, n_per_row,
+                                           None if qw is None else qw.ctypes.data)
         assert got == size, (gtype, got, size)
         return dst.raw
 
 
-def random_half_fields(rng, block, offsets, nblocks):
-    """Random block bytes with the f16 fields replaced by finite random halves."""
+def random_blocks(rng, block, scales, nblocks):
+    """Random block bytes with the scale fields replaced by finite random values."""
     raw = bytearray(rng.integers(0, 256, size=block * nblocks, dtype=np.uint8).tobytes())
     for b in range(nblocks):
-        for o in offsets:
+        o0 = b * block
+        if scales == "e8m0":  # 2^(e-127), 255 is NaN: the extremes first, then random
+            raw[o0] = [0, 1, 2, 254][b] if b < 4 else int(rng.integers(100, 150))
+            continue
+        if scales == "ue4m3":  # 0, 0x7f (NaN, read as 0), subnormals, bit 7 set, the largest
+            edge = [0x00, 0x7F, 0x01, 0x07, 0x08, 0x80, 0xFF, 0x7E]
+            if b < 2:
+                raw[o0:o0 + 4] = bytes(edge[4 * b:4 * b + 4])
+            continue
+        if scales == "iq1m":  # the f16's nibbles are the top nibbles of sc[0..3]
+            h = int(np.float16(rng.normal() * 0.05).view(np.uint16))
+            for k in range(4):
+                i = o0 + 48 + 2 * k + 1
+                raw[i] = (raw[i] & 0x0F) | (((h >> (4 * k)) & 0xF) << 4)
+            continue
+        for o in scales:
             h = np.float16(rng.normal() * 0.05).view(np.uint16)
-            raw[b * block + o: b * block + o + 2] = struct.pack("<H", int(h))
+            raw[o0 + o: o0 + o + 2] = struct.pack("<H", int(h))
     return bytes(raw)
 
 
@@ -133,7 +191,11 @@ def main():
     g = Ggml(source_dir)
     cols, qrows, rawrows = 512, 6, 2
     tensors, expected = [], {}
-    for gtype, (name, halves) in TYPES.items():
+    # Every type ggml can dequantise is in TYPES (and the C++ test checks our table against the
+    # to_float flags in ggml.json).
+    missing = [i for i in range(N_TYPE_IDS) if g.has_to_float(i) and i not in TYPES]
+    assert not missing, "ggml can dequantise types %s: add them to TYPES" % missing
+    for gtype, (name, scales) in TYPES.items():
         rows = qrows + rawrows
         n = rows * cols
         if name == "F32":
@@ -144,13 +206,21 @@ def main():
                                    rng.integers(0, 65536, size=n, dtype=np.uint32)])[:n]
             data = bits.astype(np.uint16).tobytes()
         else:
-            # Quantised rows: normal data with per-row scale and offset, plus an all-zero row.
+            # Quantised rows: normal data with per-row scale and offset; row 0 all zero, row 1
+            # with a few huge outliers, row 2 with all-zero blocks (a 32-value one and the
+            # whole second half of the row: whole blocks of every block size).
             x = rng.normal(size=(qrows, cols)) * rng.uniform(0.01, 4, size=(qrows, 1)) \
                 + rng.uniform(-1, 1, size=(qrows, 1))
             x[0] = 0
-            data = g.quantize(gtype, x.astype(np.float32), qrows, cols)
+            x[1, [5, 100, 301, 477]] = [900.0, -2500.0, 4000.0, -600.0]
+            x[2, 32:64] = 0
+            x[2, 256:] = 0
+            imatrix = None
+            if g.lib.ggml_quantize_requires_imatrix(gtype) or name in IMATRIX_TYPES:
+                imatrix = rng.uniform(0.05, 3.0, size=cols)  # one positive weight per column
+            data = g.quantize(gtype, x.astype(np.float32), qrows, cols, imatrix)
             block, bs = g.lib.ggml_type_size(gtype), g.lib.ggml_blck_size(gtype)
-            data += random_half_fields(rng, block, halves, rawrows * cols // bs)
+            data += random_blocks(rng, block, scales, rawrows * cols // bs)
         f32 = g.to_float(gtype, data, n)
         tname = "t." + name
         tensors.append((tname, gtype, [cols, rows], data))
@@ -206,9 +276,10 @@ def main():
     }
     L.gguf_free(ctx)
     types = {}
-    for i in range(43):
+    for i in range(N_TYPE_IDS):
         name = L.ggml_type_name(i).decode(errors="replace")
-        types[str(i)] = {"name": name, "blck_size": L.ggml_blck_size(i), "type_size": L.ggml_type_size(i)}
+        types[str(i)] = {"name": name, "blck_size": L.ggml_blck_size(i),
+                         "type_size": L.ggml_type_size(i), "to_float": g.has_to_float(i)}
     with open(os.path.join(out_dir, "ggml.json"), "w") as f:
         json.dump({"parsed": parsed, "types": types, "expected": expected}, f, indent=1)
 

@@ -1,12 +1,14 @@
 // The GGUF reader and the dequantisers, with ggml's own library (libggml-base.so from the npm
 // package @node-llama-cpp/linux-x64) as the oracle: tests/unit/formats/ggml_oracle.py writes a
-// GGUF file with a tensor of every dequantisable type, quantised by ggml, and ggml's outputs.
+// GGUF file with a tensor of every dequantisable type, quantised by ggml, and ggml's outputs;
+// tests/unit/formats/gen_iq_grids.py re-derives the IQ lookup tables (iq_grids.h) from ggml.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "fleet/formats/dequant.h"
 #include "fleet/formats/dtype.h"
@@ -58,9 +60,19 @@ TEST_F(GgmlOracleTest, TypeTableMatchesGgml) {
     for (char& c : ours) c = static_cast<char>(std::tolower(c));
     for (char& c : theirs) c = static_cast<char>(std::tolower(c));
     EXPECT_EQ(ours, theirs);
+    // We dequantise exactly what ggml can: the types with a to_float, and F32 (which needs none).
+    EXPECT_EQ(traits->dequantizable, t["to_float"].get<bool>() || id == "0") << traits->name;
     ++known;
   }
   EXPECT_EQ(known, 35);  // ids 0..42 less the 8 ggml removed
+}
+
+// common/formats/src/iq_grids.h is what tests/unit/formats/gen_iq_grids.py derives from ggml.
+TEST_F(GgmlOracleTest, IqGridsHeaderMatchesGgml) {
+  const std::string cmd = "/usr/bin/python3 " + testing::SourceDir() +
+                          "/tests/unit/formats/gen_iq_grids.py " + testing::SourceDir() +
+                          " --check";
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
 }
 
 TEST_F(GgmlOracleTest, ReaderAgreesWithGgmlParser) {
@@ -106,10 +118,16 @@ TEST_F(GgmlOracleTest, ReaderAgreesWithGgmlParser) {
 TEST_F(GgmlOracleTest, DequantizeIsBitIdenticalToGgml) {
   auto file = ModelFile::Open(dir_->File("oracle.gguf"));
   ASSERT_TRUE(file.ok()) << file.status();
+  std::set<std::string> want_types, seen_types;
+  for (uint32_t id = 0; id < 64; ++id) {
+    auto traits = GgmlTypeInfo(id);
+    if (traits && traits->dequantizable) want_types.insert(std::string(traits->name));
+  }
   int checked = 0;
   for (const TensorInfo& t : (*file)->tensors()) {
     auto traits = GgmlTypeByName(t.dtype);
     ASSERT_TRUE(traits && traits->dequantizable) << t.dtype;
+    seen_types.insert(t.dtype);
     const int64_t n = t.numel();
     for (auto [out, ext, size] : {std::tuple{OutType::kF32, ".f32", 4},
                                   std::tuple{OutType::kF16, ".f16", 2},
@@ -130,7 +148,9 @@ TEST_F(GgmlOracleTest, DequantizeIsBitIdenticalToGgml) {
       }
     }
   }
-  EXPECT_EQ(checked, 13 * 3 * 2);
+  EXPECT_EQ(seen_types, want_types);  // the oracle covers every type we dequantise
+  EXPECT_EQ(want_types.size(), 28u);
+  EXPECT_EQ(checked, 28 * 3 * 2);
 }
 
 TEST(DequantTest, RejectsBadSizesAndTypes) {
@@ -140,11 +160,44 @@ TEST(DequantTest, RejectsBadSizesAndTypes) {
               HasSubstr("not a multiple of the block size 32"));
   EXPECT_THAT(std::string(Dequantize(GgmlType::kQ8_0, src, 64, OutType::kF32, out).message()),
               HasSubstr("64 elements need 68"));
+  // ggml has no to_float for Q8_1 / Q8_K (its dot-product operands) or the integer types.
+  EXPECT_THAT(std::string(Dequantize(GgmlType::kQ8_1, src, 32, OutType::kF32, out).message()),
+              HasSubstr("Q8_1 is not supported"));
+  EXPECT_THAT(
+      std::string(DequantizeReference(GgmlType::kQ8_K, src, 256, OutType::kF32, out).message()),
+      HasSubstr("Q8_K is not supported (supported: F32 F16 Q4_0 "));
+  EXPECT_THAT(std::string(Dequantize(GgmlType::kI32, src, 1, OutType::kF32, out).message()),
+              HasSubstr("I32 is not supported"));
+  EXPECT_THAT(
+      std::string(Dequantize(static_cast<GgmlType>(4), src, 32, OutType::kF32, out).message()),
+      HasSubstr("unknown ggml type id 4"));
   EXPECT_THAT(std::string(Dequantize(GgmlType::kIQ2_XS, src, 256, OutType::kF32, out).message()),
-              HasSubstr("IQ2_XS is not supported"));
+              HasSubstr("34 source bytes, 256 elements need 74"));
   EXPECT_TRUE(Dequantize(GgmlType::kQ8_0, src, 32, OutType::kF32, out).ok());
   // Fuzzer finding: an empty tensor with a null destination is fine (no memcpy(nullptr)).
   EXPECT_TRUE(Dequantize(GgmlType::kF32, {}, 0, OutType::kF32, nullptr).ok());
+}
+
+// The type table's `dequantizable` is what the dispatcher accepts, on both paths, for every id;
+// any bytes decode without reading past the block (indices into the IQ grids are masked).
+TEST(DequantTest, TableAgreesWithDispatcher) {
+  int supported = 0;
+  for (uint32_t id = 0; id < 64; ++id) {
+    auto traits = GgmlTypeInfo(id);
+    if (!traits) continue;
+    for (uint8_t fill : {0x00, 0xff, 0x5a}) {
+      const std::vector<uint8_t> src(static_cast<size_t>(traits->type_size), fill);
+      std::vector<float> out(static_cast<size_t>(traits->block_size));
+      const Status fast =
+          Dequantize(traits->type, src, traits->block_size, OutType::kF32, out.data());
+      const Status ref =
+          DequantizeReference(traits->type, src, traits->block_size, OutType::kF32, out.data());
+      EXPECT_EQ(fast.ok(), traits->dequantizable) << traits->name << " " << fast;
+      EXPECT_EQ(ref.ok(), traits->dequantizable) << traits->name << " " << ref;
+    }
+    supported += traits->dequantizable;
+  }
+  EXPECT_EQ(supported, 28);
 }
 
 // ---- the reader on files from our builder ---------------------------------------------------
