@@ -297,7 +297,19 @@ def run_id_for(model_name, constants):
 
 
 def build_model_patcher(client_for, address, spec, info, local_path):
-    """Returns the ComfyUI MODEL (a ModelPatcher) for a model loaded on the coordinator."""
+    """Returns the ComfyUI MODEL (a ModelPatcher) for a model loaded on the coordinator, built
+    by the ComfyUI half of its family (COMFY_BUILDERS; the cluster's families are in
+    docs/models.md). A family the node cannot build for ComfyUI yet is refused by name."""
+    build = COMFY_BUILDERS.get(info.family or "flux")
+    if build is None:
+        raise TensorfleetError(
+            "Tensorfleet: model '%s' is a '%s' model; this node builds ComfyUI models for: %s"
+            % (info.name, info.family, ", ".join(sorted(COMFY_BUILDERS))), "LoadModel")
+    return build(client_for, address, spec, info, local_path)
+
+
+def _build_flux_patcher(client_for, address, spec, info, local_path):
+    """ComfyUI's own Flux BaseModel around a TensorfleetFlux proxy."""
     import comfy.model_base  # noqa: PLC0415
     import comfy.model_management as mm  # noqa: PLC0415
     import comfy.model_patcher  # noqa: PLC0415
@@ -335,3 +347,8 @@ def build_model_patcher(client_for, address, spec, info, local_path):
     except (ImportError, AttributeError):
         pass
     return patcher
+
+
+# The ComfyUI half of each family: family name (as the coordinator reports it) -> builder of
+# the ModelPatcher. Adding a family to the node is adding its builder here.
+COMFY_BUILDERS = {"flux": _build_flux_patcher}

@@ -224,16 +224,33 @@ def _extra_inputs(compute_dtype=True):
                                    "tooltip": "Coordinator job endpoint; empty: "
                                               "$TENSORFLEET_COORDINATOR or " + DEFAULT_ADDRESS}),
     })
+    # The workflow's latent size: the plan keeps room for its activations on the compute device.
+    size_tip = (" of the images or video this model will make, for the activation memory the "
+                "plan keeps free on the compute device; 0: the model family's default. A "
+                "larger input is checked again on its first step.")
+    extra.update({
+        "width": ("INT", {"default": 0, "min": 0, "max": 65536, "step": 8,
+                          "tooltip": "Width" + size_tip}),
+        "height": ("INT", {"default": 0, "min": 0, "max": 65536, "step": 8,
+                           "tooltip": "Height" + size_tip}),
+        "frames": ("INT", {"default": 0, "min": 0, "max": 16384,
+                           "tooltip": "Video frames" + size_tip}),
+        "batch": ("INT", {"default": 0, "min": 0, "max": 4096,
+                          "tooltip": "Batch size" + size_tip}),
+    })
     return extra
 
 
-def _spec(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
-          expert_mode_allocations, eject_models, keep_loaded, mode):
+def _spec(unet_name, compute_dtype="default", compute_device="cuda:0", virtual_vram_gb=4.0,
+          donor_device="cpu", expert_mode_allocations="", eject_models=True, keep_loaded=True,
+          mode="auto", width=0, height=0, frames=0, batch=0):
+    """The loader inputs (upstream's names and defaults, then ours) as a wire ModelSpec."""
     return ModelSpec(path=unet_name, compute_device=compute_device,
                      virtual_vram_gb=float(virtual_vram_gb), donor_device=donor_device,
                      expert_mode_allocations=expert_mode_allocations.strip(),
                      eject_models=bool(eject_models), keep_loaded=bool(keep_loaded), mode=mode,
-                     dtype=compute_dtype)
+                     dtype=compute_dtype, width=int(width), height=int(height),
+                     frames=int(frames), batch=int(batch))
 
 
 def _explain(e, what, unet_name, address):
@@ -244,15 +261,14 @@ def _explain(e, what, unet_name, address):
     return e
 
 
-def _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
-          expert_mode_allocations, eject_models, keep_loaded, mode, coordinator):
-    """What every loader does: check, plan, load with progress and cancel, wrap as a MODEL."""
+def _load(unet_name, coordinator=None, **inputs):
+    """What every loader does: check, plan, load with progress and cancel, wrap as a MODEL.
+    `inputs` are _spec's keyword arguments."""
     import comfy.model_management as mm  # noqa: PLC0415 - ComfyUI module
     import comfy.utils  # noqa: PLC0415
 
     address = (coordinator or "").strip() or default_address()
-    spec = _spec(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
-                 expert_mode_allocations, eject_models, keep_loaded, mode)
+    spec = _spec(unet_name, **inputs)
     client = client_for(address)
     bar = []
 
@@ -264,10 +280,11 @@ def _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_devic
         bar[0].update_absolute(loaded, total)
 
     try:
-        check_devices(address, compute_device, donor_device, virtual_vram_gb,
-                      expert_mode_allocations)
+        check_devices(address, spec.compute_device, spec.donor_device, spec.virtual_vram_gb,
+                      spec.expert_mode_allocations)
         plan = client.plan(spec)  # validates the allocation now, not at sampling time
         log.info("tensorfleet: plan for %s: %s", unet_name, plan.expert_string)
+        _log_plan_notes(plan.plan())
         info = client.load_model(spec, progress=progress, should_cancel=mm.processing_interrupted)
     except CancelledError:
         mm.throw_exception_if_processing_interrupted()
@@ -280,6 +297,14 @@ def _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_devic
     model = tensorfleet_model.build_model_patcher(client_for, address, spec, info,
                                                   _local_path(unet_name))
     return (model,)
+
+
+def _log_plan_notes(plan):
+    """The plan's notes and warnings, in DisTorch2's log wording ("GPU-ONLY MODE: ...")."""
+    for note in plan.get("notes", []):
+        log.info("tensorfleet: %s", note)
+    for warning in plan.get("warnings", []):
+        log.warning("tensorfleet: %s", warning)
 
 
 class UNETLoaderTensorfleet:
@@ -303,15 +328,11 @@ class UNETLoaderTensorfleet:
     def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
         return _validate_device_inputs(compute_device, donor_device)
 
-    def load_unet(self, unet_name, weight_dtype="default", compute_device="cuda:0",
-                  virtual_vram_gb=4.0, donor_device="cpu", expert_mode_allocations="",
-                  eject_models=True, compute_dtype="default", keep_loaded=True, mode="auto",
-                  coordinator=None):
+    def load_unet(self, unet_name, weight_dtype="default", **inputs):
         if weight_dtype != "default":
             log.warning("tensorfleet: weight_dtype %s is not applied yet: the cluster keeps the "
                         "stored dtype of %s", weight_dtype, unet_name)
-        return _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
-                     expert_mode_allocations, eject_models, keep_loaded, mode, coordinator)
+        return _load(unet_name, **inputs)
 
 
 class UnetLoaderGGUFTensorfleet:
@@ -332,11 +353,8 @@ class UnetLoaderGGUFTensorfleet:
     def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
         return _validate_device_inputs(compute_device, donor_device)
 
-    def load_unet(self, unet_name, compute_device="cuda:0", virtual_vram_gb=4.0,
-                  donor_device="cpu", expert_mode_allocations="", eject_models=True,
-                  compute_dtype="default", keep_loaded=True, mode="auto", coordinator=None):
-        return _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
-                     expert_mode_allocations, eject_models, keep_loaded, mode, coordinator)
+    def load_unet(self, unet_name, **inputs):
+        return _load(unet_name, **inputs)
 
 
 class UnetLoaderGGUFAdvancedTensorfleet:
@@ -363,14 +381,11 @@ class UnetLoaderGGUFAdvancedTensorfleet:
         return _validate_device_inputs(compute_device, donor_device)
 
     def load_unet(self, unet_name, dequant_dtype="default", patch_dtype="default",
-                  patch_on_device=False, compute_device="cuda:0", virtual_vram_gb=4.0,
-                  donor_device="cpu", expert_mode_allocations="", eject_models=True,
-                  keep_loaded=True, mode="auto", coordinator=None):
+                  patch_on_device=False, **inputs):
         # "target" is ComfyUI-GGUF's "the model's compute dtype": the default here.
         compute_dtype = "default" if dequant_dtype in ("default", "target") else dequant_dtype
         # patch_dtype / patch_on_device only concern LoRA patches, which are refused for now.
-        return _load(unet_name, compute_dtype, compute_device, virtual_vram_gb, donor_device,
-                     expert_mode_allocations, eject_models, keep_loaded, mode, coordinator)
+        return _load(unet_name, compute_dtype=compute_dtype, **inputs)
 
 
 class TensorfleetPlan:
@@ -393,17 +408,14 @@ class TensorfleetPlan:
     def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
         return _validate_device_inputs(compute_device, donor_device)
 
-    def plan(self, unet_name, compute_device="cuda:0", virtual_vram_gb=4.0, donor_device="cpu",
-             expert_mode_allocations="", eject_models=True, keep_loaded=True, mode="auto",
-             coordinator=None):
+    def plan(self, unet_name, coordinator=None, **inputs):
         import torch  # noqa: PLC0415 - ComfyUI's IMAGE is a torch tensor
 
         address = (coordinator or "").strip() or default_address()
-        spec = _spec(unet_name, "default", compute_device, virtual_vram_gb, donor_device,
-                     expert_mode_allocations, eject_models, keep_loaded, mode)
+        spec = _spec(unet_name, **inputs)
         try:
-            check_devices(address, compute_device, donor_device, virtual_vram_gb,
-                          expert_mode_allocations)
+            check_devices(address, spec.compute_device, spec.donor_device, spec.virtual_vram_gb,
+                          spec.expert_mode_allocations)
             plan = client_for(address).plan(spec)
         except TensorfleetError as e:
             raise _explain(e, "plan", unet_name, address) from None

@@ -48,6 +48,11 @@ class ModelSpec:
     dtype: str = "default"              # default (the stored dtype) | float32 | bfloat16 | float16
     prefetch_depth: int = 0             # 0: the coordinator's default
     allow_mixed: bool = False
+    # The workflow's input size for the plan's activation estimate (0: the family's default).
+    width: int = 0
+    height: int = 0
+    frames: int = 0
+    batch: int = 0
 
 
 @dataclass
@@ -167,6 +172,11 @@ def _spec(b, spec):
     g.ModelSpecAddDtype(b, _DTYPES[spec.dtype])
     g.ModelSpecAddPrefetchDepth(b, int(spec.prefetch_depth))
     g.ModelSpecAddAllowMixed(b, bool(spec.allow_mixed))
+    for name in ("width", "height", "frames", "batch"):
+        value = int(getattr(spec, name))
+        if not 0 <= value < 2 ** 32:
+            raise InvalidArgumentError("%s %d is not a size" % (name, value))
+        getattr(g, "ModelSpecAdd" + name.capitalize())(b, value)
     return g.ModelSpecEnd(b)
 
 

@@ -38,14 +38,16 @@ DISTORCH = ["compute_device", "virtual_vram_gb", "donor_device", "expert_mode_al
 
 # Tensorfleet's loaders: widget inputs in order (upstream's first, extras after) and defaults.
 # tests/python/test_workflow_convert.py checks these against the nodes' INPUT_TYPES.
+SIZES = ["width", "height", "frames", "batch"]  # 0: the model family's default
 TARGETS = {
     "UNETLoaderTensorfleet": (["unet_name", "weight_dtype"] + DISTORCH
-                              + ["compute_dtype", "keep_loaded", "mode", "coordinator"]),
+                              + ["compute_dtype", "keep_loaded", "mode", "coordinator"] + SIZES),
     "UnetLoaderGGUFTensorfleet": (["unet_name"] + DISTORCH
-                                  + ["compute_dtype", "keep_loaded", "mode", "coordinator"]),
+                                  + ["compute_dtype", "keep_loaded", "mode", "coordinator"]
+                                  + SIZES),
     "UnetLoaderGGUFAdvancedTensorfleet": (["unet_name", "dequant_dtype", "patch_dtype",
                                            "patch_on_device"] + DISTORCH
-                                          + ["keep_loaded", "mode", "coordinator"]),
+                                          + ["keep_loaded", "mode", "coordinator"] + SIZES),
 }
 DEFAULTS = {
     "weight_dtype": "default", "dequant_dtype": "default", "patch_dtype": "default",
@@ -53,6 +55,7 @@ DEFAULTS = {
     "donor_device": "cpu", "expert_mode_allocations": "", "eject_models": True,
     "compute_dtype": "default", "keep_loaded": True, "mode": "auto",
     "coordinator": "",  # empty: the node uses TENSORFLEET_COORDINATOR or tcp://127.0.0.1:7770
+    "width": 0, "height": 0, "frames": 0, "batch": 0,
 }
 
 # Upstream loaders we convert: (widget inputs in upstream order, Tensorfleet node, renames,

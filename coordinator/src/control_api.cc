@@ -1,6 +1,9 @@
 #include "fleet/coordinator/control_api.h"
 
+#include <cerrno>
 #include <nlohmann/json.hpp>
+
+#include "fleet/families/family.h"
 
 namespace fleet::coordinator {
 namespace {
@@ -111,6 +114,22 @@ StatusOr<ModelSpec> ReadSpec(Get get) {
     spec.mode = mode;
   }
   spec.dtype = get("dtype").value_or("");
+  auto size = [&](const char* name, int64_t* out) -> Status {
+    if (auto v = get(name)) {
+      char* end = nullptr;
+      errno = 0;
+      long long n = std::strtoll(v->c_str(), &end, 10);
+      if (v->empty() || *end != '\0' || errno != 0) {
+        return InvalidArgumentError(std::string(name) + ": not a whole number: '" + *v + "'");
+      }
+      FLEET_ASSIGN_OR_RETURN(*out, families::CheckInputSize(name, n));
+    }
+    return Status();
+  };
+  FLEET_RETURN_IF_ERROR(size("width", &spec.width));
+  FLEET_RETURN_IF_ERROR(size("height", &spec.height));
+  FLEET_RETURN_IF_ERROR(size("frames", &spec.frames));
+  FLEET_RETURN_IF_ERROR(size("batch", &spec.batch));
   return spec;
 }
 

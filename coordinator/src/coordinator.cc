@@ -10,8 +10,9 @@
 
 #include "fleet/config/bytes.h"
 #include "fleet/device/device.h"
+#include "fleet/families/family.h"
+#include "fleet/families/layout.h"
 #include "fleet/formats/dtype.h"
-#include "fleet/formats/layout.h"
 #include "fleet/formats/model_file.h"
 #include "fleet/log/log.h"
 #include "fleet/placement/placement.h"
@@ -122,7 +123,7 @@ struct LoadedModel {
   ModelSpec spec;
   ExecMode mode = ExecMode::kAuto;
   std::string rel_path;
-  formats::Layout layout;
+  families::Layout layout;
   std::map<std::string, std::vector<worker::FileTensorSpec>> unit_tensors;
   std::string compute_dtype;  // protocol dtype name: "bf16", "f32", "f16"
   placement::Plan plan;
@@ -139,6 +140,7 @@ struct LoadedModel {
   int active = 0;                      // Forwards running
   std::vector<std::string> runs;       // cached sampling runs, most recent last
   std::string last_schedule_json;
+  uint64_t checked_activation_bytes = 0;  // the largest activation estimate known to fit
 };
 
 struct Coordinator::Impl {
@@ -244,15 +246,65 @@ struct Coordinator::Impl {
     r.eject_models = spec.eject_models;
     r.keep_loaded = spec.keep_loaded;
     r.headroom.prefetch_depth = prefetch_depth;
-    r.headroom.activation_bytes = self->options_.activation_reserve.value;
     return r;
+  }
+
+  // The input sizes of `spec` with the family's defaults where it gives none.
+  static families::InputSizes SizesOf(const families::Family& family, const ModelSpec& spec,
+                                      const std::string& compute_dtype) {
+    families::InputSizes s = family.DefaultSizes();
+    if (spec.width > 0) s.width = spec.width;
+    if (spec.height > 0) s.height = spec.height;
+    if (spec.frames > 0) s.frames = spec.frames;
+    if (spec.batch > 0) s.batch = spec.batch;
+    s.dtype_bytes = compute_dtype == "f32" ? 4 : 2;
+    return s;
+  }
+
+  // The first forward with inputs larger than the plan assumed: does their activation estimate
+  // still fit the compute device's room (capacity less weights, prefetch and reserve)? A model
+  // that cannot run is refused here, naming the sizes, instead of running out of memory.
+  Status CheckActivations(LoadedModel& m, const ForwardRequest& request) {
+    const families::Family* family = families::FindFamily(m.layout.family);
+    if (family == nullptr) return Status::OK();
+    families::InputShapes shapes;
+    for (const auto& t : request.inputs) shapes[t.name] = t.shape;
+    auto sizes = family->SizesOf(m.layout.config_json, shapes);
+    if (!sizes) return Status::OK();  // the blocks report malformed inputs
+    sizes->dtype_bytes = m.compute_dtype == "f32" ? 4 : 2;
+    auto need = family->ActivationBytes(m.layout.config_json, *sizes);
+    if (!need.ok()) return Status::OK();
+    std::lock_guard lock(mu);
+    if (*need <= m.checked_activation_bytes) return Status::OK();
+    const placement::DevicePlan* compute = m.plan.Device(m.plan.compute_device);
+    if (compute == nullptr) return Status::OK();
+    const uint64_t used = compute->weight_bytes + m.plan.prefetch_bytes + m.plan.reserve_bytes;
+    const uint64_t room = compute->capacity_bytes > used ? compute->capacity_bytes - used : 0;
+    std::string what = std::to_string(sizes->width) + "x" + std::to_string(sizes->height) +
+                       (sizes->frames > 1 ? "x" + std::to_string(sizes->frames) + " frames" : "") +
+                       ", batch " + std::to_string(sizes->batch);
+    if (*need > room) {
+      return FailedPreconditionError(
+          "model '" + m.name + "': inputs of " + what + " need about " +
+          config::FormatBytes(*need) + " of activations on " + m.compute_device + ", which has " +
+          config::FormatBytes(room) + " left after its weights (the plan assumed " +
+          config::FormatBytes(m.checked_activation_bytes) +
+          "); load it with these sizes (width, height, frames, batch) so the plan makes room, "
+          "or move more of it off " +
+          m.compute_device);
+    }
+    FLEET_LOG(INFO, "models") << m.name << ": inputs of " << what << " need about "
+                              << config::FormatBytes(*need) << " of activations; "
+                              << m.compute_device << " has " << config::FormatBytes(room);
+    m.checked_activation_bytes = *need;
+    return Status::OK();
   }
 
   // What LoadModel and Plan share: open the file, find its layout, plan it.
   struct Prepared {
     std::string full_path;
     std::unique_ptr<formats::ModelFile> file;
-    formats::Layout layout;
+    families::Layout layout;
     std::string compute_dtype;
     std::vector<placement::Unit> units;
     placement::Request request;
@@ -268,20 +320,27 @@ struct Coordinator::Impl {
                                   ", a GGUF type Tensorfleet cannot dequantise yet");
       }
     }
-    FLEET_ASSIGN_OR_RETURN(p.layout, formats::DetectLayout(*p.file));
-    if (p.layout.family == "unknown") {
-      return InvalidArgumentError(spec.path + ": not a model family Tensorfleet can run (flux)");
+    FLEET_ASSIGN_OR_RETURN(p.layout, families::DetectLayout(*p.file));
+    const families::Family* family = families::FindFamily(p.layout.family);
+    if (family == nullptr) {
+      return InvalidArgumentError(spec.path + ": not a model family Tensorfleet knows (" +
+                                  families::FamilyNames() + ")");
     }
     FLEET_ASSIGN_OR_RETURN(p.compute_dtype, ComputeDtype(spec.dtype, *p.file));
     std::map<std::string, const formats::TensorInfo*> by_name;
     for (const auto& t : p.file->tensors()) by_name[t.name] = &t;
     for (const auto& u : p.layout.units) {
-      placement::Unit unit{u.name, 0, u.pinned, u.pinned ? "model stem: runs first on the compute device" : "", false};
+      placement::Unit unit{u.name, 0, u.pinned, "", false};
       for (const auto& tn : u.tensors) unit.bytes += ConvertedBytes(*by_name.at(tn), p.compute_dtype);
       p.units.push_back(unit);
     }
+    placement::MarkPinnedUnits(family, &p.units);  // says why each pinned unit is pinned
     int depth = spec.prefetch_depth > 0 ? spec.prefetch_depth : static_cast<int>(self->options_.prefetch_depth);
     p.request = MakeRequest(spec, depth);
+    auto activation =
+        family->ActivationBytes(p.layout.config_json, SizesOf(*family, spec, p.compute_dtype));
+    if (!activation.ok()) return activation.status().WithContext(spec.path);
+    p.request.headroom.activation_bytes = *activation;
     return p;
   }
 
@@ -506,10 +565,6 @@ Status Coordinator::Ready() const {
   return Status::OK();
 }
 
-void Coordinator::BeginDrain() { draining_.store(true); }
-
-std::vector<ModelInfo> Coordinator::ListModels() const {
-  std::lock_guard lock(impl_->mu);
 Status Coordinator::ModelReady(const std::string& name) const {
   if (draining_.load()) return UnavailableError("draining: the coordinator is shutting down");
   std::set<std::string> up;
@@ -573,6 +628,10 @@ std::vector<RepositoryEntry> Coordinator::RepositoryIndex() const {
   return out;
 }
 
+void Coordinator::BeginDrain() { draining_.store(true); }
+
+std::vector<ModelInfo> Coordinator::ListModels() const {
+  std::lock_guard lock(impl_->mu);
   std::vector<ModelInfo> out;
   for (const auto& [name, m] : impl_->models) out.push_back(impl_->Info(*m));
   return out;
@@ -701,6 +760,7 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
       }
       if (plan.ok()) {
         model->plan = *plan;
+        model->checked_activation_bytes = plan->activation_bytes;
         break;
       }
       if (plan.status().code() != StatusCode::kResourceExhausted) return plan.status();
@@ -741,11 +801,11 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
       impl_->models.erase(name);
     }
     impl_->EvictEverywhere(*model);  // the units that did load must not stay resident
+    metrics_->RemoveModel(name);     // the gauges showed it loading
     if (loaded.code() == StatusCode::kCancelled) {
       FLEET_LOG(INFO, "models") << loaded.message() << "; what was loaded is evicted";
     } else {
       FLEET_LOG(ERROR, "models") << "loading " << name << " failed: " << loaded;
-    metrics_->RemoveModel(name);     // the gauges showed it loading
     }
     return loaded;
   }
@@ -785,12 +845,7 @@ Status Coordinator::UnloadModel(const std::string& name) {
   return Status();
 }
 
-
 StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
-  if (draining_.load()) return UnavailableError("the coordinator is shutting down: not starting new Forwards");
-  auto start = Clock::now();
-  std::shared_ptr<LoadedModel> m;
-  std::string job;
   auto result = ForwardLoaded(request);
   // Under mu, and only for a model that is loaded: an unload removes the model's series after
   // taking it out of `models`, so a late count cannot bring them back, and names of models that
@@ -803,6 +858,11 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
 }
 
 StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request) {
+  if (draining_.load())
+    return UnavailableError("the coordinator is shutting down: not starting new Forwards");
+  auto start = Clock::now();
+  std::shared_ptr<LoadedModel> m;
+  std::string job;
   bool run_cached = false;
   {
     std::lock_guard lock(impl_->mu);
@@ -832,6 +892,7 @@ StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request
       --m->active;
     }
   } guard{impl_.get(), m.get()};
+  FLEET_RETURN_IF_ERROR(impl_->CheckActivations(*m, request));
 
   // Constant inputs that the client left out must be in the run's cache on the compute worker.
   std::set<std::string> given;

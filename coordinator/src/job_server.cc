@@ -7,6 +7,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "fleet/families/family.h"
 #include "fleet/log/log.h"
 #include "fleet/protocol/protocol.h"
 #include "job_generated.h"
@@ -102,6 +103,10 @@ StatusOr<ModelSpec> ReadSpec(const wire::ModelSpec* s) {
   }
   spec.prefetch_depth = static_cast<int>(std::min<uint32_t>(s->prefetch_depth(), 64));
   spec.allow_mixed = s->allow_mixed();
+  FLEET_ASSIGN_OR_RETURN(spec.width, families::CheckInputSize("width", s->width()));
+  FLEET_ASSIGN_OR_RETURN(spec.height, families::CheckInputSize("height", s->height()));
+  FLEET_ASSIGN_OR_RETURN(spec.frames, families::CheckInputSize("frames", s->frames()));
+  FLEET_ASSIGN_OR_RETURN(spec.batch, families::CheckInputSize("batch", s->batch()));
   return spec;
 }
 

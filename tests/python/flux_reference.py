@@ -89,10 +89,13 @@ class FluxReference:
         self.vec_in = w["vector_in.in_layer.weight"].shape[1]
         self.guidance_embed = "guidance_in.in_layer.weight" in w
         self.channels = w["img_in.weight"].shape[1] // 4
+        # The file's `config` metadata holds ComfyUI's Flux keyword arguments; files written
+        # before it existed carry only `fleet.axes_dim`.
         metadata = metadata or {}
-        self.axes = json.loads(metadata["fleet.axes_dim"]) if "fleet.axes_dim" in metadata \
-            else [16, 56, 56]
-        self.theta = 10000.0
+        config = json.loads(metadata.get("config", "{}"))
+        self.axes = config.get("axes_dim") or json.loads(metadata.get("fleet.axes_dim",
+                                                                      "[16, 56, 56]"))
+        self.theta = float(config.get("theta", 10000.0))
 
     def p(self, name):
         return self.w[name].to(self.dtype)

@@ -159,7 +159,11 @@ def test_gen_model_uses_the_real_key_names(fleet_bin, gen_model):
     assert set(weights) == set(real)
     for name, t in weights.items():
         assert t.dim() == real[name], name
-    assert meta["fleet.axes_dim"] == "[4,6,6]"
+    config = json.loads(meta["config"])  # ComfyUI's Flux keyword arguments
+    assert config["axes_dim"] == [4, 6, 6]
+    assert (config["image_model"], config["hidden_size"], config["num_heads"]) == ("flux", 32, 2)
+    assert (config["depth"], config["depth_single_blocks"]) == (19, 38)
+    assert config["in_channels"] == weights["img_in.weight"].shape[1] // 4
 
 
 def test_gen_inputs_dtypes_follow_comfyui(fleet_bin, gen_model, gen_inputs):

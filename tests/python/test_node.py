@@ -93,7 +93,8 @@ def test_node_surface_mirrors_distorch2(models_dir):
     # DisTorch2's inputs in upstream's order, then ours.
     assert list(types["optional"]) == ["compute_device", "virtual_vram_gb", "donor_device",
                                        "expert_mode_allocations", "eject_models",
-                                       "compute_dtype", "keep_loaded", "mode", "coordinator"]
+                                       "compute_dtype", "keep_loaded", "mode", "coordinator",
+                                       "width", "height", "frames", "batch"]
     gguf = PKG.NODE_CLASS_MAPPINGS["UnetLoaderGGUFTensorfleet"].INPUT_TYPES()
     assert gguf["required"]["unet_name"][0] == ["q8/dev-Q8_0.gguf"]
     adv = PKG.NODE_CLASS_MAPPINGS["UnetLoaderGGUFAdvancedTensorfleet"].INPUT_TYPES()
@@ -258,6 +259,11 @@ def test_describe_flux_from_the_file_header(tmp_path):
     info.family = "wan"
     with pytest.raises(tf.TensorfleetError, match="is a 'wan' model"):
         model_mod.describe_flux(info, "default", str(p))
+    # The node builds ComfyUI models per family; one it has no builder for is refused by name
+    # before anything is sent.
+    with pytest.raises(tf.TensorfleetError,
+                       match="'m' is a 'wan' model; this node builds ComfyUI models for: flux"):
+        model_mod.build_model_patcher(None, "tcp://unused", None, info, str(p))
 
 
 def test_run_id_follows_the_constant_inputs():
@@ -301,6 +307,8 @@ def test_example_workflows_match_the_nodes(models_dir, fname):
                 assert value in spec[0], (name, value)
             elif spec[0] == "FLOAT":
                 assert spec[1]["min"] <= value <= spec[1]["max"], (name, value)
+            elif spec[0] == "INT":
+                assert isinstance(value, int) and spec[1]["min"] <= value <= spec[1]["max"], name
             elif spec[0] == "BOOLEAN":
                 assert isinstance(value, bool), name
             else:

@@ -138,3 +138,29 @@ def test_plan_node_pictures_the_placement(control, tmp_path):
     for k in range(min(len(ranges), len(image_mod.PALETTE))):
         assert has(image_mod.PALETTE[k]), "range %d is not drawn" % k
     assert any(r["site"] == "pipeline" for r in ranges) and has(image_mod.MARK)
+
+
+def test_loader_logs_the_plans_notes_and_plans_for_the_workflows_size(control, caplog):
+    import logging  # noqa: PLC0415
+
+    name = _model(control, "notes.safetensors", "--preset", "tiny")
+    with caplog.at_level(logging.INFO, logger="tensorfleet"):
+        Loader().load_unet(name, coordinator=control.address, compute_device="cuda:0",
+                           expert_mode_allocations="cuda:0,4kb;cuda:1,4kb", eject_models=False,
+                           keep_loaded=False)
+    # DisTorch2's log line for a GPU-only string, from the plan's notes.
+    assert "GPU-ONLY MODE: Distributed remaining" in caplog.text
+    assert "across 2 GPUs (no CPU fallback)" in caplog.text
+    client = nodes.client_for(control.address)
+    client.unload_model(name.rsplit(".", 1)[0])
+
+    def activation_bytes(**sizes):
+        spec = tf.ModelSpec(name, compute_device="cuda:0", virtual_vram_gb=0, **sizes)
+        return client.plan(spec).plan()["headroom"]["activation_bytes"]
+
+    default = activation_bytes()
+    small = activation_bytes(width=256, height=256)
+    assert 0 < small < default == activation_bytes(width=1024, height=1024)
+    assert activation_bytes(width=256, height=256, batch=2) == 2 * small
+    with pytest.raises(tf.InvalidArgumentError, match="width 70000 is outside"):
+        activation_bytes(width=70000)

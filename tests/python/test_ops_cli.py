@@ -97,7 +97,7 @@ class OpsCluster:
         env.update(FLEET_HTTP_TOKEN_FILE=str(token_file), FLEET_LOG_FORMAT="json")
         self.up = subprocess.Popen(
             [str(BIN / "fleet"), "up", "--ephemeral", "--emulate", "cuda:0=1gb,cuda:1=1gb,cpu=2gb",
-             "--dir", str(root), "--model-root", str(self.models), "--activation-reserve", "16mb",
+             "--dir", str(root), "--model-root", str(self.models),
              "--heartbeat-timeout", "10s"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         self.worker_metrics = {}

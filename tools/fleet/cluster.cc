@@ -31,6 +31,25 @@ void AddClusterFlags(config::OptionSet& set, ClusterFlags* f) {
   set.Add("json", &f->json, "Print JSON instead of text");
 }
 
+std::vector<std::pair<std::string, int64_t>> InputSizeFlags::Given() const {
+  std::vector<std::pair<std::string, int64_t>> out;
+  for (auto [name, value] : {std::pair<const char*, int64_t>{"width", width},
+                             {"height", height},
+                             {"frames", frames},
+                             {"batch", batch}}) {
+    if (value != 0) out.emplace_back(name, value);
+  }
+  return out;
+}
+
+void AddInputSizeFlags(config::OptionSet& set, InputSizeFlags* f) {
+  set.Add("width", &f->width,
+          "Width of the images or video, for the activation estimate (0: the family's default)");
+  set.Add("height", &f->height, "Height of the images or video (0: the family's default)");
+  set.Add("frames", &f->frames, "Video frames (0: the family's default)");
+  set.Add("batch", &f->batch, "Batch size (0: 1)");
+}
+
 StatusOr<HttpClient> ConnectCluster(const ClusterFlags& f) {
   return HttpClient::Create(f.coordinator, f.token, f.timeout.value);
 }
@@ -207,6 +226,7 @@ int RunLoad(const std::vector<std::string>& args) {
   double virtual_vram_gb = 4.0;
   bool eject_models = true, keep_loaded = true, progress = true;
   config::Duration load_timeout{std::chrono::minutes(30)};
+  InputSizeFlags sizes;
   config::OptionSet set("fleet load MODEL",
                         "Load MODEL (a .safetensors or .gguf path under the coordinator's model roots) with "
                         "the DisTorch2 loader inputs (names and defaults of the ComfyUI node).");
@@ -221,6 +241,7 @@ int RunLoad(const std::vector<std::string>& args) {
   set.Add("dtype", &dtype, "Compute dtype: float32, bfloat16, float16 (default: as stored)");
   set.Add("load_timeout", &load_timeout, "How long the load may take");
   set.Add("progress", &progress, "Show bytes loaded on stderr while the load runs");
+  AddInputSizeFlags(set, &sizes);
   AddClusterFlags(set, &f);
   int rc = 0;
   auto s = Open("fleet load", set, f, args, 1, "one MODEL path", &rc);
@@ -241,6 +262,7 @@ int RunLoad(const std::vector<std::string>& args) {
                {"keep_loaded", keep_loaded},
                {"mode", mode}};
   if (!dtype.empty()) body["dtype"] = dtype;
+  for (const auto& [size, value] : sizes.Given()) body[size] = value;
   const HttpClient& c = *s->client;
   const std::string target = "/v2/repository/models/" + UrlEncode(name) + "/load";
   auto start = std::chrono::steady_clock::now();

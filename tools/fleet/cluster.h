@@ -2,7 +2,10 @@
 // `fleet plan --coordinator`), and the client they make. Thread safety: main thread only.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "fleet/config/options.h"
 #include "http_client.h"
@@ -18,6 +21,21 @@ struct ClusterFlags {
 
 /// Adds --coordinator, --token, --timeout and --json (env FLEET_COORDINATOR, FLEET_TOKEN, ...).
 void AddClusterFlags(config::OptionSet& set, ClusterFlags* flags);
+
+/// The workflow's input size, for the activation memory a plan keeps free (the node's width,
+/// height, frames and batch inputs); 0 is the model family's default.
+struct InputSizeFlags {
+  int64_t width = 0;
+  int64_t height = 0;
+  int64_t frames = 0;
+  int64_t batch = 0;
+
+  /// name=value pairs of the sizes given (not 0), as the control API takes them.
+  std::vector<std::pair<std::string, int64_t>> Given() const;
+};
+
+/// Adds --width, --height, --frames and --batch.
+void AddInputSizeFlags(config::OptionSet& set, InputSizeFlags* flags);
 
 /// The control API client for `flags` (InvalidArgument for a URL that is not http://HOST:PORT).
 StatusOr<HttpClient> ConnectCluster(const ClusterFlags& flags);

@@ -1,5 +1,5 @@
 // `fleet gen-model` and `fleet gen-inputs`: random-weight Flux models with the real key names
-// (../shared/reference/keys/flux-dev.tsv) at any width, and matching model inputs, both
+// (tests/unit/formats/keys/flux-dev.tsv) at any width, and matching model inputs, both
 // deterministic in a seed and written as safetensors. Torch-free: values come from our own
 // PRNG (splitmix64 + Box-Muller), so the same seed gives the same bytes on every machine.
 //
@@ -14,8 +14,8 @@
 
 #include "command.h"
 #include "fleet/config/options.h"
+#include "fleet/families/layout.h"
 #include "fleet/formats/dequant.h"
-#include "fleet/formats/layout.h"
 #include "fleet/formats/model_file.h"
 #include "fleet/formats/safetensors_writer.h"
 
@@ -167,8 +167,25 @@ Status WriteFluxModel(const FluxShape& s, uint64_t seed, formats::DType dtype,
   }
   FLEET_RETURN_IF_ERROR(linear("final_layer.linear", feat, d));
   FLEET_RETURN_IF_ERROR(linear("final_layer.adaLN_modulation.1", 2 * d, d));
-  std::vector<int64_t> axes = s.axes.empty() ? DefaultAxes(head) : s.axes;
-  w.SetMetadata("fleet.axes_dim", nlohmann::json(axes).dump());
+  // The model's configuration as ComfyUI's Flux keyword arguments (docs/models.md): what the
+  // shapes cannot say (RoPE axes, theta) and a cross-check of what they can.
+  nlohmann::ordered_json config;
+  config["image_model"] = "flux";
+  config["in_channels"] = s.latent;
+  config["out_channels"] = s.latent;
+  config["vec_in_dim"] = s.vec;
+  config["context_in_dim"] = s.context;
+  config["hidden_size"] = d;
+  config["mlp_ratio"] = static_cast<double>(s.mlp_ratio);
+  config["num_heads"] = s.heads;
+  config["depth"] = s.depth;
+  config["depth_single_blocks"] = s.depth_single;
+  config["axes_dim"] = s.axes.empty() ? DefaultAxes(head) : s.axes;
+  config["theta"] = 10000;
+  config["qkv_bias"] = true;
+  config["guidance_embed"] = s.guidance;
+  config["patch_size"] = s.patch;
+  w.SetMetadata("config", config.dump());
   w.SetMetadata("fleet.generator", "fleet gen-model seed=" + std::to_string(seed));
   return w.Write(path);
 }
@@ -320,7 +337,7 @@ int RunGenInputs(const std::vector<std::string>& args) {
   }
   auto file = formats::ModelFile::Open(positional[0]);
   if (!file.ok()) return Fail("gen-inputs", file.status(), 2);
-  auto layout = formats::DetectLayout(**file);
+  auto layout = families::DetectLayout(**file);
   if (!layout.ok()) return Fail("gen-inputs", layout.status(), 2);
   if (layout->family != "flux") {
     std::fprintf(stderr, "fleet gen-inputs: %s is a '%s' model; only flux is supported\n",

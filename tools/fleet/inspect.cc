@@ -7,7 +7,7 @@
 #include "command.h"
 #include "fleet/config/bytes.h"
 #include "fleet/config/options.h"
-#include "fleet/formats/layout.h"
+#include "fleet/families/layout.h"
 #include "fleet/formats/model_file.h"
 
 namespace fleet::cli {
@@ -40,7 +40,7 @@ int RunInspect(const std::vector<std::string>& args) {
     d.first += 1;
     d.second += t.nbytes;
   }
-  auto layout = formats::DetectLayout(f);
+  auto layout = families::DetectLayout(f);
   if (json) {
     nlohmann::ordered_json out;
     out["path"] = path;

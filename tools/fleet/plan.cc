@@ -6,6 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <tuple>
 
 #include "cluster.h"
 #include "command.h"
@@ -14,11 +15,8 @@
 #include "fleet/placement/placement.h"
 #include "fleet/placement/units.h"
 
-#if __has_include("fleet/formats/layout.h")
-#include "fleet/formats/layout.h"
+#include "fleet/families/layout.h"
 #include "fleet/formats/model_file.h"
-#define FLEET_PLAN_HAS_FORMATS 1
-#endif
 
 namespace fleet::cli {
 namespace {
@@ -36,7 +34,8 @@ struct PlanFlags {
   std::string family = "auto";
   ClusterFlags cluster;  // --coordinator, --token, --timeout, --json
   int64_t prefetch_depth = 2;
-  std::string activation_bytes;  // empty: the example's estimate, else 0
+  InputSizeFlags sizes;
+  std::string activation_bytes;  // empty: the family's estimate for the sizes (--units: 0)
   config::Bytes reserve;
   bool explain = false;
 };
@@ -54,6 +53,19 @@ StatusOr<std::string> ReadFile(const std::string& path) {
   return s.str();
 }
 
+// `sizes` with the sizes the flags give (not 0).
+StatusOr<families::InputSizes> WithFlags(families::InputSizes sizes, const InputSizeFlags& flags) {
+  for (auto [name, value, out] : {std::tuple{"width", flags.width, &sizes.width},
+                                  {"height", flags.height, &sizes.height},
+                                  {"frames", flags.frames, &sizes.frames},
+                                  {"batch", flags.batch, &sizes.batch}}) {
+    auto checked = families::CheckInputSize(name, value);
+    if (!checked.ok()) return checked.status().WithContext(std::string("--") + name);
+    if (*checked > 0) *out = *checked;
+  }
+  return sizes;
+}
+
 StatusOr<Model> LoadModel(const PlanFlags& flags, const std::vector<std::string>& positional) {
   int sources = !flags.units.empty() + !flags.example.empty() + !positional.empty();
   if (sources != 1) {
@@ -66,45 +78,42 @@ StatusOr<Model> LoadModel(const PlanFlags& flags, const std::vector<std::string>
                                 std::to_string(positional.size()));
   }
   Model model;
-  placement::Family family = placement::Family::kNone;
+  const families::Family* family = nullptr;
   bool guess = flags.family == "auto";
   if (!guess) {
-    FLEET_ASSIGN_OR_RETURN(family, placement::ParseFamily(flags.family));
+    FLEET_ASSIGN_OR_RETURN(family, families::ParseFamily(flags.family));
   }
   if (!flags.example.empty()) {
     FLEET_ASSIGN_OR_RETURN(placement::Example ex, placement::GetExample(flags.example));
     model.units = std::move(ex.units);
-    model.activation_bytes = ex.activation_bytes;
+    FLEET_ASSIGN_OR_RETURN(families::InputSizes sizes, WithFlags(ex.sizes, flags.sizes));
+    FLEET_ASSIGN_OR_RETURN(model.activation_bytes,
+                           ex.family->ActivationBytes(ex.config_json, sizes));
     if (guess) family = ex.family;
   } else if (!flags.units.empty()) {
     FLEET_ASSIGN_OR_RETURN(std::string text, ReadFile(flags.units));
     FLEET_ASSIGN_OR_RETURN(model.units, placement::ParseUnitsJson(text, flags.units));
     if (guess) family = placement::GuessFamily(model.units);
   } else {
-#ifdef FLEET_PLAN_HAS_FORMATS
     FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(positional[0]));
-    FLEET_ASSIGN_OR_RETURN(formats::Layout layout, formats::DetectLayout(*file));
+    FLEET_ASSIGN_OR_RETURN(families::Layout layout, families::DetectLayout(*file));
+    if (const families::Family* detected = families::FindFamily(layout.family)) {
+      FLEET_ASSIGN_OR_RETURN(families::InputSizes sizes,
+                             WithFlags(detected->DefaultSizes(), flags.sizes));
+      FLEET_ASSIGN_OR_RETURN(model.activation_bytes,
+                             detected->ActivationBytes(layout.config_json, sizes));
+    }
     for (const auto& u : layout.units) {
       placement::Unit unit;
       unit.name = u.name;
       unit.bytes = u.bytes;
-      unit.pinned = u.pinned;
-      if (u.pinned) {
-        unit.pin_reason = layout.family +
-                          " stem: its outputs feed every block, so it stays "
-                          "with the compute device";
-      }
+      unit.pinned = u.pinned;  // MarkPinnedUnits below says why
       model.units.push_back(std::move(unit));
     }
     if (guess) {
-      auto parsed = placement::ParseFamily(layout.family);
-      family = parsed.ok() ? *parsed : placement::GuessFamily(model.units);
+      family = families::FindFamily(layout.family);
+      if (family == nullptr) family = placement::GuessFamily(model.units);
     }
-#else
-    return UnimplementedError(
-        "reading model files needs the formats module, which this build "
-        "lacks; use --example or --units");
-#endif
   }
   placement::MarkPinnedUnits(family, &model.units);
   return model;
@@ -130,6 +139,8 @@ int PlanOnCluster(const PlanFlags& f, const std::vector<std::string>& positional
                       "&virtual_vram_gb=" + vram + "&donor_device=" + UrlEncode(f.donor_device) +
                       "&expert_mode_allocations=" + UrlEncode(f.expert_mode_allocations) +
                       "&eject_models=" + flag(f.eject_models) + "&keep_loaded=" + flag(f.keep_loaded);
+  for (const auto& [size, value] : f.sizes.Given())
+    query += "&" + size + "=" + std::to_string(value);
   auto plan = client->Call("GET", "/v2/plan?" + query);
   if (!plan.ok()) {
     // The coordinator refusing the plan (a bad string, over capacity) is bad input; not
@@ -170,8 +181,6 @@ int RunPlan(const std::vector<std::string>& args) {
   set.Add("donor_device", &f.donor_device, "DisTorch2 donor_device: donor(s), comma-separated");
   set.Add("expert_mode_allocations", &f.expert_mode_allocations,
           "DisTorch2 expert string, e.g. 'cuda:0,4gb;cpu,*' (overrides virtual VRAM)");
-  f.cluster.coordinator.clear();  // no default: planning against a cluster is asked for
-  AddClusterFlags(set, &f.cluster);
   set.Add("eject_models", &f.eject_models, "DisTorch2 eject_models: evict other models first");
   set.Add("keep_loaded", &f.keep_loaded, "Keep this model's shares resident across model switches");
   set.Add("devices", &f.devices,
@@ -180,12 +189,15 @@ int RunPlan(const std::vector<std::string>& args) {
   std::string examples;
   for (const auto& n : placement::ExampleNames()) examples += (examples.empty() ? "" : ", ") + n;
   set.Add("example", &f.example, "Built-in example model: " + examples);
-  set.Add("family", &f.family, "Pin rules: auto, none, flux, wan, text-encoder (clip, t5)");
+  set.Add("family", &f.family, "Pin rules: auto, none, flux, wan, linear, text-encoder (clip, t5)");
   set.Add("prefetch_depth", &f.prefetch_depth, "Streamed units in flight on the compute device");
+  AddInputSizeFlags(set, &f.sizes);
   set.Add("activation_bytes", &f.activation_bytes,
-          "Activation estimate for the largest input (default: the example's, else 0)");
+          "Activation estimate (default: the family's for the input size; --units: 0)");
   set.Add("reserve", &f.reserve, "Extra reserve on the compute device");
   set.Add("explain", &f.explain, "List every deviation from DisTorch2 that changed this plan");
+  f.cluster.coordinator.clear();  // no default: planning against a cluster is asked for
+  AddClusterFlags(set, &f.cluster);
 
   int rc = 0;
   auto positional = ParseFlags("fleet plan", set, args, &rc);

@@ -38,7 +38,6 @@ struct UpOptions {
   int64_t steps = 4;
   std::string expert = "cuda:0,40%;cuda:1,35%;cpu,*";
   std::string compute_device = "cuda:0";
-  std::string activation_reserve = "128mb";
   std::string worker_threads = "2";
   std::string heartbeat_timeout = "3s";
 };
@@ -67,8 +66,8 @@ StatusOr<Cluster> StartCluster(const UpOptions& o, const std::string& root) {
   const std::string bin = SelfDirectory();
   FLEET_ASSIGN_OR_RETURN(auto devices, Devices(o));
   Cluster c;
-  std::vector<std::string> argv = {bin + "/fleet-coordinator", "--model-root", root, "--activation-reserve",
-                                   o.activation_reserve, "--heartbeat-timeout", o.heartbeat_timeout};
+  std::vector<std::string> argv = {bin + "/fleet-coordinator", "--model-root", root,
+                                   "--heartbeat-timeout", o.heartbeat_timeout};
   if (o.ephemeral) {
     for (std::string a : {"--listen=tcp://127.0.0.1:*", "--register-listen=tcp://127.0.0.1:*",
                           "--http-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"}) {
@@ -319,7 +318,6 @@ int RunUp(const std::vector<std::string>& args) {
   set.Add("steps", &o.steps, "Sampling steps per mode in the demo");
   set.Add("expert_mode_allocations", &o.expert, "DisTorch2 allocation string used by the demo");
   set.Add("compute_device", &o.compute_device, "Compute device of the demo");
-  set.Add("activation_reserve", &o.activation_reserve, "Headroom kept on the compute device (coordinator flag)");
   set.Add("worker_threads", &o.worker_threads, "libtorch intra-op threads per worker (fleet-worker --compute-threads)");
   set.Add("heartbeat_timeout", &o.heartbeat_timeout, "A worker silent this long is marked down (coordinator flag)");
   int parse_rc = 0;

@@ -4,8 +4,9 @@
 
 #include <map>
 
+#include "fleet/families/family.h"
+#include "fleet/families/layout.h"
 #include "fleet/formats/dtype.h"
-#include "fleet/formats/layout.h"
 #include "fleet/formats/safetensors_writer.h"
 #include "fleet/log/log.h"
 #include "fleet/tensor/torch_view.h"
@@ -76,9 +77,10 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
                                    "via Torch_DIR, see docs/ARCHITECTURE.md)");
   }
   FLEET_ASSIGN_OR_RETURN(r->file_, formats::ModelFile::Open(model_path));
-  FLEET_ASSIGN_OR_RETURN(formats::Layout layout, formats::DetectLayout(*r->file_));
-  if (layout.family == "unknown") {
-    return InvalidArgumentError(model_path + ": not a model family run-local knows (flux)");
+  FLEET_ASSIGN_OR_RETURN(families::Layout layout, families::DetectLayout(*r->file_));
+  if (families::FindFamily(layout.family) == nullptr) {
+    return InvalidArgumentError(model_path + ": not a model family Tensorfleet knows (" +
+                                families::FamilyNames() + ")");
   }
   for (const auto& info : r->file_->tensors()) {
     // GGUF block-quantised weights compute in bf16 by default, as the coordinator does.
@@ -96,7 +98,7 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
   }
   FLEET_ASSIGN_OR_RETURN(r->model_, models::CreateModel(layout.family, layout.config_json, *dtype));
   const auto& names = r->model_->block_names();
-  std::map<std::string, const formats::Unit*> units;
+  std::map<std::string, const families::Unit*> units;
   for (const auto& u : layout.units) units[u.name] = &u;
   r->blocks_.resize(names.size());
   try {
@@ -154,7 +156,7 @@ Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) cons
       }
       weights = &with_fp8;
     }
-    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, *weights, state));
+    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, models::ResidentWeights(*weights), state));
     if (trace) {
       for (const auto& [name, t] : state) {
         if (i > 0 && model_->IsRunConstant(name)) continue;

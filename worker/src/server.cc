@@ -1324,7 +1324,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       weights = std::move(fetched.weights);
     }
     const auto t0 = Clock::now();
-    status = model->RunBlock(step.index, weights, state);
+    status = model->RunBlock(step.index, fleet::models::ResidentWeights(weights), state);
     const double dt = Seconds(Clock::now() - t0);
     weights.clear();
     if (!step.donor.empty()) release(fetched);
@@ -1620,7 +1620,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
     }
   }
   if (config.capacity_bytes == 0)
-    config.capacity_bytes = config.total_bytes - device::DefaultReserve(config.total_bytes);
+    config.capacity_bytes = config.total_bytes - device::DefaultReserve(id, config.total_bytes);
   if (config.capacity_bytes > config.total_bytes) {
     return InvalidArgumentError("--capacity " + config::FormatBytes(config.capacity_bytes) +
                                 " exceeds --total " + config::FormatBytes(config.total_bytes));

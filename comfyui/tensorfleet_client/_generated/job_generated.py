@@ -1999,7 +1999,35 @@ class ModelSpec(object):
             return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
         return False
 
-def ModelSpecStart(builder): builder.StartObject(11)
+    # ModelSpec
+    def Width(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
+    # ModelSpec
+    def Height(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(28))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
+    # ModelSpec
+    def Frames(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
+    # ModelSpec
+    def Batch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
+def ModelSpecStart(builder): builder.StartObject(15)
 def ModelSpecAddPath(builder, path): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(path), 0)
 def ModelSpecAddComputeDevice(builder, computeDevice): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(computeDevice), 0)
 def ModelSpecAddVirtualVramGb(builder, virtualVramGb): builder.PrependFloat64Slot(2, virtualVramGb, 0.0)
@@ -2011,6 +2039,10 @@ def ModelSpecAddMode(builder, mode): builder.PrependUint8Slot(7, mode, 0)
 def ModelSpecAddDtype(builder, dtype): builder.PrependUint8Slot(8, dtype, 0)
 def ModelSpecAddPrefetchDepth(builder, prefetchDepth): builder.PrependUint32Slot(9, prefetchDepth, 0)
 def ModelSpecAddAllowMixed(builder, allowMixed): builder.PrependBoolSlot(10, allowMixed, 0)
+def ModelSpecAddWidth(builder, width): builder.PrependUint32Slot(11, width, 0)
+def ModelSpecAddHeight(builder, height): builder.PrependUint32Slot(12, height, 0)
+def ModelSpecAddFrames(builder, frames): builder.PrependUint32Slot(13, frames, 0)
+def ModelSpecAddBatch(builder, batch): builder.PrependUint32Slot(14, batch, 0)
 def ModelSpecEnd(builder): return builder.EndObject()
 
 

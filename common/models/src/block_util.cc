@@ -22,7 +22,12 @@ StatusOr<at::Tensor> Find(const TensorMap& map, std::string_view kind, std::stri
     return InvalidArgumentError(std::string("missing ") + std::string(kind) + " '" +
                                 std::string(name) + "'");
   }
-  const at::Tensor& t = it->second;
+  FLEET_RETURN_IF_ERROR(CheckTensor(it->second, kind, name, shape));
+  return it->second;
+}
+
+Status CheckTensor(const at::Tensor& t, std::string_view kind, std::string_view name,
+                   std::initializer_list<int64_t> shape) {
   if (!at::isFloatingType(t.scalar_type())) {
     return InvalidArgumentError(std::string(kind) + " '" + std::string(name) + "' has dtype " +
                                 std::string(DtypeName(t.scalar_type())) +
@@ -53,7 +58,7 @@ StatusOr<at::Tensor> Find(const TensorMap& map, std::string_view kind, std::stri
                                   ShapeString(t.sizes()) + ", expected " + want_text.str());
     }
   }
-  return t;
+  return Status::OK();
 }
 
 StatusOr<nlohmann::json> ParseConfig(std::string_view family, std::string_view text) {

@@ -27,6 +27,10 @@ std::string ShapeString(at::IntArrayRef shape);
 StatusOr<at::Tensor> Find(const TensorMap& map, std::string_view kind, std::string_view name,
                           std::initializer_list<int64_t> shape = {});
 
+/// The checks of Find on a tensor already in hand.
+Status CheckTensor(const at::Tensor& t, std::string_view kind, std::string_view name,
+                   std::initializer_list<int64_t> shape);
+
 /// Reads a required integer field >= `min` from a configuration object.
 StatusOr<int64_t> IntField(const nlohmann::json& config, std::string_view family,
                            std::string_view key, int64_t min);

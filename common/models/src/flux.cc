@@ -1,6 +1,6 @@
 // Flux.1 (dev / schnell) as blocks: stem, double_blocks.i, single_blocks.i, final_layer.
-// The maths follows ComfyUI's comfy/ldm/flux (../shared/reference/architectures.md §1-§2);
-// the state names and the few deliberate choices are in docs/models.md.
+// The maths follows ComfyUI's comfy/ldm/flux (docs/models.md, "Flux as ComfyUI computes it");
+// the state names and the few deliberate choices are in docs/models.md too.
 #include "flux.h"
 
 #include <ATen/TensorOperators.h>
@@ -134,16 +134,17 @@ StatusOr<FluxConfig> ParseFluxConfig(std::string_view text) {
   return c;
 }
 
-// Looks weights of one block up by suffix, checking shape, dtype and device.
+// Reads one block's weights through the accessor by suffix, checking shape, dtype and device.
 class BlockWeights {
  public:
-  BlockWeights(const TensorMap& weights, std::string prefix, at::ScalarType dtype,
+  BlockWeights(const WeightAccessor& weights, std::string prefix, at::ScalarType dtype,
                at::Device device)
       : weights_(weights), prefix_(std::move(prefix)), dtype_(dtype), device_(device) {}
 
   StatusOr<at::Tensor> Get(std::string_view suffix, std::initializer_list<int64_t> shape) const {
     const std::string name = prefix_ + std::string(suffix);
-    FLEET_ASSIGN_OR_RETURN(at::Tensor t, Find(weights_, "weight", name, shape));
+    FLEET_ASSIGN_OR_RETURN(at::Tensor t, weights_.Get(name));
+    FLEET_RETURN_IF_ERROR(CheckTensor(t, "weight", name, shape));
     if (t.scalar_type() != dtype_) {
       return InvalidArgumentError("weight '" + name + "' has dtype " +
                                   std::string(DtypeName(t.scalar_type())) + ", expected " +
@@ -163,7 +164,7 @@ class BlockWeights {
   }
 
  private:
-  const TensorMap& weights_;
+  const WeightAccessor& weights_;
   std::string prefix_;
   at::ScalarType dtype_;
   at::Device device_;
@@ -313,7 +314,7 @@ class FluxModel final : public Model {
     return j.dump();
   }
 
-  Status RunBlock(size_t index, const TensorMap& weights, TensorMap& state) const override {
+  Status RunBlock(size_t index, const WeightAccessor& weights, TensorMap& state) const override {
     if (index >= names_.size()) {
       return InvalidArgumentError("flux: block index " + std::to_string(index) +
                                   " out of range (model has " + std::to_string(names_.size()) +
@@ -350,7 +351,7 @@ class FluxModel final : public Model {
   }
 
  private:
-  BlockWeights Weights(const TensorMap& weights, const std::string& prefix,
+  BlockWeights Weights(const WeightAccessor& weights, const std::string& prefix,
                        at::Device device) const {
     return BlockWeights(weights, prefix, dtype_, device);
   }
@@ -379,7 +380,7 @@ class FluxModel final : public Model {
     return Status::OK();
   }
 
-  Status Stem(const TensorMap& weights, TensorMap& state) const {
+  Status Stem(const WeightAccessor& weights, TensorMap& state) const {
     FLEET_ASSIGN_OR_RETURN(at::Tensor x, Find(state, "state", "x", {-1, c_.latent_in(), -1, -1}));
     const int64_t batch = x.size(0), h = x.size(2), w = x.size(3);
     FLEET_ASSIGN_OR_RETURN(at::Tensor timestep, Find(state, "state", "timestep", {batch}));
@@ -495,7 +496,8 @@ class FluxModel final : public Model {
     return x + Linear(h, w2, b2) * st.mod[5];
   }
 
-  Status DoubleBlock(const std::string& name, const TensorMap& weights, TensorMap& state) const {
+  Status DoubleBlock(const std::string& name, const WeightAccessor& weights,
+                     TensorMap& state) const {
     FLEET_ASSIGN_OR_RETURN(at::Tensor img, Activation(state, "img", {-1, -1, c_.hidden}));
     const int64_t batch = img.size(0), n = img.size(1);
     FLEET_ASSIGN_OR_RETURN(at::Tensor txt, Activation(state, "txt", {batch, -1, c_.hidden}));
@@ -519,7 +521,8 @@ class FluxModel final : public Model {
   }
 
   // Single blocks run on "hidden" = cat(txt, img); the first one forms it.
-  Status SingleBlock(const std::string& name, const TensorMap& weights, TensorMap& state) const {
+  Status SingleBlock(const std::string& name, const WeightAccessor& weights,
+                     TensorMap& state) const {
     if (!state.count("hidden") && state.count("img") && state.count("txt")) {
       FLEET_ASSIGN_OR_RETURN(at::Tensor img, Activation(state, "img", {-1, -1, c_.hidden}));
       FLEET_ASSIGN_OR_RETURN(at::Tensor txt,
@@ -550,7 +553,7 @@ class FluxModel final : public Model {
     return Status::OK();
   }
 
-  Status FinalLayer(const TensorMap& weights, TensorMap& state) const {
+  Status FinalLayer(const WeightAccessor& weights, TensorMap& state) const {
     auto hw_it = state.find("hw");
     if (hw_it == state.end() || !hw_it->second.defined() || hw_it->second.numel() != 2 ||
         hw_it->second.scalar_type() != at::kLong) {

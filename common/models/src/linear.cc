@@ -22,7 +22,7 @@ class LinearModel final : public Model {
   const std::vector<std::string>& block_names() const override { return names_; }
   bool IsRunConstant(std::string_view) const override { return false; }
 
-  Status RunBlock(size_t index, const TensorMap& weights, TensorMap& state) const override {
+  Status RunBlock(size_t index, const WeightAccessor& weights, TensorMap& state) const override {
     if (index >= names_.size()) {
       return InvalidArgumentError("linear: block index " + std::to_string(index) +
                                   " out of range (model has " + std::to_string(names_.size()) +
@@ -30,9 +30,10 @@ class LinearModel final : public Model {
     }
     const std::string& block = names_[index];
     return GuardTorch(block, [&]() -> Status {
-      FLEET_ASSIGN_OR_RETURN(at::Tensor w,
-                             Find(weights, "weight", block + ".weight", {dim_, dim_}));
-      FLEET_ASSIGN_OR_RETURN(at::Tensor b, Find(weights, "weight", block + ".bias", {dim_}));
+      FLEET_ASSIGN_OR_RETURN(at::Tensor w, weights.Get(block + ".weight"));
+      FLEET_RETURN_IF_ERROR(CheckTensor(w, "weight", block + ".weight", {dim_, dim_}));
+      FLEET_ASSIGN_OR_RETURN(at::Tensor b, weights.Get(block + ".bias"));
+      FLEET_RETURN_IF_ERROR(CheckTensor(b, "weight", block + ".bias", {dim_}));
       FLEET_ASSIGN_OR_RETURN(at::Tensor x, Find(state, "state", "x"));
       if (x.dim() < 1 || x.size(-1) != dim_) {
         return InvalidArgumentError(block + ": state 'x' has shape " + ShapeString(x.sizes()) +

@@ -64,7 +64,7 @@ StatusOr<std::vector<device::DeviceInfo>> ParseDeviceTable(std::string_view text
       }
       info.capacity_bytes = *capacity;
     } else {
-      info.capacity_bytes = *total - device::DefaultReserve(*total);
+      info.capacity_bytes = *total - device::DefaultReserve(info.id, *total);
     }
     for (const auto& prev : out) {
       if (prev.id == info.id) {

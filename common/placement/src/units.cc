@@ -10,113 +10,27 @@
 #include "fleet/config/text.h"
 
 namespace fleet::placement {
-namespace {
-
-std::string_view FirstComponent(std::string_view name) { return name.substr(0, name.find('.')); }
-
-bool HasComponent(std::string_view name, std::string_view component) {
-  size_t start = 0;
-  while (start <= name.size()) {
-    size_t end = name.find('.', start);
-    if (end == std::string_view::npos) end = name.size();
-    if (name.substr(start, end - start) == component) return true;
-    start = end + 1;
-  }
-  return false;
-}
-
-constexpr std::array<std::string_view, 5> kFluxStem = {"img_in", "time_in", "guidance_in",
-                                                       "vector_in", "txt_in"};
-constexpr std::array<std::string_view, 5> kWanStem = {
-    "patch_embedding", "time_embedding", "time_projection", "text_embedding", "img_emb"};
-
-}  // namespace
-
-StatusOr<Family> ParseFamily(std::string_view text) {
-  std::string t = config::AsciiLower(text);
-  if (t == "none") return Family::kNone;
-  if (t == "flux") return Family::kFlux;
-  if (t == "wan") return Family::kWan;
-  if (t == "text-encoder" || t == "clip" || t == "t5") return Family::kTextEncoder;
-  return InvalidArgumentError("unknown family '" + std::string(text) +
-                              "' (known: none, flux, wan, text-encoder, clip, t5)");
-}
-
-std::string_view FamilyName(Family family) {
-  switch (family) {
-    case Family::kNone:
-      return "none";
-    case Family::kFlux:
-      return "flux";
-    case Family::kWan:
-      return "wan";
-    case Family::kTextEncoder:
-      return "text-encoder";
-  }
-  return "none";
-}
-
-Family GuessFamily(const std::vector<Unit>& units) {
-  bool flux = false, blocks = false, wan_stem = false;
-  for (const auto& u : units) {
-    std::string_view first = FirstComponent(u.name);
-    flux |= first == "double_blocks" || first == "single_blocks";
-    blocks |= first == "blocks";
-    wan_stem |= std::find(kWanStem.begin(), kWanStem.end(), first) != kWanStem.end();
-  }
-  if (flux) return Family::kFlux;
-  if (blocks && wan_stem) return Family::kWan;
-  return Family::kNone;
-}
-
-void MarkPinnedUnits(Family family, std::vector<Unit>* units) {
+void MarkPinnedUnits(const families::Family* family, std::vector<Unit>* units) {
+  if (family == nullptr) return;
   for (auto& u : *units) {
-    std::string_view first = FirstComponent(u.name);
-    std::string reason;
-    bool upstream = false;
-    switch (family) {
-      case Family::kNone:
-        break;
-      case Family::kFlux:
-        if (std::find(kFluxStem.begin(), kFluxStem.end(), first) != kFluxStem.end()) {
-          reason =
-              "Flux stem: its outputs (img, txt, vec) feed every block, so it stays with "
-              "the compute device";
-        }
-        break;
-      case Family::kWan:
-        if (std::find(kWanStem.begin(), kWanStem.end(), first) != kWanStem.end()) {
-          reason =
-              "WAN stem: its outputs (x, e0, context) feed every block, so it stays with "
-              "the compute device";
-        }
-        break;
-      case Family::kTextEncoder: {
-        std::string lower = config::AsciiLower(u.name);
-        if (lower.find("embed") != std::string::npos || lower.find("wte") != std::string::npos ||
-            lower.find("wpe") != std::string::npos) {
-          reason =
-              "text-encoder embedding: the encoder runs where its embedding lives "
-              "(DisTorch2's CLIP head rule)";
-          upstream = true;
-        } else if (HasComponent(u.name, "shared")) {
-          reason =
-              "T5 token embedding 'shared': the encoder runs where its embedding lives "
-              "(DisTorch2's CLIP head rule misses T5)";
-        }
-        break;
-      }
-    }
-    if (reason.empty()) continue;
+    auto rule = family->Pin(u.name);
+    if (!rule) continue;
     if (!u.pinned) {
       u.pinned = true;
-      u.pin_reason = reason;
-      u.upstream_pins = upstream;
+      u.pin_reason = rule->reason;
+      u.upstream_pins = rule->upstream;
     } else if (u.pin_reason.empty()) {
-      u.pin_reason = reason;
-      u.upstream_pins = upstream;
+      u.pin_reason = rule->reason;
+      u.upstream_pins = rule->upstream;
     }
   }
+}
+
+const families::Family* GuessFamily(const std::vector<Unit>& units) {
+  std::vector<std::string> names;
+  names.reserve(units.size());
+  for (const auto& u : units) names.push_back(u.name);
+  return families::GuessFamily(names);
 }
 
 StatusOr<std::vector<Unit>> ParseUnitsJson(std::string_view text, std::string_view source) {
@@ -191,7 +105,7 @@ StatusOr<std::vector<Unit>> ParseUnitsJson(std::string_view text, std::string_vi
 }
 
 // Unit sizes of the published bf16 checkpoints, summed from their tensor shapes
-// (../shared/reference/keys/*.tsv; tests/unit/placement checks them against the key lists).
+// (tests/unit/formats/keys/*.tsv; tests/unit/placement checks them against the key lists).
 std::vector<std::string> ExampleNames() { return {"flux-dev", "wan21-14b"}; }
 
 StatusOr<Example> GetExample(std::string_view name) {
@@ -206,7 +120,7 @@ StatusOr<Example> GetExample(std::string_view name) {
     ex.name = "flux-dev";
     ex.description =
         "FLUX.1-dev transformer, bf16: stem, 19 double + 38 single blocks, final layer";
-    ex.family = Family::kFlux;
+    ex.family = families::FindFamily("flux");
     add("img_in", 399360);
     add("time_in", 20459520);
     add("vector_in", 23605248);
@@ -215,25 +129,30 @@ StatusOr<Example> GetExample(std::string_view name) {
     for (int i = 0; i < 19; ++i) add("double_blocks." + std::to_string(i), 679662592);
     for (int i = 0; i < 38; ++i) add("single_blocks." + std::to_string(i), 283183616);
     add("final_layer", 38154368);
-    // 1024x1024: 4096 image + 512 text tokens; MLP hidden (12288) + 6 x D (3072) in bf16.
-    ex.activation_bytes = 4608ull * (12288 + 6 * 3072) * 2;
+    // 1024x1024 with 512 text tokens: 4608 tokens of MLP hidden (12288) + 6 x D (3072), bf16.
+    ex.config_json = R"({"hidden_size": 3072, "mlp_hidden_dim": 12288, "patch_size": 2})";
+    ex.sizes.width = ex.sizes.height = 1024;
   } else if (name == "wan21-14b") {
     ex.name = "wan21-14b";
     ex.description = "Wan 2.1 T2V 14B transformer, bf16: stem, 40 blocks, head";
-    ex.family = Family::kWan;
+    ex.family = families::FindFamily("wan");
     add("patch_embedding", 665600);
     add("text_embedding", 94392320);
     add("time_embedding", 55070720);
     add("time_projection", 314634240);
     for (int i = 0; i < 40; ++i) add("blocks." + std::to_string(i), 702788608);
     add("head", 675968);
-    // 720p, 81 frames: 75600 tokens; FFN hidden (13824) + 6 x D (5120) in bf16.
-    ex.activation_bytes = 75600ull * (13824 + 6 * 5120) * 2;
+    // 720p, 81 frames: 75600 tokens of FFN hidden (13824) + 6 x D (5120), bf16.
+    ex.config_json = R"({"dim": 5120, "ffn_dim": 13824, "patch_size": [1, 2, 2], "out_dim": 16})";
+    ex.sizes.width = 1280;
+    ex.sizes.height = 720;
+    ex.sizes.frames = 81;
   } else {
     std::string known;
     for (const auto& n : ExampleNames()) known += (known.empty() ? "" : ", ") + n;
     return NotFoundError("unknown example '" + std::string(name) + "' (known: " + known + ")");
   }
+  FLEET_ASSIGN_OR_RETURN(ex.activation_bytes, ex.family->ActivationBytes(ex.config_json, ex.sizes));
   MarkPinnedUnits(ex.family, &ex.units);
   return ex;
 }

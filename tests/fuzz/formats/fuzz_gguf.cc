@@ -5,8 +5,8 @@
 #include <span>
 #include <vector>
 
+#include "fleet/families/layout.h"
 #include "fleet/formats/dequant.h"
-#include "fleet/formats/layout.h"
 #include "fleet/formats/model_file.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -26,6 +26,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                         fleet::formats::OutType::kF32, out.data());
     FLEET_CHECK(s.ok());
   }
-  (void)fleet::formats::DetectLayout(**file);
+  (void)fleet::families::DetectLayout(**file);
   return 0;
 }

@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <span>
 
-#include "fleet/formats/layout.h"
+#include "fleet/families/layout.h"
 #include "fleet/formats/model_file.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -15,7 +15,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     FLEET_CHECK(t.offset <= size && t.nbytes <= size - t.offset);
     FLEET_CHECK((*file)->Data(t).size() == t.nbytes);
   }
-  auto layout = fleet::formats::DetectLayout(**file);
+  auto layout = fleet::families::DetectLayout(**file);
   if (layout.ok()) FLEET_CHECK(layout->total_bytes() == (*file)->total_tensor_bytes());
   return 0;
 }

@@ -98,11 +98,11 @@ class Cluster {
     c->dir = fs::temp_directory_path() / ("fleet-it-" + name + "-" + std::to_string(getpid()));
     fs::remove_all(c->dir);
     fs::create_directories(c->dir + "/models");
-    FLEET_ASSIGN_OR_RETURN(c->up, Child::Spawn({Fleet(), "up", "--ephemeral", "--emulate", emulate, "--dir", c->dir,
-                                                "--activation-reserve", "16mb",
-                                                // Generous: several clusters share 2 cores in ctest -j.
-                                                "--heartbeat-timeout", "10s"},
-                                               c->dir + "/up.log"));
+    FLEET_ASSIGN_OR_RETURN(
+        c->up, Child::Spawn({Fleet(), "up", "--ephemeral", "--emulate", emulate, "--dir", c->dir,
+                             // Generous: several clusters share 2 cores in ctest -j.
+                             "--heartbeat-timeout", "10s"},
+                            c->dir + "/up.log"));
     FLEET_ASSIGN_OR_RETURN(auto ready, c->up.WaitReady("fleet up ready", std::chrono::seconds(120)));
     c->listen = ready["listen"];
     c->http = ready["http"];
@@ -361,7 +361,8 @@ TEST_F(CoordinatorIntegration, BadAllocationStringsAreRefusedAtPlanTime) {
   struct Case {
     const char* expert;
     const char* why;
-  } cases[] = {{"cuda:0,4tbx;cpu,*", "4tbx"}, {"cuda:0,50%;cuda:0,50%", "cuda:0"}, {"gpu:0,1gb", "gpu"}};
+  } cases[] = {
+      {"cuda:0,4tbx;cpu,*", "4tbx"}, {"cuda:0,50%;cuda:0,1gb", "cuda:0"}, {"gpu:0,1gb", "gpu"}};
   for (const auto& c : cases) {
     auto plan = client->Plan(Spec(c.expert, ExecMode::kAuto));
     ASSERT_FALSE(plan.ok()) << c.expert;
@@ -370,6 +371,54 @@ TEST_F(CoordinatorIntegration, BadAllocationStringsAreRefusedAtPlanTime) {
   auto traversal = Spec("cpu,*", ExecMode::kAuto);
   traversal.path = "../etc/passwd";
   EXPECT_EQ(client->Plan(traversal).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The plan keeps room on the compute device for the activations of the workflow's input size,
+// and the first forward with larger inputs is checked again, refused with the sizes instead of
+// running out of memory.
+TEST(CoordinatorHeadroom, ActivationsOfTheInputSizeArePlannedAndRecheckedOnTheFirstLargerForward) {
+  // One 8 MB device: the tiny model's weights take ~1 MB, the rest is room for activations.
+  auto cluster = Cluster::Start("cuda:0=1gb/8mb", "headroom");
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  const std::string models = c.dir + "/models";
+  ASSERT_EQ(RunFleet({"gen-model", "--preset", "tiny", "--double", "2", "--single", "2", "--dtype",
+                      "f32", "--seed", "4", models + "/tiny.safetensors"},
+                     c.dir + "/gen.log"),
+            0);
+  for (const auto& [file, side] :
+       {std::pair<const char*, const char*>{"small", "8"}, {"large", "128"}}) {
+    ASSERT_EQ(RunFleet({"gen-inputs", models + "/tiny.safetensors", "--height", side, "--width",
+                        side, "--txt-len", "8", "--seed", "2", c.dir + "/" + file + ".safetensors"},
+                       c.dir + "/gen.log"),
+              0);
+  }
+  auto client = JobClient::Connect(c.listen, std::chrono::minutes(2));
+  ASSERT_TRUE(client.ok()) << client.status();
+  ModelSpec spec;
+  spec.path = "tiny.safetensors";
+  spec.compute_device = "cuda:0";
+  spec.virtual_vram_gb = 0;
+  spec.eject_models = false;
+  // The family's default input (1024 x 1024) needs more than the device has beside the weights.
+  auto refused = (*client)->LoadModel("m", spec);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("activations"), std::string::npos) << refused.status();
+  // A 64 x 64 workflow fits.
+  spec.width = spec.height = 64;
+  auto loaded = (*client)->LoadModel("m", spec);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  auto small = (*client)->Forward("m", ReadTensors(c.dir + "/small.safetensors"));
+  ASSERT_TRUE(small.ok()) << small.status();
+  // 1024 x 1024 latents (128 x 128) on the same model: refused before any block runs, naming
+  // the size and what the device has left; the model stays usable.
+  auto large = (*client)->Forward("m", ReadTensors(c.dir + "/large.safetensors"));
+  ASSERT_FALSE(large.ok());
+  EXPECT_EQ(large.status().code(), StatusCode::kFailedPrecondition) << large.status();
+  EXPECT_NE(large.status().message().find("1024x1024"), std::string::npos) << large.status();
+  EXPECT_NE(large.status().message().find("cuda:0"), std::string::npos) << large.status();
+  EXPECT_TRUE((*client)->Forward("m", ReadTensors(c.dir + "/small.safetensors")).ok());
 }
 
 // Killing a worker mid-run fails the job with an error naming it, within the heartbeat timeout,

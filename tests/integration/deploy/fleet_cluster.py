@@ -29,7 +29,7 @@ import deploycheck as dc
 # Flags of the binaries used here (worker/options.def, coordinator/options.def).
 COORDINATOR_FLAGS = ["--listen=tcp://127.0.0.1:*", "--register-listen=tcp://127.0.0.1:*",
                      "--http-listen=127.0.0.1:0",
-                     "--metrics-listen=127.0.0.1:0", "--activation-reserve=16mb"]
+                     "--metrics-listen=127.0.0.1:0"]
 WORKER_FLAGS = ["--listen=tcp://127.0.0.1:*", "--metrics-listen=127.0.0.1:0",
                 "--capacity=256mb", "--shm-arena-bytes=64mb"]
 # Key of the coordinator's ready line that workers dial (--coordinator), first one present.

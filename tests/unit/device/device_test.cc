@@ -63,10 +63,16 @@ TEST(DiscoveryTest, CpuIsAlwaysThereAndCudaNeverFailsToStart) {
 }
 
 TEST(DiscoveryTest, DefaultReserve) {
-  EXPECT_EQ(DefaultReserve(100ull << 30), 4ull << 30);
-  EXPECT_EQ(DefaultReserve(2ull << 30), 512ull << 20);
-  EXPECT_EQ(DefaultReserve(100), 100u);
-  EXPECT_EQ(DefaultReserve(24ull << 30), (24ull << 30) / 10);
+  const DeviceId cpu = DeviceId::Cpu();
+  EXPECT_EQ(DefaultReserve(cpu, 100ull << 30), 4ull << 30);
+  EXPECT_EQ(DefaultReserve(cpu, 2ull << 30), 512ull << 20);
+  EXPECT_EQ(DefaultReserve(cpu, 100), 100u);
+  EXPECT_EQ(DefaultReserve(cpu, 24ull << 30), (24ull << 30) / 10);
+  // A GPU keeps its fixed context and allocator reserve whatever its size: activations are
+  // the plan's business.
+  EXPECT_EQ(DefaultReserve(DeviceId::Cuda(0), 24ull << 30), kCudaReserve);
+  EXPECT_EQ(DefaultReserve(DeviceId::Cuda(3), 80ull << 30), kCudaReserve);
+  EXPECT_EQ(DefaultReserve(DeviceId::Cuda(0), 100), 100u);
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <ATen/ops/randn.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <string>
 
 #include "fleet/models/model.h"
@@ -88,7 +90,8 @@ TEST(FluxModel, HandOverBetweenDevicesIsBitExact) {
   const size_t n = (*model)->block_names().size();
 
   TensorMap one = inputs;
-  for (size_t i = 0; i < n; ++i) ASSERT_TRUE((*model)->RunBlock(i, weights, one).ok());
+  for (size_t i = 0; i < n; ++i)
+    ASSERT_TRUE((*model)->RunBlock(i, ResidentWeights(weights), one).ok());
   ASSERT_EQ(one.size(), 1u);
   EXPECT_EQ(one.at("out").sizes(), (at::IntArrayRef{2, 16, 5, 7}));
 
@@ -97,7 +100,7 @@ TEST(FluxModel, HandOverBetweenDevicesIsBitExact) {
   for (size_t i = 0; i < n; ++i) {
     TensorMap copied;
     for (auto& [k, v] : state) copied[k] = v.clone();
-    ASSERT_TRUE((*model)->RunBlock(i, weights, copied).ok());
+    ASSERT_TRUE((*model)->RunBlock(i, ResidentWeights(weights), copied).ok());
     state = copied;
   }
   EXPECT_TRUE(state.at("out").equal(one.at("out")));
@@ -123,23 +126,75 @@ TEST(FluxModel, MissingAndMistypedWeightsAreNamed) {
   ASSERT_TRUE(model.ok());
   TensorMap weights = TinyWeights();  // float32: not prepared for bf16
   TensorMap state = TinyInputs(1, 4, 4, 2);
-  Status s = (*model)->RunBlock(0, weights, state);
+  Status s = (*model)->RunBlock(0, ResidentWeights(weights), state);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("flux stem: weight 'img_in.weight' has dtype float32, expected "
                              "bfloat16"),
             std::string_view::npos)
       << s;
   for (auto& [k, v] : weights) v = *(*model)->PrepareWeight(k, v);
-  ASSERT_TRUE((*model)->RunBlock(0, weights, state).ok());
+  ASSERT_TRUE((*model)->RunBlock(0, ResidentWeights(weights), state).ok());
   weights.erase("double_blocks.0.txt_attn.proj.bias");
-  s = (*model)->RunBlock(1, weights, state);
+  s = (*model)->RunBlock(1, ResidentWeights(weights), state);
   EXPECT_NE(s.message().find("flux double_blocks.0: missing weight "
                              "'double_blocks.0.txt_attn.proj.bias'"),
             std::string_view::npos)
       << s;
   state.erase("pe");
-  s = (*model)->RunBlock(2, weights, state);
+  s = (*model)->RunBlock(2, ResidentWeights(weights), state);
   EXPECT_NE(s.message().find("missing state 'pe'"), std::string_view::npos) << s;
+}
+
+// Records which weights a block asks for, in order, and serves them from resident tensors.
+class RecordingWeights final : public WeightAccessor {
+ public:
+  explicit RecordingWeights(const TensorMap& weights) : resident_(weights) {}
+  StatusOr<at::Tensor> Get(std::string_view name) const override {
+    asked.emplace_back(name);
+    return resident_.Get(name);
+  }
+  bool Has(std::string_view name) const override { return resident_.Has(name); }
+  mutable std::vector<std::string> asked;
+
+ private:
+  ResidentWeights resident_;
+};
+
+TEST(FluxModel, BlocksReadEveryWeightThroughTheAccessorOnceEach) {
+  at::manual_seed(5);
+  auto model = CreateModel("flux", kTiny, at::kFloat);
+  ASSERT_TRUE(model.ok());
+  TensorMap weights = TinyWeights();
+  TensorMap state = TinyInputs(1, 4, 4, 2);
+  std::vector<std::string> asked;
+  for (size_t i = 0; i < (*model)->block_names().size(); ++i) {
+    RecordingWeights w(weights);
+    ASSERT_TRUE((*model)->RunBlock(i, w, state).ok());
+    // Only this block's own weights, each once (one expansion per layer per step).
+    const std::string& block = (*model)->block_names()[i];
+    for (const auto& name : w.asked) {
+      if (block != "stem") {
+        EXPECT_EQ(name.rfind(block + ".", 0), 0u) << name << " in " << block;
+      }
+      EXPECT_EQ(std::count(w.asked.begin(), w.asked.end(), name), 1) << name;
+    }
+    asked.insert(asked.end(), w.asked.begin(), w.asked.end());
+  }
+  std::sort(asked.begin(), asked.end());
+  std::vector<std::string> all;
+  for (const auto& [name, t] : weights) all.push_back(name);
+  EXPECT_EQ(asked, all) << "every weight is read through the accessor";
+
+  // A weight the accessor lacks is an error naming it and the block, not a crash.
+  TensorMap fewer = weights;
+  fewer.erase("double_blocks.0.img_attn.proj.weight");
+  TensorMap again = TinyInputs(1, 4, 4, 2);
+  ASSERT_TRUE((*model)->RunBlock(0, ResidentWeights(fewer), again).ok());
+  Status s = (*model)->RunBlock(1, ResidentWeights(fewer), again);
+  EXPECT_NE(s.message().find("missing weight 'double_blocks.0.img_attn.proj.weight'"),
+            std::string_view::npos)
+      << s;
+  EXPECT_NE(s.message().find("double_blocks.0"), std::string_view::npos) << s;
 }
 
 }  // namespace

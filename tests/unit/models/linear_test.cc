@@ -57,7 +57,7 @@ TEST(LinearModel, ForwardMatchesScalarLoop) {
 
   TensorMap state{{"x", x0}};
   for (size_t i = 0; i < m.block_names().size(); ++i) {
-    ASSERT_TRUE(m.RunBlock(i, weights, state).ok());
+    ASSERT_TRUE(m.RunBlock(i, ResidentWeights(weights), state).ok());
   }
   at::Tensor out = state.at("x");
   ASSERT_EQ(out.sizes(), x0.sizes());
@@ -81,11 +81,14 @@ TEST(LinearModel, SameBlocksSameBitsWhetherSplitOrNot) {
   }
   at::Tensor x = at::randn({3, 16});
   TensorMap a{{"x", x}}, b{{"x", x.clone()}};
-  for (size_t i = 0; i < 4; ++i) ASSERT_TRUE((*model)->RunBlock(i, weights, a).ok());
+  for (size_t i = 0; i < 4; ++i)
+    ASSERT_TRUE((*model)->RunBlock(i, ResidentWeights(weights), a).ok());
   // The same blocks with the state handed over in between (as a worker boundary would).
-  for (size_t i = 0; i < 2; ++i) ASSERT_TRUE((*model)->RunBlock(i, weights, b).ok());
+  for (size_t i = 0; i < 2; ++i)
+    ASSERT_TRUE((*model)->RunBlock(i, ResidentWeights(weights), b).ok());
   TensorMap handed{{"x", b.at("x").clone()}};
-  for (size_t i = 2; i < 4; ++i) ASSERT_TRUE((*model)->RunBlock(i, weights, handed).ok());
+  for (size_t i = 2; i < 4; ++i)
+    ASSERT_TRUE((*model)->RunBlock(i, ResidentWeights(weights), handed).ok());
   EXPECT_EQ(a.at("x").scalar_type(), at::kBFloat16);
   EXPECT_TRUE(a.at("x").equal(handed.at("x")));
 }
@@ -106,7 +109,7 @@ TEST(LinearModel, Float16RunsOnCpu) {
   TensorMap weights{{"linear_blocks.0.weight", at::eye(4).to(at::kHalf)},
                     {"linear_blocks.0.bias", at::zeros({4}).to(at::kHalf)}};
   TensorMap state{{"x", at::ones({1, 4})}};
-  ASSERT_TRUE((*model)->RunBlock(0, weights, state).ok());
+  ASSERT_TRUE((*model)->RunBlock(0, ResidentWeights(weights), state).ok());
   EXPECT_EQ(state.at("x").scalar_type(), at::kHalf);
   EXPECT_NEAR(state.at("x")[0][0].item<float>(), 0.8412, 1e-3);
 }
@@ -129,24 +132,24 @@ TEST(LinearModel, ErrorsNameTheProblem) {
   TensorMap weights{{"linear_blocks.0.weight", at::zeros({4, 3})},
                     {"linear_blocks.0.bias", at::zeros({4})}};
   TensorMap state{{"x", at::zeros({2, 4})}};
-  Status s = (*model)->RunBlock(0, weights, state);
+  Status s = (*model)->RunBlock(0, ResidentWeights(weights), state);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("'linear_blocks.0.weight' has shape [4, 3], expected [4, 4]"),
             std::string_view::npos)
       << s;
   weights["linear_blocks.0.weight"] = at::zeros({4, 4});
   weights.erase("linear_blocks.0.bias");
-  s = (*model)->RunBlock(0, weights, state);
+  s = (*model)->RunBlock(0, ResidentWeights(weights), state);
   EXPECT_NE(s.message().find("missing weight 'linear_blocks.0.bias'"), std::string_view::npos);
   weights["linear_blocks.0.weight"] = at::zeros({4, 4});
   weights["linear_blocks.0.bias"] = at::zeros({4});
   state["x"] = at::zeros({2, 5});
-  s = (*model)->RunBlock(0, weights, state);
+  s = (*model)->RunBlock(0, ResidentWeights(weights), state);
   EXPECT_NE(s.message().find("state 'x' has shape [2, 5]"), std::string_view::npos) << s;
   state.clear();
-  s = (*model)->RunBlock(0, weights, state);
+  s = (*model)->RunBlock(0, ResidentWeights(weights), state);
   EXPECT_NE(s.message().find("missing state 'x'"), std::string_view::npos) << s;
-  s = (*model)->RunBlock(1, weights, state);
+  s = (*model)->RunBlock(1, ResidentWeights(weights), state);
   EXPECT_NE(s.message().find("out of range"), std::string_view::npos) << s;
 }
 

@@ -1,9 +1,9 @@
 // Table-driven tests of MakePlan: every grammar, virtual VRAM with 1-3 donors, wildcards,
 // GPU-only, CLIP/T5 heads, mixed devices, 12 GPUs, huge and tiny models, and every malformed
-// input class of DisTorch2 (semantics §11). Cases whose result equals DisTorch2's are named
-// UpstreamEqual_*. Every plan that succeeds is also checked against the invariants in
-// CheckInvariants (each unit placed once, pinned units on the compute device, one contiguous
-// range per other device, nothing on cpu for GPU-only strings, capacities respected).
+// input class of DisTorch2 (docs/placement.md, "Errors"). Cases whose result equals
+// DisTorch2's are named UpstreamEqual_*. Every plan that succeeds is also checked against the
+// invariants in CheckInvariants (each unit placed once, pinned units on the compute device, one
+// contiguous range per other device, nothing on cpu for GPU-only strings, capacities respected).
 #include <gtest/gtest.h>
 
 #include <cctype>
@@ -49,12 +49,12 @@ std::vector<Unit> MakeModel(const std::string& spec) {
     add("text_model.embeddings", 48 * kMiB);
     for (int i = 0; i < 12; ++i) add("text_model.encoder.layers." + std::to_string(i), 256 * kMiB);
     add("text_model.final_layer_norm", 4 * kKiB);
-    MarkPinnedUnits(Family::kTextEncoder, &units);
+    MarkPinnedUnits(families::FindFamily("text-encoder"), &units);
   } else if (spec == "t5") {
     add("shared", 256 * kMiB);
     for (int i = 0; i < 24; ++i) add("encoder.block." + std::to_string(i), 256 * kMiB);
     add("encoder.final_layer_norm", 8 * kKiB);
-    MarkPinnedUnits(Family::kTextEncoder, &units);
+    MarkPinnedUnits(families::FindFamily("text-encoder"), &units);
   } else if (spec == "firstfit") {
     add("b0", 1 * kGiB);
     add("b1", kGiB / 4);
@@ -222,8 +222,9 @@ using Devs = std::set<std::string>;
 std::vector<Case> Cases() {
   std::vector<Case> cases = {
       // ---- virtual VRAM (1-3 donors) ----
-      // Semantics §6: the same v2 Expert String as DisTorch2; its rounded cpu quota
-      // (0.0638 x 62.66 GiB < 4 GiB) would have left 3 units fewer on cpu.
+      // docs/placement.md, "Virtual VRAM mode": the same v2 Expert String as DisTorch2's worked
+      // example; its rounded cpu quota (0.0638 x 62.66 GiB < 4 GiB) would have left 3 units
+      // fewer on cpu.
       {.name = "UpstreamEqualExpertString_VvramWorkedExample",
        .devices = "cuda:0=23.99gb,cpu=62.66gb",
        .model = "u:4874:1mb",
@@ -245,12 +246,13 @@ std::vector<Case> Cases() {
        .model = "u:24:1gb",
        .vvram = 20,
        .donor = "cuda:1,cpu",
-       .device_bytes = {{"cuda:0", 5 * kGiB}, {"cuda:1", 10 * kGiB}, {"cpu", 9 * kGiB}},
+       // cuda:1 gives its capacity (12 GiB less the 768 MiB GPU reserve), not its total.
+       .device_bytes = {{"cuda:0", 5 * kGiB}, {"cuda:1", 11 * kGiB}, {"cpu", 8 * kGiB}},
        .unit_device = {{"blocks.23", "cuda:0"},
                        {"blocks.20", "cuda:0"},
                        {"blocks.19", "cuda:1"},
-                       {"blocks.10", "cuda:1"},
-                       {"blocks.9", "cpu"},
+                       {"blocks.9", "cuda:1"},
+                       {"blocks.8", "cpu"},
                        {"blocks.1", "cpu"},
                        {"blocks.0", "cuda:0"}},
        .deviations = Devs{"donor-capacity"}},
@@ -365,11 +367,12 @@ std::vector<Case> Cases() {
        .model = "u:140:1gb",
        .vvram = 128,
        .donor = "cuda:1,cuda:2,cuda:3,cuda:4,cuda:5,cuda:6,cuda:7,cuda:8,cuda:9,cuda:10,cuda:11",
-       // Capacities are 24 GiB minus a floored 10%, so cuda:6 is asked for 3 bytes under 20 GiB.
-       .device_bytes = {{"cuda:0", 16 * kGiB},
-                        {"cuda:1", 21 * kGiB},
-                        {"cuda:5", 21 * kGiB},
-                        {"cuda:6", 19 * kGiB},
+       // Capacities are 24 GiB less the 768 MiB GPU reserve: five donors give 23.25 GiB (23
+       // whole units), cuda:6 the 11.75 GiB left of the 128 (11 units).
+       .device_bytes = {{"cuda:0", 14 * kGiB},
+                        {"cuda:1", 23 * kGiB},
+                        {"cuda:5", 23 * kGiB},
+                        {"cuda:6", 11 * kGiB},
                         {"cuda:7", 0},
                         {"cuda:11", 0},
                         {"cpu", 0}},
@@ -437,7 +440,7 @@ std::vector<Case> Cases() {
        .devices = k3,
        .model = "u:24:1gb",
        .expert = "cuda:1,12gb",
-       .device_bytes = {{"cuda:0", 3 * kGiB}, {"cuda:1", 21 * kGiB}, {"cpu", 0}},
+       .device_bytes = {{"cuda:0", 1 * kGiB}, {"cuda:1", 23 * kGiB}, {"cpu", 0}},
        .deviations = Devs{"gpu-only"},
        .note = "GPU-ONLY MODE: Distributed remaining 12288.00 MB across 2 GPUs (no CPU "
                "fallback)"},
@@ -456,8 +459,9 @@ std::vector<Case> Cases() {
        .devices = k3,
        .model = "u:84:0.4gb",
        .expert = "cuda:0,12gb;cuda:1,16gb;cpu,*",
-       .device_bytes =
-           {{"cuda:0", 30 * 429496729ull}, {"cuda:1", 40 * 429496729ull}, {"cpu", 14 * 429496729ull}},
+       .device_bytes = {{"cuda:0", 30 * 429496729ull},
+                        {"cuda:1", 40 * 429496729ull},
+                        {"cpu", 14 * 429496729ull}},
        .deviations = Devs{},
        .note = "Assigning remaining 5734.40 MB of model to wildcard device 'cpu'"},
       // A second GPU with less room: its share of the rest is capped at its capacity (16.2
@@ -466,7 +470,7 @@ std::vector<Case> Cases() {
        .devices = "cuda:0=24gb,cuda:1=18gb,cpu=64gb",
        .model = "u:84:0.4gb",
        .expert = "cuda:0,12gb;cuda:1,16gb",
-       .device_bytes = {{"cuda:0", 44 * 429496729ull}, {"cuda:1", 40 * 429496729ull}, {"cpu", 0}},
+       .device_bytes = {{"cuda:0", 41 * 429496729ull}, {"cuda:1", 43 * 429496729ull}, {"cpu", 0}},
        .deviations = Devs{"gpu-only"}},
       {.name = "SeedGuideGpuOnly_TooBig_SaysBytesMissingAndWhere",
        .devices = k3,
@@ -474,9 +478,9 @@ std::vector<Case> Cases() {
        .expert = "cuda:0,12gb;cuda:1,16gb",
        .error = kFull,
        .error_has = {"GPU-only mode", "the quotas leave 22.00 GiB",
-                     "cuda:0 7.60 GiB more than its quota of 12.00 GiB",
-                     "cuda:1 5.60 GiB more than its quota of 16.00 GiB",
-                     "8.80 GiB (9448928050 bytes) missing", "cpu,*"}},
+                     "cuda:0 9.25 GiB more than its quota of 12.00 GiB",
+                     "cuda:1 7.25 GiB more than its quota of 16.00 GiB",
+                     "5.50 GiB (5905580032 bytes) missing", "cpu,*"}},
       // Fractions without cpu are GPU-only too (DisTorch2 left the rest on compute as orphans).
       {.name = "FractionGpuOnly_RestSpread",
        .devices = k3,
@@ -486,11 +490,11 @@ std::vector<Case> Cases() {
        .deviations = Devs{"gpu-only"}},
       {.name = "BytesGpuOnly_TooBig_SaysBytesMissing",
        .devices = k3,
-       .model = "u:40:1gb",
-       .expert = "cuda:0,20gb;cuda:1,20gb",
+       .model = "u:44:1gb",
+       .expert = "cuda:0,22gb;cuda:1,22gb",
        .error = kFull,
-       .error_has = {"cuda:0 needs 22.00 GiB", "but its capacity is 21.60 GiB",
-                     "429496729 bytes) missing"}},
+       .error_has = {"cuda:0 needs 24.00 GiB", "but its capacity is 23.25 GiB",
+                     "805306368 bytes) missing"}},
       {.name = "BytesGpuOnly_TwoGpusExact",
        .devices = k3,
        .model = "u:30:1gb",
@@ -528,7 +532,7 @@ std::vector<Case> Cases() {
        .devices = k3,
        .model = "u:40:1gb",
        .expert = "cuda:0,*;cuda:1,*",
-       .device_bytes = {{"cuda:0", 19 * kGiB}, {"cuda:1", 21 * kGiB}, {"cpu", 0}}},
+       .device_bytes = {{"cuda:0", 21 * kGiB}, {"cuda:1", 19 * kGiB}, {"cpu", 0}}},
       {.name = "BytesComputeWildcard_OthersExplicit",
        .devices = k2,
        .model = "u:24:1gb",
@@ -576,7 +580,7 @@ std::vector<Case> Cases() {
        .model = "u:30:1gb",
        .expert = "cuda:1,20gb;cpu,*",
        .error = kFull,
-       .error_has = {"cuda:1 needs 20.00 GiB", "capacity is 7.20 GiB"}},
+       .error_has = {"cuda:1 needs 20.00 GiB", "capacity is 7.25 GiB"}},
 
       // ---- ratio ----
       {.name = "UpstreamEqual_Ratio",
@@ -754,7 +758,7 @@ std::vector<Case> Cases() {
        .error = kBad,
        .error_has = {"negative"}},
 
-      // ---- tokenisation and other malformed input (semantics §11) ----
+      // ---- tokenisation and other malformed input (docs/placement.md, "Errors") ----
       {.name = "ExpertHashInside",
        .devices = k2,
        .model = "u:24:1gb",

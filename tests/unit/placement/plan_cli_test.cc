@@ -119,13 +119,13 @@ TEST_F(PlanCliTest, ModelFile) {
   struct T {
     const char* name;
     std::vector<int> shape;
-  } tensors[] = {{"model.diffusion_model.img_in.weight", {4, 8}},
-                 {"model.diffusion_model.txt_in.weight", {4, 2}},
-                 {"model.diffusion_model.vector_in.in_layer.weight", {4, 2}},
-                 {"model.diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale", {2}},
-                 {"model.diffusion_model.double_blocks.0.img_mlp.0.weight", {8, 4}},
-                 {"model.diffusion_model.single_blocks.0.linear1.weight", {2}},
-                 {"model.diffusion_model.final_layer.linear.weight", {8, 4}}};
+  } tensors[] = {{"model.diffusion_model.img_in.weight", {12, 8}},
+                 {"model.diffusion_model.txt_in.weight", {12, 2}},
+                 {"model.diffusion_model.vector_in.in_layer.weight", {12, 2}},
+                 {"model.diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale", {6}},
+                 {"model.diffusion_model.double_blocks.0.img_mlp.0.weight", {48, 12}},
+                 {"model.diffusion_model.single_blocks.0.linear1.weight", {84, 12}},
+                 {"model.diffusion_model.final_layer.linear.weight", {8, 12}}};
   nlohmann::ordered_json header;
   uint64_t offset = 0;
   for (const auto& t : tensors) {
@@ -134,7 +134,7 @@ TEST_F(PlanCliTest, ModelFile) {
     header[t.name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + n}}};
     offset += n;
   }
-  header["__metadata__"] = {{"fleet.axes_dim", "[2]"}};
+  header["__metadata__"] = {{"config", R"({"axes_dim": [2, 2, 2]})"}};
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');
   std::string file(8, '\0');
@@ -202,6 +202,25 @@ TEST_F(PlanCliTest, UpstreamReadmeWildcardWithNumberIsAccepted) {
   EXPECT_NE(r.out.find("of model to wildcard device 'cpu'"), std::string::npos) << r.out;
 }
 
+// What DisTorch2 runs on one card runs here: FLUX.1-dev in bf16 (23.8 GB) on a 25.4 GB GPU,
+// whole, leaves room for a 1024 x 1024 image's activations beside the CUDA reserve; a 2048 x 2048
+// workflow does not fit, and the refusal says by how much.
+TEST_F(PlanCliTest, ActivationRoomIsForTheWorkflowsInputSize) {
+  const std::string devices = "cuda:0=25400000000,cpu=64gb";
+  Outcome fits =
+      Plan({"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0", "--json"});
+  ASSERT_EQ(fits.status, 0) << fits.err;
+  auto plan = nlohmann::json::parse(fits.out);
+  EXPECT_EQ(plan["headroom"]["activation_bytes"], 4608ull * (12288 + 6 * 3072) * 2) << fits.out;
+  EXPECT_EQ(plan["devices"][0]["bytes"], 23802816640ull);
+
+  Outcome large = Plan({"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0",
+                        "--width", "2048", "--height", "2048"});
+  EXPECT_EQ(large.status, 2) << large.out;
+  EXPECT_NE(large.err.find("activations 990.00 MiB"), std::string::npos) << large.err;
+  EXPECT_NE(large.err.find("(246213248 bytes) missing"), std::string::npos) << large.err;
+}
+
 TEST_F(PlanCliTest, InvalidInputExitsTwoWithOneLine) {
   const std::string devices = "cuda:0=24gb,cpu=64gb";
   struct Case {
@@ -217,7 +236,11 @@ TEST_F(PlanCliTest, InvalidInputExitsTwoWithOneLine) {
       {{"--example", "flux-dev", "--devices", devices, "--expert-mode-allocations",
         "cuda:0,4gb;cpu,*;cuda:0,25%"},
        "entry 3 'cuda:0,25%' at character 18 names cuda:0 again"},
-      {{"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0"}, "missing"},
+      {{"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0", "--width", "4096",
+        "--height", "4096"},
+       "missing"},
+      {{"--example", "flux-dev", "--devices", devices, "--width", "-8"},
+       "--width: width -8 is outside 0..65536"},
       {{"--example", "flux-dev", "--coordinator", "http://127.0.0.1:1"},
        "--coordinator plans one MODEL file under the coordinator's model roots"},
       {{"flux.safetensors", "--coordinator", "tcp://127.0.0.1:1"},

@@ -50,6 +50,13 @@ struct ModelSpec {
   std::string dtype;                    // "", "float32", "bfloat16", "float16"
   int prefetch_depth = 0;               // 0: --prefetch-depth
   bool allow_mixed = false;
+  // The workflow's input size, for the activation estimate in the plan's headroom (0: the
+  // family's default, 1024 x 1024, 1 frame, batch 1). The first forward with larger inputs
+  // re-checks the estimate against the compute device's room.
+  int64_t width = 0;
+  int64_t height = 0;
+  int64_t frames = 0;
+  int64_t batch = 0;
 };
 
 enum class ModelState { kLoading, kReady, kFailed, kUnloading };

@@ -48,9 +48,15 @@ struct DeviceInfo {
   std::string name;             // "NVIDIA H100 80GB HBM3", "cpu"
 };
 
-/// Default reserve kept free on a device for the framework and activations when no capacity is
-/// given: 10% of total, at least 512 MiB, at most 4 GiB (never more than total).
-uint64_t DefaultReserve(uint64_t total_bytes);
+/// What a CUDA device needs besides our weights and activations: the CUDA context libtorch
+/// creates (cuBLAS and cuDNN handles, kernels loaded lazily) and the caching allocator's slack.
+/// Activations are not in it: plans add the family's estimate for the workflow's input sizes.
+inline constexpr uint64_t kCudaReserve = 768ull << 20;
+
+/// The part of a device kept out of the weights' capacity when no capacity is given (never
+/// more than total): kCudaReserve on a CUDA device; on the CPU, which also runs the OS and the
+/// client (ComfyUI), 10% of total, at least 512 MiB, at most 4 GiB.
+uint64_t DefaultReserve(const DeviceId& id, uint64_t total_bytes);
 
 /// Physical RAM of this machine (sysconf), as a DeviceInfo with the default reserve.
 DeviceInfo DiscoverCpu();

@@ -3,8 +3,8 @@
 // A unit list comes from a model file (fleet::formats::DetectLayout), from a JSON file
 // (`fleet plan --units FILE.json`: [{"name", "bytes", "pinned"}] in model order) or from a
 // built-in example with the real sizes of a published checkpoint. MarkPinnedUnits gives all of
-// them the same treatment: the family's stem and text-encoder embeddings stay on the compute
-// device, and each pinned unit says why.
+// them the same treatment: the family's pin rules (fleet::families; the stems, text-encoder
+// embeddings) keep units on the compute device, and each pinned unit says why.
 //
 // Thread safety: pure functions.
 #pragma once
@@ -13,30 +13,19 @@
 #include <string_view>
 #include <vector>
 
+#include "fleet/families/family.h"
 #include "fleet/placement/placement.h"
 #include "fleet/status/status.h"
 
 namespace fleet::placement {
 
-/// Model families whose pin rules we know.
-enum class Family {
-  kNone,         // no rule: only units pinned by their source stay pinned
-  kFlux,         // stem: img_in, time_in, guidance_in, vector_in, txt_in
-  kWan,          // stem: patch_embedding, time_embedding, time_projection, text_embedding, img_emb
-  kTextEncoder,  // CLIP (embed/wte/wpe, as DisTorch2) and T5 (shared, which DisTorch2 misses)
-};
+/// Pins the units `family`'s rules name (fleet::families::Family::Pin) and sets their
+/// pin_reason (and upstream_pins for the units DisTorch2 pins as well). Units already pinned
+/// keep their reason. A null family pins nothing.
+void MarkPinnedUnits(const families::Family* family, std::vector<Unit>* units);
 
-/// "none", "flux", "wan", "text-encoder" (also "clip", "t5").
-StatusOr<Family> ParseFamily(std::string_view text);
-std::string_view FamilyName(Family family);
-
-/// Guesses the family from unit names: double_blocks/single_blocks -> flux, blocks + one of
-/// WAN's stem names -> wan, else none.
-Family GuessFamily(const std::vector<Unit>& units);
-
-/// Pins the units `family`'s rules name and sets their pin_reason (and upstream_pins for the
-/// units DisTorch2 pins as well). Units already pinned keep their reason.
-void MarkPinnedUnits(Family family, std::vector<Unit>* units);
+/// The family of a unit list by its names (fleet::families::GuessFamily), or null.
+const families::Family* GuessFamily(const std::vector<Unit>& units);
 
 /// Parses a JSON unit list: [{"name": "img_in", "bytes": 399360, "pinned": true}, ...].
 /// "bytes" is an integer or a size string ("680mb"); "pinned" is optional (false).
@@ -49,9 +38,11 @@ StatusOr<std::vector<Unit>> ParseUnitsJson(std::string_view text, std::string_vi
 struct Example {
   std::string name;  // "flux-dev"
   std::string description;
-  Family family;
+  const families::Family* family;
   std::vector<Unit> units;    // real sizes of the published bf16 checkpoint
-  uint64_t activation_bytes;  // activation estimate for the example's largest input
+  std::string config_json;    // the family configuration of the checkpoint
+  families::InputSizes sizes;  // the example's input (Flux 1024 x 1024, WAN 720p x 81 frames)
+  uint64_t activation_bytes;   // the family's activation estimate for `sizes`
 };
 
 /// Names of the built-in examples.

@@ -8,36 +8,21 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "fleet/formats/layout.h"
+#include "../formats/test_util.h"
+#include "fleet/families/layout.h"
 #include "fleet/formats/safetensors_writer.h"
-#include "test_util.h"
+#include "keys.h"
 
-namespace fleet::formats {
+namespace fleet::families {
 namespace {
 
-using ::testing::HasSubstr;
+using formats::DType;
+using formats::ModelFile;
+using formats::SafetensorsWriter;
+using formats::TensorInfo;
+namespace testing = formats::testing;
 
-// name \t [d0, d1, ...]  ->  BF16 tensors laid out back to back.
-std::vector<TensorInfo> LoadKeys(const std::string& file, const std::string& prefix = "") {
-  std::ifstream in(testing::SourceDir() + "/tests/unit/formats/keys/" + file);
-  EXPECT_TRUE(in.good()) << file;
-  std::vector<TensorInfo> out;
-  std::string line;
-  uint64_t offset = 0;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    TensorInfo t;
-    auto tab = line.find('\t');
-    t.name = prefix + line.substr(0, tab);
-    t.dtype = "BF16";
-    t.shape = nlohmann::json::parse(line.substr(tab + 1)).get<std::vector<int64_t>>();
-    t.nbytes = static_cast<uint64_t>(t.numel()) * 2;
-    t.offset = offset;
-    offset += t.nbytes;
-    out.push_back(std::move(t));
-  }
-  return out;
-}
+using ::testing::HasSubstr;
 
 uint64_t Sum(const std::vector<TensorInfo>& ts) {
   uint64_t s = 0;
@@ -55,7 +40,8 @@ TEST(LayoutTest, FluxDevRealKeys) {
   ASSERT_EQ(layout->units.size(), 1u + 19 + 38 + 1);
   EXPECT_EQ(layout->units[0].name, "stem");
   EXPECT_TRUE(layout->units[0].pinned);
-  EXPECT_EQ(layout->units[0].tensors.size(), 16u);  // img_in 2, time_in 4, vector_in 4, guidance_in 4, txt_in 2
+  EXPECT_EQ(layout->units[0].tensors.size(),
+            16u);  // img_in 2, time_in 4, vector_in 4, guidance_in 4, txt_in 2
   EXPECT_EQ(layout->units[1].name, "double_blocks.0");
   EXPECT_FALSE(layout->units[1].pinned);
   EXPECT_EQ(layout->units[19].name, "double_blocks.18");
@@ -64,7 +50,7 @@ TEST(LayoutTest, FluxDevRealKeys) {
   EXPECT_EQ(layout->units[58].name, "final_layer");
   EXPECT_EQ(layout->units[1].tensors.size(), 24u);
   EXPECT_EQ(layout->total_bytes(), Sum(keys));
-  // A double block is 679.7 MB in bf16 (architectures.md: 339.8 M params); a single one 283.2 MB.
+  // A double block is 679.7 MB in bf16 (339.8 M params, docs/models.md); a single one 283.2 MB.
   EXPECT_EQ(layout->units[1].bytes, 679662592u);
   EXPECT_EQ(layout->units[20].bytes, 283183616u);
   auto c = nlohmann::json::parse(layout->config_json);
@@ -86,7 +72,8 @@ TEST(LayoutTest, FluxDevRealKeys) {
 
 TEST(LayoutTest, FluxWithComfyPrefixAndNoGuidance) {
   auto keys = LoadKeys("flux-dev.tsv", "model.diffusion_model.");
-  std::erase_if(keys, [](const TensorInfo& t) { return t.name.find("guidance_in") != std::string::npos; });
+  std::erase_if(
+      keys, [](const TensorInfo& t) { return t.name.find("guidance_in") != std::string::npos; });
   auto layout = DetectLayout(keys, {}, "schnell");
   ASSERT_TRUE(layout.ok()) << layout.status();
   EXPECT_EQ(layout->prefix, "model.diffusion_model.");
@@ -191,7 +178,8 @@ INSTANTIATE_TEST_SUITE_P(
                       WanCase{"wan22-5b.tsv", 3072, 14336, 24, 30, 48, 48, false, 12}),
     [](const auto& info) {
       std::string n = info.param.file.substr(0, info.param.file.find(".tsv"));
-      for (char& ch : n) if (ch == '-' || ch == '.') ch = '_';
+      for (char& ch : n)
+        if (ch == '-' || ch == '.') ch = '_';
       return n;
     });
 
@@ -232,4 +220,4 @@ TEST(LayoutTest, SparseFullSizeFluxFile) {
 }
 
 }  // namespace
-}  // namespace fleet::formats
+}  // namespace fleet::families

@@ -1,0 +1,244 @@
+// The family registry's torch-free half: lookup, the metadata `config` override with ComfyUI's
+// names (translated to ours, checked against the shapes), pin rules and activation estimates,
+// over the real checkpoints' key lists.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "fleet/families/family.h"
+#include "fleet/families/layout.h"
+#include "keys.h"
+
+namespace fleet::families {
+namespace {
+
+using ::testing::HasSubstr;
+
+nlohmann::json Config(const Layout& layout) { return nlohmann::json::parse(layout.config_json); }
+
+std::string Error(const StatusOr<Layout>& layout) {
+  return layout.ok() ? "ok" : std::string(layout.status().message());
+}
+
+TEST(FamilyRegistryTest, LooksFamiliesUpByNameAndAlias) {
+  ASSERT_GE(AllFamilies().size(), 4u);
+  EXPECT_EQ(FindFamily("flux")->name(), "flux");
+  EXPECT_EQ(FindFamily(" WAN ")->name(), "wan");
+  EXPECT_EQ(FindFamily("linear")->name(), "linear");
+  EXPECT_EQ(FindFamily("clip")->name(), "text-encoder");
+  EXPECT_EQ(FindFamily("t5")->name(), "text-encoder");
+  EXPECT_EQ(FindFamily("sdxl"), nullptr);
+  EXPECT_EQ(FindFamily("unknown"), nullptr) << "files of no family are not a family";
+  auto bad = ParseFamily("sdxl");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("flux, wan, linear, text-encoder"));
+  for (const Family* f : AllFamilies()) EXPECT_EQ(FindFamily(f->name()), f);
+}
+
+TEST(FamilyRegistryTest, GuessesFamiliesFromUnitNames) {
+  EXPECT_EQ(GuessFamily({"img_in", "double_blocks.0", "final_layer"})->name(), "flux");
+  EXPECT_EQ(GuessFamily({"stem", "blocks.0", "head"}), nullptr) << "'stem' alone says nothing";
+  EXPECT_EQ(GuessFamily({"patch_embedding", "blocks.0", "head"})->name(), "wan");
+  EXPECT_EQ(GuessFamily({"linear_blocks.0", "linear_blocks.1"})->name(), "linear");
+  EXPECT_EQ(GuessFamily({"layers.0"}), nullptr);
+}
+
+TEST(FluxFamilyTest, ComfyConfigIsTranslatedAndCheckedAgainstTheShapes) {
+  auto keys = LoadKeys("flux-dev.tsv", "model.diffusion_model.");
+  // ComfyUI's FluxParams for flux-dev: in_channels counts latent channels (16), not the
+  // 64 features of a 2x2 patch; mlp_ratio instead of the MLP width.
+  const std::string comfy = R"({"image_model": "flux", "in_channels": 16, "out_channels": 16,
+      "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
+      "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+      "theta": 10000, "qkv_bias": true, "guidance_embed": true, "patch_size": 2})";
+  auto layout = DetectLayout(keys, {{"config", comfy}}, "flux1-dev.safetensors");
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  EXPECT_EQ(layout->family, "flux");
+  EXPECT_EQ(layout->prefix, "model.diffusion_model.");
+  auto c = Config(*layout);
+  EXPECT_EQ(c["in_channels"], 64);
+  EXPECT_EQ(c["out_channels"], 64);
+  EXPECT_EQ(c["mlp_hidden_dim"], 12288);
+  EXPECT_EQ(c["num_heads"], 24);
+  EXPECT_EQ(c["guidance_embed"], true);
+  // The same file without the override gives the same configuration: shapes say it all.
+  EXPECT_EQ(DetectLayout(keys, {}, "f")->config_json, layout->config_json);
+
+  // What shapes cannot say comes from the config: theta, the RoPE axes.
+  auto theta = DetectLayout(keys, {{"config", R"({"theta": 500, "axes_dim": [32, 48, 48]})"}}, "f");
+  ASSERT_TRUE(theta.ok()) << theta.status();
+  EXPECT_EQ(Config(*theta)["theta"], 500.0);
+  EXPECT_EQ(Config(*theta)["axes_dim"], nlohmann::json({32, 48, 48}));
+
+  // Contradictions name the key and the tensor; typos name the key.
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"hidden_size": 2048})"}}, "f")),
+              HasSubstr("config' hidden_size = 2048 contradicts the tensors: img_in.weight gives "
+                        "3072"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"in_channels": 64})"}}, "f")),
+              HasSubstr("in_channels = 64 contradicts the tensors"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"mlp_ratio": 3.0})"}}, "f")),
+              HasSubstr("mlp_ratio = 3.0 contradicts"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"guidance_embed": false})"}}, "f")),
+              HasSubstr("guidance_in.in_layer.weight is present"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"hiden_size": 3072})"}}, "f")),
+              HasSubstr("key 'hiden_size', which flux does not know"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"([1, 2])"}}, "f")),
+              HasSubstr("must be a JSON object"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"axes_dim": [16, 56]})"}}, "f")),
+              HasSubstr("axes_dim"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"image_model": "wan2.1"})"}}, "f")),
+              HasSubstr("image_model"));
+}
+
+TEST(FluxFamilyTest, LegacyAxesMetadataStaysAcceptedAndMustAgreeWithConfig) {
+  auto keys = LoadKeys("flux-dev.tsv");
+  auto legacy = DetectLayout(keys, {{"fleet.axes_dim", "[32,48,48]"}}, "f");
+  ASSERT_TRUE(legacy.ok()) << legacy.status();
+  EXPECT_EQ(Config(*legacy)["axes_dim"], nlohmann::json({32, 48, 48}));
+  auto both = DetectLayout(
+      keys, {{"fleet.axes_dim", "[32,48,48]"}, {"config", R"({"axes_dim": [16, 56, 56]})"}}, "f");
+  EXPECT_THAT(Error(both), HasSubstr("contradicts 'config' axes_dim"));
+}
+
+TEST(WanFamilyTest, ConfigNamesTheHeadCountOfNarrowHeads) {
+  auto keys = LoadKeys("wan21-1.3b.tsv");
+  auto plain = DetectLayout(keys, {}, "wan.safetensors");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(Config(*plain)["num_heads"], 12);  // 1536 / 128
+  auto narrow = DetectLayout(keys, {{"config", R"({"num_heads": 24, "dim": 1536,
+      "model_type": "t2v", "eps": 1e-6, "text_len": 512})"}},
+                             "wan.safetensors");
+  ASSERT_TRUE(narrow.ok()) << narrow.status();
+  EXPECT_EQ(Config(*narrow)["num_heads"], 24);
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"num_heads": 7})"}}, "w")),
+              HasSubstr("not a multiple of num_heads 7"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"model_type": "i2v"})"}}, "w")),
+              HasSubstr("img_emb.proj.0.weight is absent"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"ffn_dim": 100})"}}, "w")),
+              HasSubstr("ffn_dim = 100 contradicts the tensors: blocks.0.ffn.0.weight gives 8960"));
+  EXPECT_THAT(Error(DetectLayout(keys, {{"config", R"({"patch_size": [1, 4, 4]})"}}, "w")),
+              HasSubstr("patch_size [1,4,4] contradicts"));
+  auto i2v = DetectLayout(LoadKeys("wan21-i2v-14b.tsv"), {}, "i2v");
+  ASSERT_TRUE(i2v.ok()) << i2v.status();
+  EXPECT_EQ(Config(*i2v)["model_type"], "i2v");
+  EXPECT_EQ(Config(*i2v)["in_dim"], 36);
+}
+
+TEST(LinearFamilyTest, TheToyFamilyIsDetectedFromItsFiles) {
+  auto t = ToyKeys(3, 8);
+  auto layout = DetectLayout(t, {}, "toy.safetensors");
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  EXPECT_EQ(layout->family, "linear");
+  EXPECT_EQ(Config(*layout), nlohmann::json({{"dim", 8}, {"depth", 3}}));
+  ASSERT_EQ(layout->units.size(), 3u);
+  EXPECT_EQ(layout->units[2].name, "linear_blocks.2");
+  EXPECT_EQ(layout->units[2].bytes, 8 * 8 * 4 + 8 * 4u);
+  EXPECT_FALSE(layout->units[0].pinned);
+  t.pop_back();                       // linear_blocks.2.bias
+  t.pop_back();                       // linear_blocks.2.weight
+  t.erase(t.begin(), t.begin() + 2);  // linear_blocks.0: blocks must start at 0
+  EXPECT_THAT(Error(DetectLayout(t, {}, "toy")), HasSubstr("linear_blocks.0 is missing"));
+}
+
+TEST(PinRuleTest, EachFamilyNamesItsOwnStem) {
+  const Family* flux = FindFamily("flux");
+  const Family* wan = FindFamily("wan");
+  const Family* te = FindFamily("text-encoder");
+  EXPECT_TRUE(flux->Pin("stem") && flux->Pin("img_in") && flux->Pin("txt_in"));
+  EXPECT_FALSE(flux->Pin("double_blocks.0") || flux->Pin("final_layer") ||
+               flux->Pin("patch_embedding"));
+  EXPECT_TRUE(wan->Pin("stem") && wan->Pin("time_projection") && wan->Pin("img_emb"));
+  EXPECT_FALSE(wan->Pin("blocks.3") || wan->Pin("head") || wan->Pin("img_in"));
+  EXPECT_TRUE(te->Pin("text_model.embeddings")->upstream);
+  EXPECT_FALSE(te->Pin("shared")->upstream) << "DisTorch2 misses T5's token embedding";
+  EXPECT_FALSE(te->Pin("encoder.block.0"));
+  EXPECT_FALSE(FindFamily("linear")->Pin("linear_blocks.0"));
+  // Units of a detected file carry the pins.
+  auto layout = DetectLayout(LoadKeys("wan21-14b.tsv"), {}, "w");
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  for (const auto& u : layout->units) EXPECT_EQ(u.pinned, u.name == "stem") << u.name;
+}
+
+TEST(ActivationEstimateTest, GrowsWithTheInputAsTheBlocksDo) {
+  const Family* flux = FindFamily("flux");
+  auto layout = DetectLayout(LoadKeys("flux-dev.tsv"), {}, "f");
+  ASSERT_TRUE(layout.ok());
+  InputSizes s;  // 1024x1024, 512 text tokens, bf16
+  // 4096 image + 512 text tokens, each with the MLP hidden (12288) and 6 x 3072 modulated copies.
+  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s), 4608ull * (12288 + 6 * 3072) * 2);
+  s.batch = 2;
+  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s), 2 * 4608ull * (12288 + 6 * 3072) * 2);
+  s = InputSizes{};
+  s.width = 1000;  // rounded up to whole patches, as the model pads
+  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s), (64 * 63 + 512ull) * 30720 * 2);
+
+  const Family* wan = FindFamily("wan");
+  auto w = DetectLayout(LoadKeys("wan21-14b.tsv"), {}, "w");
+  ASSERT_TRUE(w.ok());
+  InputSizes video;
+  video.width = 1280;
+  video.height = 720;
+  video.frames = 81;  // 21 latent frames of 45 x 80 tokens
+  EXPECT_EQ(*wan->ActivationBytes(w->config_json, video), 75600ull * (13824 + 6 * 5120) * 2);
+  auto w5 = DetectLayout(LoadKeys("wan22-5b.tsv"), {}, "w5");
+  ASSERT_TRUE(w5.ok()) << w5.status();
+  // The 48-channel VAE packs 16x16 pixels into a latent: 4x fewer tokens at the same size.
+  const uint64_t per_token =
+      Config(*w5)["ffn_dim"].get<uint64_t>() + 6 * Config(*w5)["dim"].get<uint64_t>();
+  EXPECT_EQ(*wan->ActivationBytes(w5->config_json, video), 21ull * 23 * 40 * per_token * 2);
+  EXPECT_FALSE(flux->ActivationBytes("{}", s).ok());
+}
+
+// The first-forward re-check reads the sizes back from the inputs: the latent is 8x (16x for
+// the 48-channel WAN VAE) smaller than the pixels, and a WAN latent frame covers 4 frames.
+TEST(ActivationEstimateTest, InputSizesComeBackFromTheForwardsShapes) {
+  const Family* flux = FindFamily("flux");
+  auto f = DetectLayout(LoadKeys("flux-dev.tsv"), {}, "f");
+  ASSERT_TRUE(f.ok());
+  auto s = flux->SizesOf(f->config_json, {{"x", {2, 16, 128, 96}}, {"context", {2, 256, 4096}}});
+  ASSERT_TRUE(s.has_value());
+  EXPECT_EQ(s->batch, 2);
+  EXPECT_EQ(s->height, 1024);
+  EXPECT_EQ(s->width, 768);
+  EXPECT_EQ(s->text_tokens, 256);
+  EXPECT_FALSE(flux->SizesOf(f->config_json, {{"x", {2, 16, 128}}}).has_value());
+  EXPECT_FALSE(flux->SizesOf(f->config_json, {{"img", {2, 16, 128, 96}}}).has_value());
+  EXPECT_EQ(flux->DefaultSizes().width, 1024);
+
+  const Family* wan = FindFamily("wan");
+  auto w = DetectLayout(LoadKeys("wan21-14b.tsv"), {}, "w");
+  ASSERT_TRUE(w.ok());
+  auto v = wan->SizesOf(w->config_json, {{"x", {1, 16, 21, 60, 104}}});
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(v->frames, 81);
+  EXPECT_EQ(v->height, 480);
+  EXPECT_EQ(v->width, 832);
+  // A video family's default is a typical clip, not one frame.
+  EXPECT_EQ(wan->DefaultSizes().frames, 81);
+  EXPECT_EQ(*wan->ActivationBytes(w->config_json, *v),
+            *wan->ActivationBytes(w->config_json, wan->DefaultSizes()));
+  auto w5 = DetectLayout(LoadKeys("wan22-5b.tsv"), {}, "w5");
+  ASSERT_TRUE(w5.ok());
+  EXPECT_EQ(wan->SizesOf(w5->config_json, {{"x", {1, 48, 31, 44, 80}}})->width, 1280);
+
+  const Family* linear = FindFamily("linear");
+  EXPECT_EQ(linear->SizesOf("{}", {{"x", {4096, 64}}})->batch, 4096);
+}
+
+TEST(ActivationEstimateTest, InputSizesAreBounded) {
+  EXPECT_EQ(*CheckInputSize("width", 0), 0);
+  EXPECT_EQ(*CheckInputSize("width", 65536), 65536);
+  EXPECT_EQ(*CheckInputSize("frames", 16384), 16384);
+  for (auto [name, value] : {std::pair<const char*, int64_t>{"width", 65537},
+                             {"height", -1},
+                             {"frames", 16385},
+                             {"batch", 4097}}) {
+    auto bad = CheckInputSize(name, value);
+    ASSERT_FALSE(bad.ok()) << name;
+    EXPECT_NE(bad.status().message().find(name), std::string::npos) << bad.status();
+  }
+}
+
+}  // namespace
+}  // namespace fleet::families

@@ -1,0 +1,50 @@
+// The two halves of every family agree: each implementation (fleet::models) has a descriptor
+// (fleet::families) of the same name, and the implementation's blocks are the descriptor's
+// placement units, in the same order, for a real checkpoint layout.
+#include <gtest/gtest.h>
+
+#include "../families/keys.h"
+#include "fleet/families/family.h"
+#include "fleet/families/layout.h"
+#include "fleet/models/model.h"
+
+namespace fleet::models {
+namespace {
+
+TEST(FamilyRegistry, EveryImplementationHasADescriptor) {
+  ASSERT_FALSE(ImplementedFamilies().empty());
+  for (std::string_view name : ImplementedFamilies()) {
+    const families::Family* f = families::FindFamily(name);
+    ASSERT_NE(f, nullptr) << name << " has blocks but no descriptor";
+    EXPECT_EQ(f->name(), name);
+  }
+  auto wan = CreateModel("wan", "{}", at::kFloat);
+  ASSERT_FALSE(wan.ok()) << "WAN has a descriptor but no blocks yet";
+  EXPECT_NE(wan.status().message().find("unknown model family 'wan' (known: flux, linear)"),
+            std::string_view::npos)
+      << wan.status();
+}
+
+TEST(FamilyRegistry, BlocksAreTheDescriptorsUnitsInOrder) {
+  for (const std::string prefix : {"", "model.diffusion_model."}) {
+    auto layout = families::DetectLayout(families::LoadKeys("flux-dev.tsv", prefix), {}, "flux");
+    ASSERT_TRUE(layout.ok()) << layout.status();
+    auto model = CreateModel(layout->family, layout->config_json, at::kBFloat16);
+    ASSERT_TRUE(model.ok()) << model.status();
+    std::vector<std::string> units;
+    for (const auto& u : layout->units) units.push_back(u.name);
+    EXPECT_EQ((*model)->block_names(), units);
+  }
+  auto toy = families::ToyKeys(4, 6);
+  auto layout = families::DetectLayout(toy, {}, "toy");
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  auto model = CreateModel(layout->family, layout->config_json, at::kFloat);
+  ASSERT_TRUE(model.ok()) << model.status();
+  ASSERT_EQ((*model)->block_names().size(), layout->units.size());
+  for (size_t i = 0; i < layout->units.size(); ++i) {
+    EXPECT_EQ((*model)->block_names()[i], layout->units[i].name);
+  }
+}
+
+}  // namespace
+}  // namespace fleet::models
