@@ -2,7 +2,11 @@
 
 #include <ATen/Context.h>
 
+#include <ATen/ops/empty.h>
+
+#include <cstring>
 #include <map>
+#include <span>
 
 #include "fleet/families/family.h"
 #include "fleet/families/layout.h"
@@ -21,6 +25,17 @@ StatusOr<at::Tensor> UpcastFp8(const at::Tensor& bytes, bool e5m2) {
 
 bool IsFp8(const formats::TensorInfo& info) {
   return info.dtype == "F8_E4M3" || info.dtype == "F8_E5M2";
+}
+
+// A private copy of a GGUF block tensor's bytes (kByte).
+StatusOr<at::Tensor> RawBytes(const formats::ModelFile& file, const formats::TensorInfo& info) {
+  std::span<const uint8_t> data = file.Data(info);
+  if (data.size() != info.nbytes) {
+    return OutOfRangeError(info.name + ": byte range is outside the file");
+  }
+  at::Tensor bytes = at::empty({static_cast<int64_t>(data.size())}, at::kByte);
+  if (!data.empty()) std::memcpy(bytes.data_ptr(), data.data(), data.size());
+  return bytes;
 }
 
 }  // namespace
@@ -110,20 +125,24 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
       for (const std::string& full : it->second->tensors) {
         const formats::TensorInfo* info = r->file_->Find(full);
         const std::string name = full.substr(layout.prefix.size());
-        if (formats::IsBlockQuantised(info->dtype)) {  // dequantised to the compute dtype, as a worker does
-          FLEET_ASSIGN_OR_RETURN(at::Tensor w, tensor::Load(*r->file_, *info, *dtype));
-          if (!r->device_.is_cpu()) w = w.to(r->device_);
-          FLEET_ASSIGN_OR_RETURN(r->blocks_[i].weights[name], r->model_->PrepareWeight(name, w));
+        models::WeightStore& store = r->blocks_[i];
+        if (formats::IsBlockQuantised(info->dtype)) {  // kept quantised, expanded at use
+          FLEET_ASSIGN_OR_RETURN(at::Tensor bytes, RawBytes(*r->file_, *info));
+          FLEET_ASSIGN_OR_RETURN(store[name],
+                                 models::MakeStoredGguf(name, bytes.to(r->device_),
+                                                        formats::GgmlTypeByName(info->dtype)->type,
+                                                        info->shape));
           continue;
         }
         FLEET_ASSIGN_OR_RETURN(at::Tensor stored, tensor::View(*r->file_, *info));
         if (!r->device_.is_cpu()) stored = stored.to(r->device_);
         if (IsFp8(*info)) {
-          r->blocks_[i].fp8[name] = Fp8Weight{stored, info->dtype == "F8_E5M2"};
+          FLEET_ASSIGN_OR_RETURN(store[name],
+                                 models::MakeStoredF8(name, stored, info->dtype == "F8_E5M2"));
           continue;
         }
         FLEET_ASSIGN_OR_RETURN(at::Tensor w, r->model_->PrepareWeight(name, stored));
-        r->blocks_[i].weights[name] = w;
+        store[name] = models::StoredWeight{models::StoredWeight::Form::kResident, w, {}, {}};
       }
     }
   } catch (const std::exception& e) {
@@ -144,19 +163,7 @@ Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) cons
     }
   }
   for (size_t i = 0; i < names.size(); ++i) {
-    const Block& block = blocks_[i];
-    const models::TensorMap* weights = &block.weights;
-    models::TensorMap with_fp8;
-    if (!block.fp8.empty()) {
-      with_fp8 = block.weights;
-      for (const auto& [name, w] : block.fp8) {
-        FLEET_ASSIGN_OR_RETURN(at::Tensor wide, UpcastFp8(w.bytes.to(at::kCPU), w.e5m2));
-        wide = wide.to(device_);
-        FLEET_ASSIGN_OR_RETURN(with_fp8[name], model_->PrepareWeight(name, wide));
-      }
-      weights = &with_fp8;
-    }
-    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, models::ResidentWeights(*weights), state));
+    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, models::StoredWeights(*model_, blocks_[i]), state));
     if (trace) {
       for (const auto& [name, t] : state) {
         if (i > 0 && model_->IsRunConstant(name)) continue;

@@ -15,6 +15,7 @@
 
 #include "fleet/formats/model_file.h"
 #include "fleet/models/model.h"
+#include "fleet/models/stored_weights.h"
 #include "fleet/status/status.h"
 
 namespace fleet::run_local {
@@ -42,19 +43,13 @@ class LocalRunner {
   Status Run(models::TensorMap& state, models::TensorMap* trace = nullptr) const;
 
  private:
-  struct Fp8Weight {
-    at::Tensor bytes;  // uint8 view of the stored bytes
-    bool e5m2;         // F8_E5M2, else F8_E4M3 (e4m3fn)
-  };
-  struct Block {
-    models::TensorMap weights;             // prepared, keyed without the file prefix
-    std::map<std::string, Fp8Weight> fp8;  // upcast on use
-  };
   LocalRunner() = default;
 
   std::unique_ptr<formats::ModelFile> file_;
   std::unique_ptr<models::Model> model_;
-  std::vector<Block> blocks_;  // parallel to model_->block_names()
+  // Per block (parallel to model_->block_names()), keyed without the file prefix: floating
+  // weights prepared, GGUF and fp8 weights in their stored form, expanded at use.
+  std::vector<models::WeightStore> blocks_;
   at::Device device_ = at::kCPU;
 };
 

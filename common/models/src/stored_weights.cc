@@ -1,0 +1,131 @@
+#include "fleet/models/stored_weights.h"
+
+#include <ATen/ops/empty.h>
+
+#include <span>
+
+#include "fleet/formats/dequant.h"
+#include "fleet/tensor/torch_view.h"
+
+namespace fleet::models {
+namespace {
+
+int64_t Numel(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string Where(std::string_view name) { return "weight '" + std::string(name) + "'"; }
+
+// GGUF blocks to `compute`: ggml's dequantisation, rounded once to f16/bf16 with ggml's
+// rounding (f32 computes keep f32), on the CPU; the result goes where the bytes were.
+StatusOr<at::Tensor> ExpandGguf(std::string_view name, const StoredWeight& w,
+                                at::ScalarType compute) {
+  formats::OutType out = formats::OutType::kF32;
+  at::ScalarType produced = at::kFloat;
+  if (compute == at::kHalf) {
+    out = formats::OutType::kF16;
+    produced = at::kHalf;
+  } else if (compute == at::kBFloat16) {
+    out = formats::OutType::kBF16;
+    produced = at::kBFloat16;
+  }
+  const at::Tensor bytes = w.data.is_cpu() ? w.data : w.data.cpu();
+  at::Tensor t = at::empty(w.shape, at::TensorOptions().dtype(produced));
+  std::span<const uint8_t> src(static_cast<const uint8_t*>(bytes.data_ptr()),
+                               static_cast<size_t>(bytes.numel()));
+  FLEET_RETURN_IF_ERROR(formats::Dequantize(w.gguf_type, src, t.numel(), out, t.data_ptr())
+                            .WithContext(Where(name)));
+  if (produced != compute) t = t.to(compute);
+  return w.data.is_cpu() ? t : t.to(w.data.device());
+}
+
+}  // namespace
+
+uint64_t StoredWeight::resident_bytes() const {
+  return data.defined() ? static_cast<uint64_t>(data.nbytes()) : 0;
+}
+
+uint64_t StoredWeight::expanded_bytes(at::ScalarType compute) const {
+  if (form == Form::kResident) return resident_bytes();
+  return static_cast<uint64_t>(Numel(shape)) * c10::elementSize(compute);
+}
+
+StatusOr<StoredWeight> MakeStoredGguf(std::string_view name, at::Tensor bytes,
+                                      formats::GgmlType type, std::vector<int64_t> shape) {
+  auto traits = formats::GgmlTypeInfo(static_cast<uint32_t>(type));
+  if (!traits || !traits->dequantizable) {
+    return UnimplementedError(Where(name) + ": GGUF type " +
+                              (traits ? std::string(traits->name) : "#" + std::to_string(static_cast<uint32_t>(type))) +
+                              " cannot be expanded by this build");
+  }
+  for (int64_t d : shape) {
+    if (d < 0) return InvalidArgumentError(Where(name) + ": negative dimension");
+  }
+  const int64_t n = Numel(shape);
+  if (n % traits->block_size != 0) {
+    return InvalidArgumentError(Where(name) + ": " + std::to_string(n) + " values are not whole " +
+                                std::string(traits->name) + " blocks of " +
+                                std::to_string(traits->block_size));
+  }
+  const int64_t need = n / traits->block_size * traits->type_size;
+  if (bytes.scalar_type() != at::kByte || bytes.numel() != need || !bytes.is_contiguous()) {
+    return InvalidArgumentError(Where(name) + ": " + std::string(traits->name) + " of " +
+                                std::to_string(n) + " values needs " + std::to_string(need) +
+                                " contiguous bytes, got " + std::to_string(bytes.nbytes()));
+  }
+  return StoredWeight{StoredWeight::Form::kGguf, std::move(bytes), type, std::move(shape)};
+}
+
+StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, bool e5m2) {
+  if (bytes.scalar_type() != at::kByte) {
+    return InvalidArgumentError(Where(name) + ": fp8 bytes must be a byte tensor");
+  }
+  std::vector<int64_t> shape(bytes.sizes().begin(), bytes.sizes().end());
+  return StoredWeight{e5m2 ? StoredWeight::Form::kF8E5M2 : StoredWeight::Form::kF8E4M3,
+                      std::move(bytes), formats::GgmlType::kF32, std::move(shape)};
+}
+
+StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view name,
+                                           const StoredWeight& w) {
+  try {
+    switch (w.form) {
+      case StoredWeight::Form::kResident:
+        return w.data;
+      case StoredWeight::Form::kGguf: {
+        FLEET_ASSIGN_OR_RETURN(at::Tensor t, ExpandGguf(name, w, model.compute_dtype()));
+        return model.PrepareWeight(name, t);
+      }
+      case StoredWeight::Form::kF8E4M3:
+      case StoredWeight::Form::kF8E5M2: {
+        const auto format = w.form == StoredWeight::Form::kF8E5M2 ? tensor::F8Format::kE5M2
+                                                                  : tensor::F8Format::kE4M3;
+        // Exact in f32 (on the CPU); PrepareWeight rounds once to the compute dtype.
+        FLEET_ASSIGN_OR_RETURN(at::Tensor wide,
+                               tensor::UpcastF8(w.data.is_cpu() ? w.data : w.data.cpu(), format,
+                                                at::kFloat));
+        if (!w.data.is_cpu()) wide = wide.to(w.data.device());
+        return model.PrepareWeight(name, wide);
+      }
+    }
+  } catch (const c10::Error& e) {
+    return InternalError(Where(name) + ": expanding: " + e.what_without_backtrace());
+  }
+  return InternalError(Where(name) + ": unknown stored form");
+}
+
+StatusOr<at::Tensor> StoredWeights::Get(std::string_view name) const {
+  auto it = store_.find(name);
+  if (it == store_.end() || !it->second.data.defined()) {
+    return InvalidArgumentError("missing " + Where(name));
+  }
+  return Expand(model_, name, it->second);
+}
+
+bool StoredWeights::Has(std::string_view name) const {
+  auto it = store_.find(name);
+  return it != store_.end() && it->second.data.defined();
+}
+
+}  // namespace fleet::models

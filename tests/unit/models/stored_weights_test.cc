@@ -1,0 +1,140 @@
+// Weights kept in their stored form (GGUF blocks, fp8 bytes) and expanded at each use: the
+// values, the bytes they keep, their errors, and a block computing on them bit for bit as on
+// the same weights expanded beforehand.
+#include "fleet/models/stored_weights.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/equal.h>
+#include <ATen/ops/randn.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+
+#include "fleet/formats/dequant.h"
+
+namespace fleet::models {
+namespace {
+
+// Q8_0 blocks (f16 scale, 32 int8 values) of `rows` x `cols` random values, with one block of
+// zeros and one with an outlier scale.
+at::Tensor Q8Blocks(int64_t rows, int64_t cols, uint32_t seed) {
+  const int64_t blocks = rows * cols / 32;
+  at::Tensor bytes = at::empty({blocks * 34}, at::kByte);
+  auto* p = bytes.data_ptr<uint8_t>();
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> q(-127, 127);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float scale = b == 0 ? 0.0f : b == 1 ? 900.0f : 0.01f * static_cast<float>(1 + b % 7);
+    uint16_t h = formats::Fp32ToFp16(scale);
+    std::memcpy(p + b * 34, &h, 2);
+    for (int i = 0; i < 32; ++i) p[b * 34 + 2 + i] = static_cast<uint8_t>(static_cast<int8_t>(q(rng)));
+  }
+  return bytes;
+}
+
+TEST(StoredWeights, GgufIsExpandedAtUseToGgmlsValuesInTheComputeDtype) {
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    auto model = CreateModel("linear", R"({"dim": 64, "depth": 1})", dtype);
+    ASSERT_TRUE(model.ok()) << model.status();
+    at::Tensor bytes = Q8Blocks(64, 64, 3);
+    auto w = MakeStoredGguf("linear_blocks.0.weight", bytes, formats::GgmlType::kQ8_0, {64, 64});
+    ASSERT_TRUE(w.ok()) << w.status();
+    EXPECT_EQ(w->resident_bytes(), 64u * 64 / 32 * 34);  // stored, not widened
+    EXPECT_EQ(w->expanded_bytes(dtype), 64u * 64 * c10::elementSize(dtype));
+    WeightStore store{{"linear_blocks.0.weight", *w}};
+    auto t = StoredWeights(**model, store).Get("linear_blocks.0.weight");
+    ASSERT_TRUE(t.ok()) << t.status();
+    EXPECT_EQ(t->scalar_type(), dtype);
+    EXPECT_EQ(t->sizes(), (std::vector<int64_t>{64, 64}));
+    // ggml's values, rounded once with ggml's rounding.
+    const auto out = dtype == at::kFloat  ? formats::OutType::kF32
+                     : dtype == at::kHalf ? formats::OutType::kF16
+                                          : formats::OutType::kBF16;
+    at::Tensor want = at::empty({64, 64}, dtype);
+    ASSERT_TRUE(formats::DequantizeReference(
+                    formats::GgmlType::kQ8_0,
+                    {bytes.data_ptr<uint8_t>(), static_cast<size_t>(bytes.numel())}, 64 * 64, out,
+                    want.data_ptr())
+                    .ok());
+    EXPECT_TRUE(at::equal(*t, want));
+  }
+}
+
+TEST(StoredWeights, Fp8IsExpandedExactly) {
+  auto model = CreateModel("linear", R"({"dim": 2, "depth": 1})", at::kBFloat16);
+  ASSERT_TRUE(model.ok());
+  at::Tensor bytes = at::empty({2, 2}, at::kByte);
+  const uint8_t e4m3[] = {0x38, 0x40, 0xb8, 0x7e};  // 1, 2, -1, 448
+  std::memcpy(bytes.data_ptr(), e4m3, 4);
+  auto w = MakeStoredF8("linear_blocks.0.weight", bytes, /*e5m2=*/false);
+  ASSERT_TRUE(w.ok());
+  EXPECT_EQ(w->resident_bytes(), 4u);
+  WeightStore store{{"linear_blocks.0.weight", *w}};
+  auto t = StoredWeights(**model, store).Get("linear_blocks.0.weight");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->scalar_type(), at::kBFloat16);
+  at::Tensor f = t->to(at::kFloat);
+  EXPECT_EQ(f.data_ptr<float>()[0], 1.0f);
+  EXPECT_EQ(f.data_ptr<float>()[1], 2.0f);
+  EXPECT_EQ(f.data_ptr<float>()[2], -1.0f);
+  EXPECT_EQ(f.data_ptr<float>()[3], 448.0f);
+}
+
+TEST(StoredWeights, ABlockComputesBitIdenticallyOnStoredAndPreExpandedWeights) {
+  auto model = CreateModel("linear", R"({"dim": 64, "depth": 2})", at::kBFloat16);
+  ASSERT_TRUE(model.ok());
+  const Model& m = **model;
+  at::manual_seed(1);
+  WeightStore store;
+  TensorMap expanded;
+  for (int i = 0; i < 2; ++i) {
+    const std::string p = "linear_blocks." + std::to_string(i);
+    auto w = MakeStoredGguf(p + ".weight", Q8Blocks(64, 64, 10 + i), formats::GgmlType::kQ8_0,
+                            {64, 64});
+    ASSERT_TRUE(w.ok());
+    store[p + ".weight"] = *w;
+    auto bias = m.PrepareWeight(p + ".bias", at::randn({64}));
+    ASSERT_TRUE(bias.ok());
+    store[p + ".bias"] = StoredWeight{StoredWeight::Form::kResident, *bias, {}, {}};
+    expanded[p + ".bias"] = *bias;
+    auto e = StoredWeights::Expand(m, p + ".weight", store[p + ".weight"]);
+    ASSERT_TRUE(e.ok());
+    expanded[p + ".weight"] = *e;
+  }
+  TensorMap a{{"x", at::randn({8, 64}).to(at::kBFloat16)}};
+  TensorMap b = a;
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_TRUE(m.RunBlock(i, StoredWeights(m, store), a).ok());
+    ASSERT_TRUE(m.RunBlock(i, ResidentWeights(expanded), b).ok());
+  }
+  EXPECT_TRUE(at::equal(a.at("x"), b.at("x")));
+}
+
+TEST(StoredWeights, WrongBytesAndTypesAreRefusedNamingTheWeight) {
+  auto short_bytes = MakeStoredGguf("blocks.0.w", at::empty({33}, at::kByte),
+                                    formats::GgmlType::kQ8_0, {32});
+  ASSERT_FALSE(short_bytes.ok());
+  EXPECT_NE(short_bytes.status().message().find("blocks.0.w"), std::string::npos);
+  EXPECT_NE(short_bytes.status().message().find("needs 34"), std::string::npos)
+      << short_bytes.status();
+  auto partial = MakeStoredGguf("blocks.0.w", at::empty({34}, at::kByte),
+                                formats::GgmlType::kQ8_0, {31});
+  ASSERT_FALSE(partial.ok());
+  EXPECT_NE(partial.status().message().find("whole Q8_0 blocks"), std::string::npos)
+      << partial.status();
+  auto q8_1 = MakeStoredGguf("blocks.0.w", at::empty({36}, at::kByte), formats::GgmlType::kQ8_1,
+                             {32});
+  ASSERT_FALSE(q8_1.ok());
+  EXPECT_EQ(q8_1.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(q8_1.status().message().find("Q8_1"), std::string::npos) << q8_1.status();
+  auto model = CreateModel("linear", R"({"dim": 2, "depth": 1})", at::kFloat);
+  ASSERT_TRUE(model.ok());
+  WeightStore empty;
+  auto missing = StoredWeights(**model, empty).Get("linear_blocks.0.weight");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("linear_blocks.0.weight"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace fleet::models
