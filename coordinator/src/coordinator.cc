@@ -47,9 +47,11 @@ constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs s
 
 // Bytes a tensor takes once converted to the compute dtype (floating and block-quantised
 // tensors are converted).
-uint64_t ConvertedBytes(const formats::TensorInfo& t, const std::string& compute_dtype) {
-  static const std::set<std::string> kFloating = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"};
-  if (!kFloating.count(t.dtype) && !formats::IsBlockQuantised(t.dtype)) return t.nbytes;
+// Bytes a worker keeps of `t`: GGUF blocks and fp8 as stored (expanded at use), other floating
+// weights converted to the compute dtype.
+uint64_t ResidentBytes(const formats::TensorInfo& t, const std::string& compute_dtype) {
+  static const std::set<std::string> kConverted = {"F64", "F32", "F16", "BF16"};
+  if (!kConverted.count(t.dtype)) return t.nbytes;
   auto dt = protocol::ParseDType(compute_dtype);
   return static_cast<uint64_t>(t.numel()) * protocol::DTypeSize(*dt);
 }
@@ -329,9 +331,19 @@ struct Coordinator::Impl {
     FLEET_ASSIGN_OR_RETURN(p.compute_dtype, ComputeDtype(spec.dtype, *p.file));
     std::map<std::string, const formats::TensorInfo*> by_name;
     for (const auto& t : p.file->tensors()) by_name[t.name] = &t;
+    uint64_t largest_expanded = 0;  // scratch for the largest stored-form weight at use
+    const uint64_t compute_size = protocol::DTypeSize(*protocol::ParseDType(p.compute_dtype));
     for (const auto& u : p.layout.units) {
       placement::Unit unit{u.name, 0, u.pinned, "", false};
-      for (const auto& tn : u.tensors) unit.bytes += ConvertedBytes(*by_name.at(tn), p.compute_dtype);
+      for (const auto& tn : u.tensors) {
+        const formats::TensorInfo& t = *by_name.at(tn);
+        const uint64_t resident = ResidentBytes(t, p.compute_dtype);
+        unit.bytes += resident;
+        if (formats::IsBlockQuantised(t.dtype) || t.dtype == "F8_E4M3" || t.dtype == "F8_E5M2") {
+          largest_expanded =
+              std::max(largest_expanded, static_cast<uint64_t>(t.numel()) * compute_size);
+        }
+      }
       p.units.push_back(unit);
     }
     placement::MarkPinnedUnits(family, &p.units);  // says why each pinned unit is pinned
@@ -341,6 +353,7 @@ struct Coordinator::Impl {
         family->ActivationBytes(p.layout.config_json, SizesOf(*family, spec, p.compute_dtype));
     if (!activation.ok()) return activation.status().WithContext(spec.path);
     p.request.headroom.activation_bytes = *activation;
+    p.request.headroom.reserve_bytes = largest_expanded;
     return p;
   }
 

@@ -265,6 +265,12 @@ StatusOr<std::vector<HostTensor>> WorkerClient::ReadTensors(
     t.dtype = d->dtype();
     if (d->shape()) t.shape.assign(d->shape()->begin(), d->shape()->end());
     t.nbytes = d->nbytes();
+    if (d->quant() != nullptr && d->quant()->size() > 0) {
+      t.quant = d->quant()->str();
+      if (d->logical_shape()) {
+        t.logical_shape.assign(d->logical_shape()->begin(), d->logical_shape()->end());
+      }
+    }
     switch (d->payload()) {
       case wire::PayloadKind::None:
         break;

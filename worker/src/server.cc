@@ -17,6 +17,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "compute_thread.h"
 #include "fleet/config/bytes.h"
 #include "fleet/device/device.h"
 #include "fleet/formats/dequant.h"
@@ -24,12 +25,12 @@
 #include "fleet/log/log.h"
 #include "fleet/metrics/metrics.h"
 #include "fleet/models/model.h"
+#include "fleet/models/stored_weights.h"
 #include "fleet/protocol/protocol.h"
 #include "fleet/transport/bulk.h"
 #include "fleet/transport/curve.h"
 #include "fleet/transport/shm_arena.h"
 #include "fleet/worker/client.h"
-#include "compute_thread.h"
 #include "torch_tensors.h"
 
 namespace fleet::worker {
@@ -72,14 +73,6 @@ Status CheckName(const std::string& value, const char* what) {
   return Status::OK();
 }
 
-// Resolves a client-given model path inside one of the roots: relative, no "..", and the real
-// path (after symlinks) still inside the root.
-formats::OutType DequantOut(wire::DType dtype) {
-  return dtype == wire::DType::BF16  ? formats::OutType::kBF16
-         : dtype == wire::DType::F16 ? formats::OutType::kF16
-                                     : formats::OutType::kF32;
-}
-
 // A file tensor whose bytes are GGUF blocks: a type we dequantise, into F32/F16/BF16, a whole
 // number of blocks (not per row: ComfyUI-GGUF's orig_shape gives some tensors a logical shape
 // other than the stored rows), and exactly the bytes those blocks take.
@@ -107,6 +100,65 @@ Status CheckQuantised(const wire::FileTensor& t, std::span<const int64_t> shape)
   return Status::OK();
 }
 
+// A weight read from a file as the worker keeps it: GGUF blocks and fp8 bytes as stored
+// (expanded at use), other floating weights prepared in the compute dtype.
+StatusOr<models::StoredWeight> StoreWeight(const models::Model& model, const std::string& name,
+                                           const at::Tensor& bytes, wire::DType dtype,
+                                           const std::string& quant, std::vector<int64_t> shape) {
+  if (!quant.empty()) {
+    return models::MakeStoredGguf(name, bytes, formats::GgmlTypeByName(quant)->type,
+                                  std::move(shape));
+  }
+  if (dtype == wire::DType::F8E4M3 || dtype == wire::DType::F8E5M2) {
+    return models::MakeStoredF8(name, bytes, dtype == wire::DType::F8E5M2);
+  }
+  FLEET_ASSIGN_OR_RETURN(at::Tensor prepared, model.PrepareWeight(name, bytes));
+  return models::StoredWeight{models::StoredWeight::Form::kResident, std::move(prepared), {}, {}};
+}
+
+// The descriptor of a weight as this worker keeps it, for a peer that streams it: GGUF blocks
+// as U8 bytes with their type and logical shape, fp8 bytes under their fp8 dtype.
+flatbuffers::Offset<wire::TensorDesc> WeightDesc(flatbuffers::FlatBufferBuilder& fbb,
+                                                 const std::string& name,
+                                                 const models::StoredWeight& w,
+                                                 wire::PayloadKind payload, uint32_t frame,
+                                                 uint64_t offset) {
+  using Form = models::StoredWeight::Form;
+  wire::DType dtype = internal::FromScalarType(w.data.scalar_type());
+  if (w.form == Form::kF8E4M3) dtype = wire::DType::F8E4M3;
+  if (w.form == Form::kF8E5M2) dtype = wire::DType::F8E5M2;
+  flatbuffers::Offset<flatbuffers::String> quant;
+  flatbuffers::Offset<flatbuffers::Vector<int64_t>> logical;
+  if (w.form == Form::kGguf) {
+    quant = fbb.CreateString(
+        std::string(formats::GgmlTypeInfo(static_cast<uint32_t>(w.gguf_type))->name));
+    logical = fbb.CreateVector(w.shape);
+  }
+  return wire::CreateTensorDesc(
+      fbb, fbb.CreateString(name), dtype, fbb.CreateVector(internal::ShapeOf(w.data)),
+      internal::TensorBytes(w.data), payload, frame, offset, 0, quant, logical);
+}
+
+// A weight fetched from a donor, as the donor keeps it (HandleFetchWeights): GGUF blocks
+// (TensorDesc.quant), fp8 bytes, or prepared. The sizes are checked again here.
+StatusOr<models::StoredWeight> ReceivedWeight(const HostTensor& t) {
+  if (!t.quant.empty()) {
+    auto traits = formats::GgmlTypeByName(t.quant);
+    if (!traits)
+      return InvalidArgumentError("weight '" + t.name + "': unknown GGUF type '" + t.quant + "'");
+    at::Tensor bytes =
+        internal::WrapBytes(t.data, wire::DType::U8, {static_cast<int64_t>(t.nbytes)}, t.owner);
+    return models::MakeStoredGguf(t.name, bytes, traits->type, t.logical_shape);
+  }
+  at::Tensor data = internal::WrapBytes(t.data, t.dtype, t.shape, t.owner);
+  if (t.dtype == wire::DType::F8E4M3 || t.dtype == wire::DType::F8E5M2) {
+    return models::MakeStoredF8(t.name, data, t.dtype == wire::DType::F8E5M2);
+  }
+  return models::StoredWeight{models::StoredWeight::Form::kResident, std::move(data), {}, {}};
+}
+
+// Resolves a client-given model path inside one of the roots: relative, no "..", and the real
+// path (after symlinks) still inside the root.
 StatusOr<std::string> ResolveModelPath(const std::vector<std::string>& roots,
                                        const std::string& path) {
   if (roots.empty()) {
@@ -145,7 +197,7 @@ StatusOr<std::string> ResolveModelPath(const std::vector<std::string>& roots,
 
 struct WorkerServer::Impl {
   struct Block {
-    models::TensorMap weights;
+    models::WeightStore weights;  // GGUF and fp8 as stored, the rest prepared
     std::map<std::string, uint64_t, std::less<>> arena_offsets;  // tensors in the shm arena
     uint64_t bytes = 0;
     int pins = 0;  // leases + running computations
@@ -334,9 +386,9 @@ struct WorkerServer::Impl {
   StatusOr<std::vector<std::pair<std::string, at::Tensor>>> ReadInbound(
       Task& task, const flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>* descs,
       const char* what);
-  // Prepares one stored weight and places it (in the arena on CPU backing when it fits).
-  Status PlaceWeight(const models::Model& model, const std::string& name, const at::Tensor& stored,
-                     Block& block);
+  // Places one weight (in the arena on CPU backing when it fits, on the GPU on CUDA backing).
+  // Resident weights come prepared (Model::PrepareWeight); stored forms keep their bytes.
+  Status PlaceWeight(const std::string& name, models::StoredWeight weight, Block& block);
 
   StatusOr<std::shared_ptr<models::Model>> GetOrCreateModelLocked(const wire::LoadBlockRequest& r);
 
@@ -655,35 +707,31 @@ StatusOr<std::vector<std::pair<std::string, at::Tensor>>> WorkerServer::Impl::Re
   return out;
 }
 
-Status WorkerServer::Impl::PlaceWeight(const models::Model& model, const std::string& name,
-                                       const at::Tensor& stored, Block& block) {
-  FLEET_ASSIGN_OR_RETURN(at::Tensor prepared, model.PrepareWeight(name, stored));
-  prepared = prepared.contiguous();
-  const uint64_t bytes = internal::TensorBytes(prepared);
+Status WorkerServer::Impl::PlaceWeight(const std::string& name, models::StoredWeight weight,
+                                       Block& block) {
+  at::Tensor data = weight.data.contiguous();
+  const uint64_t bytes = internal::TensorBytes(data);
   if (device.is_cuda()) {
-    prepared = prepared.to(device);
-  } else if (arena != nullptr && arena->Contains(prepared.data_ptr(), bytes) &&
-             static_cast<uint8_t*>(prepared.data_ptr()) >= arena->base() + arena->staging_bytes()) {
-    // Read straight into the arena and PrepareWeight kept it: nothing to copy.
-    block.arena_offsets[name] = static_cast<uint8_t*>(prepared.data_ptr()) - arena->base();
+    data = data.to(device);
+  } else if (arena != nullptr && arena->Contains(data.data_ptr(), bytes) &&
+             static_cast<uint8_t*>(data.data_ptr()) >= arena->base() + arena->staging_bytes()) {
+    // Read straight into the arena and kept as read (or prepared in place): nothing to copy.
+    block.arena_offsets[name] = static_cast<uint8_t*>(data.data_ptr()) - arena->base();
   } else if (arena != nullptr && bytes > 0) {
     auto dest = arena->Allocate(transport::ArenaRange::kWeights, bytes);
     if (dest.ok()) {
       std::shared_ptr<transport::ArenaBlock> shared = std::move(*dest);
-      std::memcpy(shared->data(), prepared.data_ptr(), bytes);
+      std::memcpy(shared->data(), data.data_ptr(), bytes);
       block.arena_offsets[name] = shared->offset();
-      prepared =
-          internal::WrapBytes(shared->data(), internal::FromScalarType(prepared.scalar_type()),
-                              internal::ShapeOf(prepared), shared);
+      data = internal::WrapBytes(shared->data(), internal::FromScalarType(data.scalar_type()),
+                                 internal::ShapeOf(data), shared);
     } else {
       FLEET_VLOG(1, "worker") << "weight '" << name << "' stays in the heap: " << dest.status();
-      if (prepared.data_ptr() == stored.data_ptr()) prepared = prepared.clone();
     }
-  } else if (prepared.data_ptr() == stored.data_ptr()) {
-    prepared = prepared.clone();  // do not pin the request's frames
   }
   block.bytes += bytes;
-  block.weights[name] = std::move(prepared);
+  weight.data = std::move(data);
+  block.weights[name] = std::move(weight);
   return Status::OK();
 }
 
@@ -750,9 +798,9 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
   const size_t compute_size = protocol::DTypeSize(r.compute_dtype());
   auto prepared_size = [&](wire::DType dtype, uint64_t nbytes) -> uint64_t {
     const size_t size = protocol::DTypeSize(dtype);
+    // fp8 stays as stored (expanded at use); other floating weights take the compute dtype.
     const bool floating = dtype == wire::DType::F32 || dtype == wire::DType::F16 ||
-                          dtype == wire::DType::BF16 || dtype == wire::DType::F64 ||
-                          dtype == wire::DType::F8E4M3 || dtype == wire::DType::F8E5M2;
+                          dtype == wire::DType::BF16 || dtype == wire::DType::F64;
     if (!floating || size == 0 || compute_size == 0) return nbytes;
     return std::max(nbytes, nbytes / size * compute_size);
   };
@@ -783,7 +831,7 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
       if (t->quant() != nullptr && t->quant()->size() > 0) {
         Status q = CheckQuantised(*t, shape);
         if (!q.ok()) return fail(q.WithContext(what + ": tensor '" + tname + "'"));
-        estimate += *need;  // held dequantised
+        estimate += t->nbytes();  // held as stored, expanded at use
         continue;
       }
       if (*need != t->nbytes()) {
@@ -857,28 +905,30 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
             std::to_string(t->offset()) + ", " + std::to_string(t->offset() + t->nbytes()) +
             ") end past the file (" + std::to_string(file_size) + " bytes)"));
       }
-      // Read straight into the arena's weights range when we can, else into the heap. Block-
-      // quantised bytes are read aside and dequantised into it.
+      // Read straight into the arena's weights range when we can, else into the heap. GGUF
+      // blocks are kept as bytes (shape [nbytes]) and expanded at use.
       const std::string quant = Str(t->quant());
       std::vector<int64_t> shape;
       if (t->shape()) shape.assign(t->shape()->begin(), t->shape()->end());
-      const uint64_t held_bytes = quant.empty() ? t->nbytes() : *protocol::TensorBytes(t->dtype(), shape);
+      const wire::DType held_dtype = quant.empty() ? t->dtype() : wire::DType::U8;
+      const std::vector<int64_t> held_shape =
+          quant.empty() ? shape : std::vector<int64_t>{static_cast<int64_t>(t->nbytes())};
       std::shared_ptr<transport::ArenaBlock> dest;
-      if (arena != nullptr && !device.is_cuda() && held_bytes > 0) {
-        auto a = arena->Allocate(transport::ArenaRange::kWeights, held_bytes);
+      if (arena != nullptr && !device.is_cuda() && t->nbytes() > 0) {
+        auto a = arena->Allocate(transport::ArenaRange::kWeights, t->nbytes());
         if (a.ok()) dest = std::move(*a);
       }
       at::Tensor stored;
       uint8_t* p;
       if (dest) {
         p = dest->data();
-        stored = internal::WrapBytes(p, t->dtype(), shape, dest);
+        stored = internal::WrapBytes(p, held_dtype, held_shape, dest);
       } else {
-        stored = at::empty(shape, at::TensorOptions().dtype(internal::ToScalarType(t->dtype())));
+        stored =
+            at::empty(held_shape, at::TensorOptions().dtype(internal::ToScalarType(held_dtype)));
         p = static_cast<uint8_t*>(stored.data_ptr());
       }
-      std::vector<uint8_t> quantised(quant.empty() ? 0 : t->nbytes());
-      uint8_t* read_to = quant.empty() ? p : quantised.data();
+      uint8_t* read_to = p;
       uint64_t done = 0;
       while (done < t->nbytes()) {
         const ssize_t n = pread(fd, read_to + done, t->nbytes() - done,
@@ -899,13 +949,10 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
                                     " (file changed or corrupt)"));
         }
       }
-      if (!quant.empty()) {
-        Status d = formats::Dequantize(formats::GgmlTypeByName(quant)->type, quantised,
-                                       stored.numel(), DequantOut(t->dtype()), p);
-        if (!d.ok()) return fail(d.WithContext(what + ": tensor '" + tname + "'"));
-      }
       stored_bytes += t->nbytes();
-      Status placed = PlaceWeight(*model, tname, stored, block);
+      auto weight = StoreWeight(*model, tname, stored, t->dtype(), quant, shape);
+      if (!weight.ok()) return fail(weight.status().WithContext(what));
+      Status placed = PlaceWeight(tname, std::move(*weight), block);
       if (!placed.ok()) return fail(placed.WithContext(what));
     }
   } else {
@@ -915,7 +962,13 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
       return fail(InvalidArgumentError("LoadBlock of " + what + " carries no tensors"));
     for (auto& [name, stored] : *inbound) {
       stored_bytes += internal::TensorBytes(stored);
-      Status placed = PlaceWeight(*model, name, stored, block);
+      auto prepared = model->PrepareWeight(name, stored);
+      if (!prepared.ok()) return fail(prepared.status().WithContext(what));
+      at::Tensor resident = *prepared;
+      if (resident.data_ptr() == stored.data_ptr()) resident = resident.clone();  // not the frames
+      Status placed = PlaceWeight(
+          name, models::StoredWeight{models::StoredWeight::Form::kResident, resident, {}, {}},
+          block);
       if (!placed.ok()) return fail(placed.WithContext(what));
     }
     m->transfer_bytes.Add({{"src", Src(task.conn)}, {"dst", config.id}, {"kind", "weights"}})
@@ -1217,7 +1270,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   // Prefetch thread: pulls the weights of the next `depth` streamed blocks while we compute.
   struct Fetched {
     Status status;
-    models::TensorMap weights;
+    models::WeightStore weights;
     uint64_t lease = 0;
     uint64_t bytes = 0;
     std::shared_ptr<WorkerClient> donor;
@@ -1256,9 +1309,14 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
           f.lease = w->lease;
           f.bytes = w->bytes;
           for (auto& t : w->tensors) {
-            at::Tensor wt = internal::WrapBytes(t.data, t.dtype, t.shape, t.owner);
-            if (device.is_cuda()) wt = wt.to(device);
-            f.weights[t.name] = std::move(wt);
+            auto weight = ReceivedWeight(t);
+            if (!weight.ok()) {
+              f.status =
+                  weight.status().WithContext("block '" + step.block + "' from " + step.donor);
+              break;
+            }
+            if (device.is_cuda()) weight->data = weight->data.to(device);
+            f.weights[t.name] = std::move(*weight);
           }
           const std::string src =
               f.donor->peer().device.empty() ? step.donor : f.donor->peer().device;
@@ -1301,7 +1359,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   RunBlocksResult result;
   Status status;
   for (const auto& step : steps) {
-    models::TensorMap weights;
+    models::WeightStore weights;
     Fetched fetched;
     if (step.donor.empty()) {
       std::lock_guard<std::mutex> lock(mu);
@@ -1324,7 +1382,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       weights = std::move(fetched.weights);
     }
     const auto t0 = Clock::now();
-    status = model->RunBlock(step.index, fleet::models::ResidentWeights(weights), state);
+    status = model->RunBlock(step.index, models::StoredWeights(*model, weights), state);
     const double dt = Seconds(Clock::now() - t0);
     weights.clear();
     if (!step.donor.empty()) release(fetched);
@@ -1434,17 +1492,27 @@ Status WorkerServer::Impl::HandleFetchWeights(Task& task, const wire::FetchWeigh
       leases[lease] = {model_name, block_name, Clock::now()};
       ++block.pins;
       std::vector<flatbuffers::Offset<wire::TensorDesc>> v;
-      for (const auto& [name, t] : block.weights) {
-        v.push_back(wire::CreateTensorDesc(
-            fbb, fbb.CreateString(name), internal::FromScalarType(t.scalar_type()),
-            fbb.CreateVector(internal::ShapeOf(t)), internal::TensorBytes(t),
-            wire::PayloadKind::ShmDonor, 0, block.arena_offsets.at(name)));
+      for (const auto& [name, w] : block.weights) {
+        v.push_back(
+            WeightDesc(fbb, name, w, wire::PayloadKind::ShmDonor, 0, block.arena_offsets.at(name)));
       }
       descs = fbb.CreateVector(v);
     } else {
-      std::vector<std::pair<std::string, at::Tensor>> tensors(block.weights.begin(),
-                                                              block.weights.end());
-      descs = FrameTensors(fbb, tensors, data);
+      std::vector<flatbuffers::Offset<wire::TensorDesc>> v;
+      for (const auto& [name, w] : block.weights) {
+        at::Tensor t = w.data.to(at::kCPU).contiguous();
+        const uint64_t bytes = internal::TensorBytes(t);
+        uint32_t frame = 0;
+        if (bytes > 0) {
+          data.push_back(
+              transport::ZeroCopyMessage(t.data_ptr(), bytes, std::make_shared<at::Tensor>(t)));
+          frame = static_cast<uint32_t>(data.size());
+        }
+        v.push_back(WeightDesc(fbb, name, w,
+                               bytes > 0 ? wire::PayloadKind::Frame : wire::PayloadKind::None,
+                               frame, 0));
+      }
+      descs = fbb.CreateVector(v);
     }
   }
   auto body = wire::CreateTensorsResponse(fbb, descs, lease);

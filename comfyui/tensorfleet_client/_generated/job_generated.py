@@ -367,7 +367,41 @@ class TensorDesc(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
-def TensorDescStart(builder): builder.StartObject(8)
+    # TensorDesc
+    def Quant(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # TensorDesc
+    def LogicalShape(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 8))
+        return 0
+
+    # TensorDesc
+    def LogicalShapeAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Int64Flags, o)
+        return 0
+
+    # TensorDesc
+    def LogicalShapeLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # TensorDesc
+    def LogicalShapeIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        return o == 0
+
+def TensorDescStart(builder): builder.StartObject(10)
 def TensorDescAddName(builder, name): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(name), 0)
 def TensorDescAddDtype(builder, dtype): builder.PrependUint8Slot(1, dtype, 0)
 def TensorDescAddShape(builder, shape): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(shape), 0)
@@ -377,6 +411,9 @@ def TensorDescAddPayload(builder, payload): builder.PrependUint8Slot(4, payload,
 def TensorDescAddFrame(builder, frame): builder.PrependUint32Slot(5, frame, 0)
 def TensorDescAddOffset(builder, offset): builder.PrependUint64Slot(6, offset, 0)
 def TensorDescAddReservation(builder, reservation): builder.PrependUint64Slot(7, reservation, 0)
+def TensorDescAddQuant(builder, quant): builder.PrependUOffsetTRelativeSlot(8, flatbuffers.number_types.UOffsetTFlags.py_type(quant), 0)
+def TensorDescAddLogicalShape(builder, logicalShape): builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(logicalShape), 0)
+def TensorDescStartLogicalShapeVector(builder, numElems): return builder.StartVector(8, numElems, 8)
 def TensorDescEnd(builder): return builder.EndObject()
 
 

@@ -35,8 +35,8 @@ StatusOr<at::Tensor> ExpandGguf(std::string_view name, const StoredWeight& w,
   at::Tensor t = at::empty(w.shape, at::TensorOptions().dtype(produced));
   std::span<const uint8_t> src(static_cast<const uint8_t*>(bytes.data_ptr()),
                                static_cast<size_t>(bytes.numel()));
-  FLEET_RETURN_IF_ERROR(formats::Dequantize(w.gguf_type, src, t.numel(), out, t.data_ptr())
-                            .WithContext(Where(name)));
+  FLEET_RETURN_IF_ERROR(
+      formats::Dequantize(w.gguf_type, src, t.numel(), out, t.data_ptr()).WithContext(Where(name)));
   if (produced != compute) t = t.to(compute);
   return w.data.is_cpu() ? t : t.to(w.data.device());
 }
@@ -56,9 +56,10 @@ StatusOr<StoredWeight> MakeStoredGguf(std::string_view name, at::Tensor bytes,
                                       formats::GgmlType type, std::vector<int64_t> shape) {
   auto traits = formats::GgmlTypeInfo(static_cast<uint32_t>(type));
   if (!traits || !traits->dequantizable) {
-    return UnimplementedError(Where(name) + ": GGUF type " +
-                              (traits ? std::string(traits->name) : "#" + std::to_string(static_cast<uint32_t>(type))) +
-                              " cannot be expanded by this build");
+    return UnimplementedError(
+        Where(name) + ": GGUF type " +
+        (traits ? std::string(traits->name) : "#" + std::to_string(static_cast<uint32_t>(type))) +
+        " cannot be expanded by this build");
   }
   for (int64_t d : shape) {
     if (d < 0) return InvalidArgumentError(Where(name) + ": negative dimension");
@@ -102,9 +103,9 @@ StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view 
         const auto format = w.form == StoredWeight::Form::kF8E5M2 ? tensor::F8Format::kE5M2
                                                                   : tensor::F8Format::kE4M3;
         // Exact in f32 (on the CPU); PrepareWeight rounds once to the compute dtype.
-        FLEET_ASSIGN_OR_RETURN(at::Tensor wide,
-                               tensor::UpcastF8(w.data.is_cpu() ? w.data : w.data.cpu(), format,
-                                                at::kFloat));
+        FLEET_ASSIGN_OR_RETURN(
+            at::Tensor wide,
+            tensor::UpcastF8(w.data.is_cpu() ? w.data : w.data.cpu(), format, at::kFloat));
         if (!w.data.is_cpu()) wide = wide.to(w.data.device());
         return model.PrepareWeight(name, wide);
       }

@@ -217,8 +217,16 @@ TEST_F(CoordinatorIntegration, GgufModelIsDequantisedByTheWorkersBitIdenticalToR
     spec.path = "tiny.gguf";
     auto info = client->LoadModel("gguf", spec);
     ASSERT_TRUE(info.ok()) << ExecModeName(mode) << ": " << info.status();
+    // Resident as stored: Q8_0 blocks (34 bytes per 32 values) are not widened to bf16 (64
+    // bytes), so the cluster holds no more than the file (whose f32 vectors become bf16).
+    const uint64_t file_bytes = fs::file_size(gguf);
+    EXPECT_LE(info->bytes_total, file_bytes) << ExecModeName(mode);
     auto result = client->Forward("gguf", inputs);
     ASSERT_TRUE(result.ok()) << ExecModeName(mode) << ": " << result.status();
+    if (mode == ExecMode::kStream) {  // streaming moves the stored bytes
+      EXPECT_GT(result->weight_bytes, 0u);
+      EXPECT_LE(result->weight_bytes, file_bytes);
+    }
     const HostTensor* out = Find(result->outputs, "out");
     ASSERT_NE(out, nullptr);
     EXPECT_TRUE(SameBytes(*out, *ref)) << "mode " << ExecModeName(mode) << " differs from run-local";

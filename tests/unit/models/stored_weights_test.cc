@@ -28,7 +28,8 @@ at::Tensor Q8Blocks(int64_t rows, int64_t cols, uint32_t seed) {
     const float scale = b == 0 ? 0.0f : b == 1 ? 900.0f : 0.01f * static_cast<float>(1 + b % 7);
     uint16_t h = formats::Fp32ToFp16(scale);
     std::memcpy(p + b * 34, &h, 2);
-    for (int i = 0; i < 32; ++i) p[b * 34 + 2 + i] = static_cast<uint8_t>(static_cast<int8_t>(q(rng)));
+    for (int i = 0; i < 32; ++i)
+      p[b * 34 + 2 + i] = static_cast<uint8_t>(static_cast<int8_t>(q(rng)));
   }
   return bytes;
 }
@@ -90,8 +91,8 @@ TEST(StoredWeights, ABlockComputesBitIdenticallyOnStoredAndPreExpandedWeights) {
   TensorMap expanded;
   for (int i = 0; i < 2; ++i) {
     const std::string p = "linear_blocks." + std::to_string(i);
-    auto w = MakeStoredGguf(p + ".weight", Q8Blocks(64, 64, 10 + i), formats::GgmlType::kQ8_0,
-                            {64, 64});
+    auto w =
+        MakeStoredGguf(p + ".weight", Q8Blocks(64, 64, 10 + i), formats::GgmlType::kQ8_0, {64, 64});
     ASSERT_TRUE(w.ok());
     store[p + ".weight"] = *w;
     auto bias = m.PrepareWeight(p + ".bias", at::randn({64}));
@@ -112,19 +113,19 @@ TEST(StoredWeights, ABlockComputesBitIdenticallyOnStoredAndPreExpandedWeights) {
 }
 
 TEST(StoredWeights, WrongBytesAndTypesAreRefusedNamingTheWeight) {
-  auto short_bytes = MakeStoredGguf("blocks.0.w", at::empty({33}, at::kByte),
-                                    formats::GgmlType::kQ8_0, {32});
+  auto short_bytes =
+      MakeStoredGguf("blocks.0.w", at::empty({33}, at::kByte), formats::GgmlType::kQ8_0, {32});
   ASSERT_FALSE(short_bytes.ok());
   EXPECT_NE(short_bytes.status().message().find("blocks.0.w"), std::string::npos);
   EXPECT_NE(short_bytes.status().message().find("needs 34"), std::string::npos)
       << short_bytes.status();
-  auto partial = MakeStoredGguf("blocks.0.w", at::empty({34}, at::kByte),
-                                formats::GgmlType::kQ8_0, {31});
+  auto partial =
+      MakeStoredGguf("blocks.0.w", at::empty({34}, at::kByte), formats::GgmlType::kQ8_0, {31});
   ASSERT_FALSE(partial.ok());
   EXPECT_NE(partial.status().message().find("whole Q8_0 blocks"), std::string::npos)
       << partial.status();
-  auto q8_1 = MakeStoredGguf("blocks.0.w", at::empty({36}, at::kByte), formats::GgmlType::kQ8_1,
-                             {32});
+  auto q8_1 =
+      MakeStoredGguf("blocks.0.w", at::empty({36}, at::kByte), formats::GgmlType::kQ8_1, {32});
   ASSERT_FALSE(q8_1.ok());
   EXPECT_EQ(q8_1.status().code(), StatusCode::kUnimplemented);
   EXPECT_NE(q8_1.status().message().find("Q8_1"), std::string::npos) << q8_1.status();

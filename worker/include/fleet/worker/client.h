@@ -39,6 +39,8 @@ struct HostTensor {
   const uint8_t* data = nullptr;
   uint64_t nbytes = 0;
   std::shared_ptr<const void> owner;
+  std::string quant;                   // a stored GGUF weight: its ggml type (TensorDesc.quant)
+  std::vector<int64_t> logical_shape;  // ... and the shape it expands to
 
   /// A tensor owning a copy of `bytes`.
   static HostTensor Copy(std::string name, wire::DType dtype, std::vector<int64_t> shape,
