@@ -38,6 +38,7 @@ import urllib.request
 from .tensorfleet_client import (DEFAULT_ADDRESS, CancelledError, Client, InvalidArgumentError,
                                  ModelSpec, TensorfleetError)
 from . import tensorfleet_model
+from .tensorfleet_client import wire
 from . import tensorfleet_plan_image
 
 log = logging.getLogger("tensorfleet")
@@ -185,7 +186,7 @@ def _local_path(unet_name):
         return None
 
 
-WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]  # ComfyUI UNETLoader
+WEIGHT_DTYPES = list(wire.WEIGHT_DTYPES)  # ComfyUI UNETLoader's
 GGUF_DTYPES = ["default", "target", "float32", "float16", "bfloat16"]  # ComfyUI-GGUF Advanced
 
 
@@ -243,14 +244,14 @@ def _extra_inputs(compute_dtype=True):
 
 def _spec(unet_name, compute_dtype="default", compute_device="cuda:0", virtual_vram_gb=4.0,
           donor_device="cpu", expert_mode_allocations="", eject_models=True, keep_loaded=True,
-          mode="auto", width=0, height=0, frames=0, batch=0):
+          mode="auto", width=0, height=0, frames=0, batch=0, weight_dtype="default"):
     """The loader inputs (upstream's names and defaults, then ours) as a wire ModelSpec."""
     return ModelSpec(path=unet_name, compute_device=compute_device,
                      virtual_vram_gb=float(virtual_vram_gb), donor_device=donor_device,
                      expert_mode_allocations=expert_mode_allocations.strip(),
                      eject_models=bool(eject_models), keep_loaded=bool(keep_loaded), mode=mode,
                      dtype=compute_dtype, width=int(width), height=int(height),
-                     frames=int(frames), batch=int(batch))
+                     frames=int(frames), batch=int(batch), weight_dtype=weight_dtype)
 
 
 def _explain(e, what, unet_name, address):
@@ -329,10 +330,7 @@ class UNETLoaderTensorfleet:
         return _validate_device_inputs(compute_device, donor_device)
 
     def load_unet(self, unet_name, weight_dtype="default", **inputs):
-        if weight_dtype != "default":
-            log.warning("tensorfleet: weight_dtype %s is not applied yet: the cluster keeps the "
-                        "stored dtype of %s", weight_dtype, unet_name)
-        return _load(unet_name, **inputs)
+        return _load(unet_name, weight_dtype=weight_dtype, **inputs)
 
 
 class UnetLoaderGGUFTensorfleet:

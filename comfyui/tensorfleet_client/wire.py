@@ -53,6 +53,8 @@ class ModelSpec:
     height: int = 0
     frames: int = 0
     batch: int = 0
+    # ComfyUI's weight_dtype: default (as stored), fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2.
+    weight_dtype: str = "default"
 
 
 @dataclass
@@ -152,14 +154,20 @@ def hello_request(request_id, peer_name="fleet-client", max_message_bytes=1 << 4
     return _finish(b, request_id, g.JobRequestBody.Hello, g.HelloEnd(b))
 
 
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")  # ComfyUI's UNETLoader
+
+
 def _spec(b, spec):
     if spec.mode not in _MODES:
         raise InvalidArgumentError("mode '%s' is not one of %s" % (spec.mode, ", ".join(_MODES)))
     if spec.dtype not in _DTYPES:
         raise InvalidArgumentError("dtype '%s' is not one of default, float32, bfloat16, float16"
                                    % spec.dtype)
+    if spec.weight_dtype not in WEIGHT_DTYPES:
+        raise InvalidArgumentError("weight_dtype '%s' is not one of %s"
+                                   % (spec.weight_dtype, ", ".join(WEIGHT_DTYPES)))
     strings = [b.CreateString(s) for s in (spec.path, spec.compute_device, spec.donor_device,
-                                           spec.expert_mode_allocations)]
+                                           spec.expert_mode_allocations, spec.weight_dtype)]
     g.ModelSpecStart(b)
     g.ModelSpecAddPath(b, strings[0])
     g.ModelSpecAddComputeDevice(b, strings[1])
@@ -177,6 +185,7 @@ def _spec(b, spec):
         if not 0 <= value < 2 ** 32:
             raise InvalidArgumentError("%s %d is not a size" % (name, value))
         getattr(g, "ModelSpecAdd" + name.capitalize())(b, value)
+    g.ModelSpecAddWeightDtype(b, strings[4])
     return g.ModelSpecEnd(b)
 
 

@@ -108,10 +108,9 @@ class ConvertError(ValueError):
 def _notes(target, values):
     """What behaves differently from upstream for these input values."""
     notes = []
-    wd = values.get("weight_dtype", "default")
-    if wd != "default":
-        notes.append("weight_dtype %s is not applied yet: the cluster keeps the file's stored "
-                     "dtype (more memory than upstream; the plan says if it does not fit)" % wd)
+    if values.get("weight_dtype") == "fp8_e4m3fn_fast":
+        notes.append("weight_dtype fp8_e4m3fn_fast behaves as fp8_e4m3fn: the weights are kept "
+                     "as fp8 and expanded for the matmul (no fp8 matmul here)")
     if values.get("patch_dtype", "default") != "default" or values.get("patch_on_device"):
         notes.append("patch_dtype/patch_on_device have no effect: LoRA patches are refused on "
                      "Tensorfleet models for now")

@@ -130,6 +130,8 @@ StatusOr<ModelSpec> ReadSpec(Get get) {
   FLEET_RETURN_IF_ERROR(size("height", &spec.height));
   FLEET_RETURN_IF_ERROR(size("frames", &spec.frames));
   FLEET_RETURN_IF_ERROR(size("batch", &spec.batch));
+  spec.weight_dtype = get("weight_dtype").value_or("");
+  FLEET_RETURN_IF_ERROR(ParseWeightDtype(spec.weight_dtype).status());
   return spec;
 }
 

@@ -47,11 +47,12 @@ constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs s
 
 // Bytes a tensor takes once converted to the compute dtype (floating and block-quantised
 // tensors are converted).
-// Bytes a worker keeps of `t`: GGUF blocks and fp8 as stored (expanded at use), other floating
-// weights converted to the compute dtype.
-uint64_t ResidentBytes(const formats::TensorInfo& t, const std::string& compute_dtype) {
+// Bytes a worker keeps of `t`: GGUF blocks and fp8 as stored (expanded at use), F32/F16/BF16
+// as fp8 when the weight dtype says so, other floating weights in the compute dtype.
+uint64_t ResidentBytes(const formats::TensorInfo& t, const std::string& compute_dtype, bool fp8) {
   static const std::set<std::string> kConverted = {"F64", "F32", "F16", "BF16"};
   if (!kConverted.count(t.dtype)) return t.nbytes;
+  if (fp8 && t.dtype != "F64") return static_cast<uint64_t>(t.numel());
   auto dt = protocol::ParseDType(compute_dtype);
   return static_cast<uint64_t>(t.numel()) * protocol::DTypeSize(*dt);
 }
@@ -118,6 +119,14 @@ StatusOr<WorkerRecord> ProbeWorker(const std::string& endpoint, const transport:
 }
 
 }  // namespace
+
+StatusOr<wire::DType> ParseWeightDtype(std::string_view name) {
+  if (name.empty() || name == "default") return wire::DType::Invalid;
+  if (name == "fp8_e4m3fn" || name == "fp8_e4m3fn_fast") return wire::DType::F8E4M3;
+  if (name == "fp8_e5m2") return wire::DType::F8E5M2;
+  return InvalidArgumentError("weight_dtype '" + std::string(name) +
+                              "' is not one of default, fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2");
+}
 
 struct LoadedModel {
   // Immutable after the load started.
@@ -331,15 +340,18 @@ struct Coordinator::Impl {
     FLEET_ASSIGN_OR_RETURN(p.compute_dtype, ComputeDtype(spec.dtype, *p.file));
     std::map<std::string, const formats::TensorInfo*> by_name;
     for (const auto& t : p.file->tensors()) by_name[t.name] = &t;
+    FLEET_ASSIGN_OR_RETURN(wire::DType weight_dtype, ParseWeightDtype(spec.weight_dtype));
+    const bool fp8 = weight_dtype != wire::DType::Invalid;
     uint64_t largest_expanded = 0;  // scratch for the largest stored-form weight at use
     const uint64_t compute_size = protocol::DTypeSize(*protocol::ParseDType(p.compute_dtype));
     for (const auto& u : p.layout.units) {
       placement::Unit unit{u.name, 0, u.pinned, "", false};
       for (const auto& tn : u.tensors) {
         const formats::TensorInfo& t = *by_name.at(tn);
-        const uint64_t resident = ResidentBytes(t, p.compute_dtype);
+        const uint64_t resident = ResidentBytes(t, p.compute_dtype, fp8);
         unit.bytes += resident;
-        if (formats::IsBlockQuantised(t.dtype) || t.dtype == "F8_E4M3" || t.dtype == "F8_E5M2") {
+        if (formats::IsBlockQuantised(t.dtype) || t.dtype == "F8_E4M3" || t.dtype == "F8_E5M2" ||
+            (fp8 && (t.dtype == "F32" || t.dtype == "F16" || t.dtype == "BF16"))) {
           largest_expanded =
               std::max(largest_expanded, static_cast<uint64_t>(t.numel()) * compute_size);
         }
@@ -453,7 +465,8 @@ struct Coordinator::Impl {
             }
           }
           worker::ModelSpec spec{m.name, m.layout.family, m.layout.config_json,
-                                 *protocol::ParseDType(m.compute_dtype)};
+                                 *protocol::ParseDType(m.compute_dtype),
+                                 *ParseWeightDtype(m.spec.weight_dtype)};
           Status s = (*link)->LoadBlockFromFile(spec, unit, m.rel_path, m.unit_tensors.at(unit));
           if (!s.ok()) {
             std::lock_guard lock(err_mu);
@@ -722,9 +735,12 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
     if (existing != impl_->models.end()) {
       LoadedModel& e = *existing->second;
       bool same = e.rel_path == spec.path && e.spec.compute_device == spec.compute_device &&
-                  e.spec.virtual_vram_gb == spec.virtual_vram_gb && e.spec.donor_device == spec.donor_device &&
-                  e.spec.expert_mode_allocations == spec.expert_mode_allocations && e.mode == model->mode &&
-                  e.spec.dtype == spec.dtype && e.spec.allow_mixed == spec.allow_mixed;
+                  e.spec.virtual_vram_gb == spec.virtual_vram_gb &&
+                  e.spec.donor_device == spec.donor_device &&
+                  e.spec.expert_mode_allocations == spec.expert_mode_allocations &&
+                  e.mode == model->mode && e.spec.dtype == spec.dtype &&
+                  e.spec.allow_mixed == spec.allow_mixed &&
+                  *ParseWeightDtype(e.spec.weight_dtype) == *ParseWeightDtype(spec.weight_dtype);
       if (same && e.state == ModelState::kReady) {
         e.spec.keep_loaded = spec.keep_loaded;
         e.last_used = Clock::now();

@@ -41,12 +41,13 @@ flatbuffers::Offset<wire::ModelSpec> BuildSpec(flatbuffers::FlatBufferBuilder& f
   if (s.dtype == "float32") dtype = wire::DType::F32;
   if (s.dtype == "bfloat16") dtype = wire::DType::BF16;
   if (s.dtype == "float16") dtype = wire::DType::F16;
-  return wire::CreateModelSpec(
-      fbb, fbb.CreateString(s.path), fbb.CreateString(s.compute_device), s.virtual_vram_gb,
-      fbb.CreateString(s.donor_device), fbb.CreateString(s.expert_mode_allocations), s.eject_models,
-      s.keep_loaded, mode, dtype, static_cast<uint32_t>(s.prefetch_depth), s.allow_mixed,
-      static_cast<uint32_t>(s.width), static_cast<uint32_t>(s.height),
-      static_cast<uint32_t>(s.frames), static_cast<uint32_t>(s.batch));
+  return wire::CreateModelSpec(fbb, fbb.CreateString(s.path), fbb.CreateString(s.compute_device),
+                               s.virtual_vram_gb, fbb.CreateString(s.donor_device),
+                               fbb.CreateString(s.expert_mode_allocations), s.eject_models,
+                               s.keep_loaded, mode, dtype, static_cast<uint32_t>(s.prefetch_depth),
+                               s.allow_mixed, static_cast<uint32_t>(s.width),
+                               static_cast<uint32_t>(s.height), static_cast<uint32_t>(s.frames),
+                               static_cast<uint32_t>(s.batch), fbb.CreateString(s.weight_dtype));
 }
 
 }  // namespace

@@ -107,6 +107,8 @@ StatusOr<ModelSpec> ReadSpec(const wire::ModelSpec* s) {
   FLEET_ASSIGN_OR_RETURN(spec.height, families::CheckInputSize("height", s->height()));
   FLEET_ASSIGN_OR_RETURN(spec.frames, families::CheckInputSize("frames", s->frames()));
   FLEET_ASSIGN_OR_RETURN(spec.batch, families::CheckInputSize("batch", s->batch()));
+  if (s->weight_dtype() != nullptr) spec.weight_dtype = s->weight_dtype()->str();
+  FLEET_RETURN_IF_ERROR(ParseWeightDtype(spec.weight_dtype).status());
   return spec;
 }
 

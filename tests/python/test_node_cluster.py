@@ -164,3 +164,20 @@ def test_loader_logs_the_plans_notes_and_plans_for_the_workflows_size(control, c
     assert activation_bytes(width=256, height=256, batch=2) == 2 * small
     with pytest.raises(tf.InvalidArgumentError, match="width 70000 is outside"):
         activation_bytes(width=70000)
+
+
+def test_weight_dtype_keeps_the_floating_weights_as_fp8(control):
+    import os  # noqa: PLC0415
+
+    name = _model(control, "weight-dtype.safetensors", "--preset", "tiny")  # f32 weights
+    size = os.path.getsize(os.path.join(control.model_root, name))
+    client = nodes.client_for(control.address)
+    loaded = {}
+    for weight_dtype in ("default", "fp8_e4m3fn"):
+        Loader().load_unet(name, weight_dtype=weight_dtype, coordinator=control.address,
+                           compute_device="cuda:0", virtual_vram_gb=0, eject_models=False)
+        model = next(m for m in client.list_models() if m.path == name)
+        loaded[weight_dtype] = model.bytes_total
+        client.unload_model(model.name)
+    assert loaded["default"] > size * 0.9   # f32 as stored
+    assert loaded["fp8_e4m3fn"] < size / 3  # one byte per value

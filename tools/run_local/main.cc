@@ -24,7 +24,7 @@ int Fail(const fleet::Status& s, int code) {
 
 int main(int argc, char** argv) {
   using namespace fleet;
-  std::string inputs, out, dtype_text, trace_path, device = "cpu";
+  std::string inputs, out, dtype_text, trace_path, device = "cpu", weight_dtype = "default";
   int64_t threads = 2, repeat = 1;
   bool tune_allocator = true;
   config::OptionSet set("fleet-run-local",
@@ -33,6 +33,9 @@ int main(int argc, char** argv) {
   set.Add("inputs", &inputs, "Input tensors (x, timestep, context, y, guidance) as safetensors");
   set.Add("out", &out, "Where to write the output tensor 'out' (safetensors)");
   set.Add("dtype", &dtype_text, "Compute dtype: float32, bfloat16 or float16 (default: stored)");
+  set.Add("weight_dtype", &weight_dtype,
+          "ComfyUI's weight_dtype: default, fp8_e4m3fn, fp8_e4m3fn_fast or fp8_e5m2 (keep the "
+          "floating weights as fp8, as the workers do)");
   set.Add("threads", &threads, "libtorch intra-op threads");
   set.Add("device", &device, "Where to run: cpu or cuda:N (CUDA needs a CUDA build of libtorch)");
   set.Add("trace", &trace_path, "Also write the state after every block ('<block>/<name>')");
@@ -77,7 +80,7 @@ int main(int argc, char** argv) {
   }
   at::set_num_threads(static_cast<int>(threads));
 
-  auto runner = run_local::LocalRunner::Create(positional[0], dtype, device);
+  auto runner = run_local::LocalRunner::Create(positional[0], dtype, device, weight_dtype);
   if (!runner.ok()) return Fail(runner.status(), 2);
   auto input = run_local::ReadTensors(inputs);
   if (!input.ok()) return Fail(input.status(), 2);

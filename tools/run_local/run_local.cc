@@ -79,8 +79,18 @@ Status WriteTensors(const models::TensorMap& tensors, const std::string& path) {
 
 StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& model_path,
                                                            std::optional<at::ScalarType> dtype,
-                                                           const std::string& device) {
+                                                           const std::string& device,
+                                                           const std::string& weight_dtype) {
   std::unique_ptr<LocalRunner> r(new LocalRunner());
+  std::optional<tensor::F8Format> fp8;  // keep F32/F16/BF16 weights as fp8
+  if (weight_dtype == "fp8_e4m3fn" || weight_dtype == "fp8_e4m3fn_fast") {
+    fp8 = tensor::F8Format::kE4M3;
+  } else if (weight_dtype == "fp8_e5m2") {
+    fp8 = tensor::F8Format::kE5M2;
+  } else if (weight_dtype != "default" && !weight_dtype.empty()) {
+    return InvalidArgumentError("--weight-dtype '" + weight_dtype +
+                                "': expected default, fp8_e4m3fn, fp8_e4m3fn_fast or fp8_e5m2");
+  }
   try {
     r->device_ = at::Device(device);
   } catch (const std::exception& e) {
@@ -135,6 +145,13 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
           continue;
         }
         FLEET_ASSIGN_OR_RETURN(at::Tensor stored, tensor::View(*r->file_, *info));
+        if (fp8 && (info->dtype == "F32" || info->dtype == "F16" || info->dtype == "BF16")) {
+          FLEET_ASSIGN_OR_RETURN(at::Tensor bytes, tensor::DowncastF8(stored, *fp8));
+          FLEET_ASSIGN_OR_RETURN(
+              store[name],
+              models::MakeStoredF8(name, bytes.to(r->device_), *fp8 == tensor::F8Format::kE5M2));
+          continue;
+        }
         if (!r->device_.is_cpu()) stored = stored.to(r->device_);
         if (IsFp8(*info)) {
           FLEET_ASSIGN_OR_RETURN(store[name],

@@ -32,9 +32,12 @@ class LocalRunner {
   /// \param dtype compute dtype; nullopt means the stored dtype of the model's weights.
   /// \param device where weights live and blocks run ("cpu", "cuda:0"; CUDA needs a CUDA
   /// build of libtorch). Run() moves the input state there.
+  /// \param weight_dtype ComfyUI's weight_dtype ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast",
+  /// "fp8_e5m2"): F32/F16/BF16 weights are kept as fp8, as a worker keeps them.
   static StatusOr<std::unique_ptr<LocalRunner>> Create(const std::string& model_path,
                                                        std::optional<at::ScalarType> dtype,
-                                                       const std::string& device = "cpu");
+                                                       const std::string& device = "cpu",
+                                                       const std::string& weight_dtype = "default");
 
   const models::Model& model() const { return *model_; }
 

@@ -27,6 +27,7 @@
 #include "fleet/models/model.h"
 #include "fleet/models/stored_weights.h"
 #include "fleet/protocol/protocol.h"
+#include "fleet/tensor/torch_view.h"
 #include "fleet/transport/bulk.h"
 #include "fleet/transport/curve.h"
 #include "fleet/transport/shm_arena.h"
@@ -104,7 +105,17 @@ Status CheckQuantised(const wire::FileTensor& t, std::span<const int64_t> shape)
 // (expanded at use), other floating weights prepared in the compute dtype.
 StatusOr<models::StoredWeight> StoreWeight(const models::Model& model, const std::string& name,
                                            const at::Tensor& bytes, wire::DType dtype,
-                                           const std::string& quant, std::vector<int64_t> shape) {
+                                           const std::string& quant, std::vector<int64_t> shape,
+                                           wire::DType weight_dtype) {
+  const bool to_fp8 = weight_dtype == wire::DType::F8E4M3 || weight_dtype == wire::DType::F8E5M2;
+  if (to_fp8 &&
+      (dtype == wire::DType::F32 || dtype == wire::DType::F16 || dtype == wire::DType::BF16)) {
+    const bool e5m2 = weight_dtype == wire::DType::F8E5M2;
+    FLEET_ASSIGN_OR_RETURN(
+        at::Tensor fp8,
+        tensor::DowncastF8(bytes, e5m2 ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3));
+    return models::MakeStoredF8(name, fp8, e5m2);
+  }
   if (!quant.empty()) {
     return models::MakeStoredGguf(name, bytes, formats::GgmlTypeByName(quant)->type,
                                   std::move(shape));
@@ -802,8 +813,17 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
     const bool floating = dtype == wire::DType::F32 || dtype == wire::DType::F16 ||
                           dtype == wire::DType::BF16 || dtype == wire::DType::F64;
     if (!floating || size == 0 || compute_size == 0) return nbytes;
+    if (r.weight_dtype() == wire::DType::F8E4M3 || r.weight_dtype() == wire::DType::F8E5M2) {
+      return nbytes / size;  // kept as fp8
+    }
     return std::max(nbytes, nbytes / size * compute_size);
   };
+  if (r.weight_dtype() != wire::DType::Invalid && r.weight_dtype() != wire::DType::F8E4M3 &&
+      r.weight_dtype() != wire::DType::F8E5M2) {
+    return fail(InvalidArgumentError("LoadBlock of " + what + ": weight dtype " +
+                                     std::string(protocol::DTypeName(r.weight_dtype())) +
+                                     " is not F8E4M3 or F8E5M2"));
+  }
   uint64_t estimate = 0;
   const wire::FileSource* file = r.source_as_FileSource();
   const wire::WireSource* wire_source = r.source_as_WireSource();
@@ -950,7 +970,7 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
         }
       }
       stored_bytes += t->nbytes();
-      auto weight = StoreWeight(*model, tname, stored, t->dtype(), quant, shape);
+      auto weight = StoreWeight(*model, tname, stored, t->dtype(), quant, shape, r.weight_dtype());
       if (!weight.ok()) return fail(weight.status().WithContext(what));
       Status placed = PlaceWeight(tname, std::move(*weight), block);
       if (!placed.ok()) return fail(placed.WithContext(what));

@@ -131,6 +131,65 @@ StatusOr<at::Tensor> UpcastF8(const at::Tensor& bytes, F8Format format, at::Scal
   }
 }
 
+namespace {
+
+// The fp8 code nearest to |f| (f >= 0, not NaN), ties to the even code, over the codes
+// 0..`top`: `top` stands for the value one step above the largest finite one (e4m3fn 0x7f: 480,
+// which is NaN there; e5m2 0x7c: 65536, which is infinity), so the rounding at the top edge is
+// the IEEE one.
+uint8_t NearestF8(float f, const std::array<float, 256>& table, uint8_t top, float top_value) {
+  // The finite non-negative codes 0..top-1 are ascending in value.
+  auto value = [&](int code) { return code == top ? top_value : table[static_cast<size_t>(code)]; };
+  if (f >= top_value) return top;
+  int lo = 0, hi = top;  // value(lo) <= f < value(hi)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (value(mid) <= f)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  const float below = f - value(lo), above = value(hi) - f;
+  if (below < above) return static_cast<uint8_t>(lo);
+  if (above < below) return static_cast<uint8_t>(hi);
+  return static_cast<uint8_t>(lo % 2 == 0 ? lo : hi);
+}
+
+}  // namespace
+
+StatusOr<at::Tensor> DowncastF8(const at::Tensor& values, F8Format format) {
+  const at::ScalarType in = values.scalar_type();
+  if ((in != at::kFloat && in != at::kDouble && in != at::kHalf && in != at::kBFloat16) ||
+      !values.device().is_cpu()) {
+    return InvalidArgumentError(
+        "DowncastF8: expected a CPU float32/float64/float16/bfloat16 tensor");
+  }
+  try {
+    at::Tensor f = values.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty(f.sizes(), at::TensorOptions().dtype(at::kByte));
+    const auto& table = F8Table(format);
+    const bool e4m3 = format == F8Format::kE4M3;
+    const uint8_t top = e4m3 ? 0x7f : 0x7c;
+    const float top_value = e4m3 ? 480.0f : 65536.0f;
+    const float* s = f.data_ptr<float>();
+    uint8_t* d = out.data_ptr<uint8_t>();
+    const int64_t n = f.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = s[i];
+      const uint8_t sign = std::signbit(x) ? 0x80 : 0;
+      if (std::isnan(x)) {
+        d[i] = sign | 0x7f;
+        continue;
+      }
+      uint8_t code = NearestF8(std::fabs(x), table, top, top_value);
+      d[i] = sign | code;
+    }
+    return out;
+  } catch (const c10::Error& e) {
+    return InternalError(std::string("DowncastF8: libtorch: ") + e.what_without_backtrace());
+  }
+}
+
 StatusOr<at::Tensor> View(const formats::ModelFile& file, const formats::TensorInfo& info) {
   auto mapping = file.mapping();
   if (!mapping) {

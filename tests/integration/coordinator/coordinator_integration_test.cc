@@ -234,6 +234,44 @@ TEST_F(CoordinatorIntegration, GgufModelIsDequantisedByTheWorkersBitIdenticalToR
   }
 }
 
+// ComfyUI's weight_dtype: the f32 weights are kept as fp8 (a quarter of the bytes) and expanded
+// at use, bit-identical to run-local with the same weight dtype.
+TEST_F(CoordinatorIntegration, WeightDtypeFp8KeepsFloatingWeightsAsFp8) {
+  auto client = Client();
+  ASSERT_TRUE(client);
+  auto inputs = ReadTensors(cluster_->dir + "/in.safetensors");
+  const std::string f32 = models_ + "/tiny.safetensors";
+  for (const std::string weight_dtype : {"fp8_e4m3fn", "fp8_e5m2"}) {
+    const std::string ref = cluster_->dir + "/ref-" + weight_dtype + ".safetensors";
+    ASSERT_EQ(RunFleet({"run-local", f32, "--weight-dtype", weight_dtype, "--inputs",
+                        cluster_->dir + "/in.safetensors", "--out", ref},
+                       cluster_->dir + "/run-local.log"),
+              0);
+    auto reference = ReadTensors(ref);
+    const HostTensor* want = Find(reference, "out");
+    ASSERT_NE(want, nullptr);
+    for (ExecMode mode : {ExecMode::kStream, ExecMode::kPipeline}) {
+      ModelSpec spec = Spec("cuda:0,40%;cuda:1,35%;cpu,*", mode);
+      spec.weight_dtype = weight_dtype;
+      auto info = client->LoadModel("fp8", spec);
+      ASSERT_TRUE(info.ok()) << weight_dtype << ": " << info.status();
+      EXPECT_LT(info->bytes_total, fs::file_size(f32) / 3) << "fp8 is a quarter of f32";
+      auto result = client->Forward("fp8", inputs);
+      ASSERT_TRUE(result.ok()) << result.status();
+      const HostTensor* out = Find(result->outputs, "out");
+      ASSERT_NE(out, nullptr);
+      EXPECT_TRUE(SameBytes(*out, *want)) << weight_dtype << " " << ExecModeName(mode);
+      ASSERT_TRUE(client->UnloadModel("fp8").ok());
+    }
+  }
+  ModelSpec bad = Spec("cpu,*", ExecMode::kAuto);
+  bad.weight_dtype = "fp4";
+  auto refused = client->LoadModel("fp8", bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("weight_dtype 'fp4'"), std::string::npos)
+      << refused.status();
+}
+
 TEST_F(CoordinatorIntegration, SamplingRunReusesCachedConstantInputs) {
   auto client = Client();
   ASSERT_TRUE(client);

@@ -1,6 +1,7 @@
 // libtorch views and loads over real files written by our writer: zero copy, lifetime, exact
 // fp8 upcasts, alignment fallback and dtype mapping.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/equal.h>
 #include <ATen/ops/isnan.h>
 #include <gmock/gmock.h>
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 
 #include "fleet/formats/safetensors_writer.h"
 #include "fleet/tensor/torch_view.h"
@@ -198,6 +200,56 @@ TEST(DTypeMappingTest, RoundTripAndGaps) {
   EXPECT_FALSE(FromScalarType(at::kComplexFloat).has_value());
   auto bad = UpcastF8(at::Tensor(), F8Format::kE4M3, at::kFloat);
   EXPECT_FALSE(bad.ok());
+}
+
+}  // namespace
+}  // namespace fleet::tensor
+
+namespace fleet::tensor {
+namespace {
+
+// ComfyUI's weight_dtype casts with PyTorch's rounding: every fp8 value comes back as itself,
+// values between two codes go to the nearer (ties to the even code), past the top NaN (e4m3fn)
+// or infinity (e5m2).
+TEST(Fp8DowncastTest, RoundsToNearestEvenAsPyTorchDoes) {
+  for (F8Format format : {F8Format::kE4M3, F8Format::kE5M2}) {
+    at::Tensor codes = at::empty({256}, at::kByte);
+    for (int i = 0; i < 256; ++i) codes.data_ptr<uint8_t>()[i] = static_cast<uint8_t>(i);
+    auto values = UpcastF8(codes, format, at::kFloat);
+    ASSERT_TRUE(values.ok());
+    auto back = DowncastF8(*values, format);
+    ASSERT_TRUE(back.ok()) << back.status();
+    for (int i = 0; i < 256; ++i) {
+      const float v = values->data_ptr<float>()[i];
+      if (std::isnan(v)) {
+        EXPECT_EQ(back->data_ptr<uint8_t>()[i] & 0x7f, 0x7f) << i;
+      } else {
+        EXPECT_EQ(back->data_ptr<uint8_t>()[i], i) << "code " << i << " value " << v;
+      }
+    }
+  }
+  auto one = [](float x, F8Format f) {
+    at::Tensor t = at::empty({1}, at::kFloat);
+    t.data_ptr<float>()[0] = x;
+    return DowncastF8(t, f)->data_ptr<uint8_t>()[0];
+  };
+  // e4m3fn: 1.0 is 0x38, the next value 1.125 is 0x39; 1.0625 is the tie -> even 0x38;
+  // 1.1875 is the tie between 0x39 and 0x3a -> 0x3a.
+  EXPECT_EQ(one(1.0625f, F8Format::kE4M3), 0x38);
+  EXPECT_EQ(one(1.07f, F8Format::kE4M3), 0x39);
+  EXPECT_EQ(one(1.1875f, F8Format::kE4M3), 0x3a);
+  EXPECT_EQ(one(-1.0f, F8Format::kE4M3), 0xb8);
+  EXPECT_EQ(one(460.0f, F8Format::kE4M3), 0x7e);  // 448
+  EXPECT_EQ(one(464.0f, F8Format::kE4M3), 0x7e);  // the tie, to even 448
+  EXPECT_EQ(one(470.0f, F8Format::kE4M3), 0x7f);  // NaN: no infinity
+  EXPECT_EQ(one(-1e9f, F8Format::kE4M3), 0xff);
+  EXPECT_EQ(one(1e-5f, F8Format::kE4M3), 0x00);  // below half the smallest subnormal (2^-9)
+  EXPECT_EQ(one(0.0015f, F8Format::kE4M3), 0x01);
+  EXPECT_EQ(one(60000.0f, F8Format::kE5M2), 0x7b);  // 57344
+  EXPECT_EQ(one(61440.0f, F8Format::kE5M2), 0x7c);  // the tie rounds to even: infinity
+  EXPECT_EQ(one(std::numeric_limits<float>::infinity(), F8Format::kE5M2), 0x7c);
+  EXPECT_EQ(one(std::nanf(""), F8Format::kE5M2) & 0x7f, 0x7f);
+  EXPECT_FALSE(DowncastF8(at::empty({2}, at::kLong), F8Format::kE4M3).ok());
 }
 
 }  // namespace

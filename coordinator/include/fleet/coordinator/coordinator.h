@@ -57,7 +57,14 @@ struct ModelSpec {
   int64_t height = 0;
   int64_t frames = 0;
   int64_t batch = 0;
+  // ComfyUI's weight_dtype: "" or "default" (as stored), "fp8_e4m3fn", "fp8_e4m3fn_fast" (the
+  // same here), "fp8_e5m2": the floating weights are kept as fp8 (ParseWeightDtype).
+  std::string weight_dtype;
 };
+
+/// The worker's weight dtype for a ModelSpec::weight_dtype (Invalid: as stored), or
+/// InvalidArgument listing the accepted names.
+StatusOr<wire::DType> ParseWeightDtype(std::string_view name);
 
 enum class ModelState { kLoading, kReady, kFailed, kUnloading };
 std::string_view ModelStateName(ModelState state);

@@ -56,6 +56,7 @@ struct ModelSpec {
   std::string family;       // "linear", "flux"
   std::string config_json;  // fleet::models config
   wire::DType compute_dtype = wire::DType::F32;
+  wire::DType weight_dtype = wire::DType::Invalid;  // F8E4M3/F8E5M2: keep floating weights as fp8
 };
 
 /// One tensor of a model file the worker reads itself.

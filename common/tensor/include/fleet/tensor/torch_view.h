@@ -35,6 +35,13 @@ enum class F8Format { kE4M3, kE5M2 };
 /// kBFloat16), exactly; e4m3fn NaN (0x7f/0xff) becomes NaN, e5m2 inf/NaN stay inf/NaN.
 StatusOr<at::Tensor> UpcastF8(const at::Tensor& bytes, F8Format format, at::ScalarType out);
 
+/// Converts floating values (kFloat, kDouble, kHalf or kBFloat16, via float32) to fp8 bytes
+/// (kByte), rounding to nearest, ties to even, as PyTorch's `.to(torch.float8_*)` does (what
+/// ComfyUI's `weight_dtype` does to a checkpoint): e4m3fn has no infinity, so magnitudes above
+/// 464 (halfway past its largest value, 448) and NaN become NaN (0x7f | sign); e5m2 turns
+/// magnitudes of 61440 and more into infinity and NaN into NaN (0x7f | sign).
+StatusOr<at::Tensor> DowncastF8(const at::Tensor& values, F8Format format);
+
 /// A zero-copy, read-only tensor over `info`'s bytes in `file` (which must come from
 /// ModelFile::Open). Safetensors dtypes and GGUF F32/F16/BF16/I8..I64/F64 only; block-quantised
 /// GGUF types and data not aligned to the element size give FailedPrecondition (use Load).
