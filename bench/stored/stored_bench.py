@@ -9,6 +9,7 @@ bf16) it makes, with ggml's own quantiser (libggml-base.so of the npm package
 @node-llama-cpp/linux-x64, through tests/unit/formats/ggml_oracle.py):
 
 * `q8_0.gguf`, `q4_k.gguf`: every matrix whose rows are whole blocks in that type, the rest F32;
+* `fp8`: the bf16 model loaded with ComfyUI's weight_dtype fp8_e4m3fn (kept as fp8);
 * `q8_0-expanded.safetensors`, `q4_k-expanded.safetensors`: the same values expanded once, as a
   loader that dequantises at load holds them (ggml's dequantisation rounded to bf16 with ggml's
   rounding, the F32 tensors rounded to bf16), so both compute on identical weights.
@@ -114,8 +115,9 @@ def main():
         sb.run([fleet, "gen-inputs", source, *INPUT_FLAGS, "--seed", "1", inputs_path])
         inputs, _ = load_safetensors(inputs_path)
         make_models(ggml, source, models)
-        names = ["bf16"] + [n for t in TYPES for n in (t, t + "-expanded")]
+        names = ["bf16", "fp8"] + [n for t in TYPES for n in (t, t + "-expanded")]
         files = {n: "%s.%s" % (n, "gguf" if n in TYPES else "safetensors") for n in names}
+        files["fp8"] = files["bf16"]  # the bf16 model loaded with weight_dtype fp8_e4m3fn
 
         cluster = sb.Cluster(args.build, work, args.threads)
         cluster.log.seek(0)
@@ -125,7 +127,9 @@ def main():
             for mode in MODES:
                 client.load_model(wire.ModelSpec(path=files[n], compute_device="cuda:0",
                                                  expert_mode_allocations=sb.ALLOCATION, mode=mode,
-                                                 eject_models=False), "%s-%s" % (n, mode))
+                                                 eject_models=False,
+                                                 weight_dtype="fp8_e4m3fn" if n == "fp8"
+                                                 else "default"), "%s-%s" % (n, mode))
         resident = resident_bytes(metrics)
         steps = {(n, m): [] for n in names for m in MODES}
         moved = {}
