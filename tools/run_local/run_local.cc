@@ -145,7 +145,8 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
           continue;
         }
         FLEET_ASSIGN_OR_RETURN(at::Tensor stored, tensor::View(*r->file_, *info));
-        if (fp8 && (info->dtype == "F32" || info->dtype == "F16" || info->dtype == "BF16")) {
+        if (fp8 && !models::IsFp8Scale(name) &&
+            (info->dtype == "F32" || info->dtype == "F16" || info->dtype == "BF16")) {
           FLEET_ASSIGN_OR_RETURN(at::Tensor bytes, tensor::DowncastF8(stored, *fp8));
           FLEET_ASSIGN_OR_RETURN(
               store[name],
@@ -159,8 +160,9 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
           continue;
         }
         FLEET_ASSIGN_OR_RETURN(at::Tensor w, r->model_->PrepareWeight(name, stored));
-        store[name] = models::StoredWeight{models::StoredWeight::Form::kResident, w, {}, {}};
+        store[name] = models::StoredWeight::Resident(w);
       }
+      FLEET_RETURN_IF_ERROR(models::AttachScales(r->blocks_[i]).WithContext(model_path));
     }
   } catch (const std::exception& e) {
     std::string what = e.what();

@@ -107,7 +107,10 @@ StatusOr<models::StoredWeight> StoreWeight(const models::Model& model, const std
                                            const at::Tensor& bytes, wire::DType dtype,
                                            const std::string& quant, std::vector<int64_t> shape,
                                            wire::DType weight_dtype) {
-  const bool to_fp8 = weight_dtype == wire::DType::F8E4M3 || weight_dtype == wire::DType::F8E5M2;
+  // Scales of a scaled-fp8 checkpoint stay as they are (models::AttachScales).
+  const bool to_fp8 =
+      (weight_dtype == wire::DType::F8E4M3 || weight_dtype == wire::DType::F8E5M2) &&
+      !models::IsFp8Scale(name);
   if (to_fp8 &&
       (dtype == wire::DType::F32 || dtype == wire::DType::F16 || dtype == wire::DType::BF16)) {
     const bool e5m2 = weight_dtype == wire::DType::F8E5M2;
@@ -124,7 +127,7 @@ StatusOr<models::StoredWeight> StoreWeight(const models::Model& model, const std
     return models::MakeStoredF8(name, bytes, dtype == wire::DType::F8E5M2);
   }
   FLEET_ASSIGN_OR_RETURN(at::Tensor prepared, model.PrepareWeight(name, bytes));
-  return models::StoredWeight{models::StoredWeight::Form::kResident, std::move(prepared), {}, {}};
+  return models::StoredWeight::Resident(std::move(prepared));
 }
 
 // The descriptor of a weight as this worker keeps it, for a peer that streams it: GGUF blocks
@@ -165,7 +168,7 @@ StatusOr<models::StoredWeight> ReceivedWeight(const HostTensor& t) {
   if (t.dtype == wire::DType::F8E4M3 || t.dtype == wire::DType::F8E5M2) {
     return models::MakeStoredF8(t.name, data, t.dtype == wire::DType::F8E5M2);
   }
-  return models::StoredWeight{models::StoredWeight::Form::kResident, std::move(data), {}, {}};
+  return models::StoredWeight::Resident(std::move(data));
 }
 
 // Resolves a client-given model path inside one of the roots: relative, no "..", and the real
@@ -986,14 +989,14 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
       if (!prepared.ok()) return fail(prepared.status().WithContext(what));
       at::Tensor resident = *prepared;
       if (resident.data_ptr() == stored.data_ptr()) resident = resident.clone();  // not the frames
-      Status placed = PlaceWeight(
-          name, models::StoredWeight{models::StoredWeight::Form::kResident, resident, {}, {}},
-          block);
+      Status placed = PlaceWeight(name, models::StoredWeight::Resident(resident), block);
       if (!placed.ok()) return fail(placed.WithContext(what));
     }
     m->transfer_bytes.Add({{"src", Src(task.conn)}, {"dst", config.id}, {"kind", "weights"}})
         .Increment(static_cast<double>(stored_bytes));
   }
+  Status scaled = models::AttachScales(block.weights);
+  if (!scaled.ok()) return fail(scaled.WithContext(what));
 
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -1337,6 +1340,10 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
             }
             if (device.is_cuda()) weight->data = weight->data.to(device);
             f.weights[t.name] = std::move(*weight);
+          }
+          if (f.status.ok()) {
+            f.status = models::AttachScales(f.weights).WithContext("block '" + step.block +
+                                                                   "' from " + step.donor);
           }
           const std::string src =
               f.donor->peer().device.empty() ? step.donor : f.donor->peer().device;

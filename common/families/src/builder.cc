@@ -79,8 +79,19 @@ Status Builder::Group(const std::function<std::string(const std::string&)>& clas
   std::vector<std::string> stray;
   size_t stray_count = 0;
   for (const auto& t : input_.tensors) {
+    const std::string short_name =
+        StartsWith(t.name, input_.prefix) ? t.name.substr(input_.prefix.size()) : t.name;
+    // ComfyUI's scaled-fp8 checkpoints mark themselves with an empty `scaled_fp8` tensor: a
+    // marker, not a weight (the per-layer `scale_weight`s are what matter).
+    if (short_name == "scaled_fp8") continue;
+    if (EndsWith(short_name, ".comfy_quant")) {
+      return InvalidArgumentError(input_.where + ": tensor '" + t.name +
+                                  "' describes ComfyUI's newer quantised layer format "
+                                  "(comfy_quant with weight_scale), which Tensorfleet cannot "
+                                  "read yet; use a GGUF, fp8 or scaled_fp8 checkpoint");
+    }
     std::string unit;
-    if (StartsWith(t.name, input_.prefix)) unit = classify(t.name.substr(input_.prefix.size()));
+    if (StartsWith(t.name, input_.prefix)) unit = classify(short_name);
     if (unit.empty()) {
       if (stray.size() < 5) stray.push_back(t.name);
       ++stray_count;

@@ -1,6 +1,7 @@
 #include "fleet/models/stored_weights.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 
 #include <span>
 
@@ -76,7 +77,12 @@ StatusOr<StoredWeight> MakeStoredGguf(std::string_view name, at::Tensor bytes,
                                 std::to_string(n) + " values needs " + std::to_string(need) +
                                 " contiguous bytes, got " + std::to_string(bytes.nbytes()));
   }
-  return StoredWeight{StoredWeight::Form::kGguf, std::move(bytes), type, std::move(shape)};
+  StoredWeight w;
+  w.form = StoredWeight::Form::kGguf;
+  w.data = std::move(bytes);
+  w.gguf_type = type;
+  w.shape = std::move(shape);
+  return w;
 }
 
 StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, bool e5m2) {
@@ -84,8 +90,11 @@ StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, boo
     return InvalidArgumentError(Where(name) + ": fp8 bytes must be a byte tensor");
   }
   std::vector<int64_t> shape(bytes.sizes().begin(), bytes.sizes().end());
-  return StoredWeight{e5m2 ? StoredWeight::Form::kF8E5M2 : StoredWeight::Form::kF8E4M3,
-                      std::move(bytes), formats::GgmlType::kF32, std::move(shape)};
+  StoredWeight w;
+  w.form = e5m2 ? StoredWeight::Form::kF8E5M2 : StoredWeight::Form::kF8E4M3;
+  w.data = std::move(bytes);
+  w.shape = std::move(shape);
+  return w;
 }
 
 StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view name,
@@ -107,13 +116,50 @@ StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view 
             at::Tensor wide,
             tensor::UpcastF8(w.data.is_cpu() ? w.data : w.data.cpu(), format, at::kFloat));
         if (!w.data.is_cpu()) wide = wide.to(w.data.device());
-        return model.PrepareWeight(name, wide);
+        FLEET_ASSIGN_OR_RETURN(at::Tensor weight, model.PrepareWeight(name, wide));
+        if (!w.scale.defined()) return weight;
+        return at::mul(weight, w.scale.to(weight.device(), weight.scalar_type()));
       }
     }
   } catch (const c10::Error& e) {
     return InternalError(Where(name) + ": expanding: " + e.what_without_backtrace());
   }
   return InternalError(Where(name) + ": unknown stored form");
+}
+
+bool IsFp8Scale(std::string_view name) {
+  auto ends = [&](std::string_view s) {
+    return name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+  };
+  return ends(".scale_weight") || ends(".scale_input");
+}
+
+Status AttachScales(WeightStore& store) {
+  static constexpr std::string_view kScale = ".scale_weight";
+  for (auto& [name, scale] : store) {
+    if (name.size() <= kScale.size() ||
+        name.compare(name.size() - kScale.size(), kScale.size(), kScale) != 0) {
+      continue;
+    }
+    const std::string weight_name = name.substr(0, name.size() - kScale.size()) + ".weight";
+    if (!scale.data.defined() || scale.data.numel() != 1 ||
+        scale.form != StoredWeight::Form::kResident) {
+      return InvalidArgumentError(
+          "scale '" + name + "' must be one value (a per-tensor scale), not " +
+          (scale.data.defined() ? std::to_string(scale.data.numel()) : "none"));
+    }
+    auto it = store.find(weight_name);
+    if (it == store.end()) {
+      return InvalidArgumentError("scale '" + name + "' has no weight '" + weight_name + "'");
+    }
+    StoredWeight& w = it->second;
+    if (w.form != StoredWeight::Form::kF8E4M3 && w.form != StoredWeight::Form::kF8E5M2) {
+      return InvalidArgumentError("scale '" + name + "' scales '" + weight_name +
+                                  "', which is not fp8");
+    }
+    w.scale = scale.data.reshape({});
+  }
+  return Status::OK();
 }
 
 StatusOr<at::Tensor> StoredWeights::Get(std::string_view name) const {

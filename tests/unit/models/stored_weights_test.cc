@@ -97,7 +97,7 @@ TEST(StoredWeights, ABlockComputesBitIdenticallyOnStoredAndPreExpandedWeights) {
     store[p + ".weight"] = *w;
     auto bias = m.PrepareWeight(p + ".bias", at::randn({64}));
     ASSERT_TRUE(bias.ok());
-    store[p + ".bias"] = StoredWeight{StoredWeight::Form::kResident, *bias, {}, {}};
+    store[p + ".bias"] = StoredWeight::Resident(*bias);
     expanded[p + ".bias"] = *bias;
     auto e = StoredWeights::Expand(m, p + ".weight", store[p + ".weight"]);
     ASSERT_TRUE(e.ok());
@@ -110,6 +110,44 @@ TEST(StoredWeights, ABlockComputesBitIdenticallyOnStoredAndPreExpandedWeights) {
     ASSERT_TRUE(m.RunBlock(i, ResidentWeights(expanded), b).ok());
   }
   EXPECT_TRUE(at::equal(a.at("x"), b.at("x")));
+}
+
+// ComfyUI's scaled fp8: the weight expands to (fp8 value in the compute dtype) x (scale in the
+// compute dtype); scales of more than one value, or of a weight that is not fp8, are refused.
+TEST(StoredWeights, ScaledFp8WeightsExpandTimesTheirScale) {
+  auto model = CreateModel("linear", R"({"dim": 2, "depth": 1})", at::kFloat);
+  ASSERT_TRUE(model.ok());
+  at::Tensor bytes = at::empty({2, 2}, at::kByte);
+  const uint8_t e4m3[] = {0x38, 0x40, 0xb8, 0x7e};  // 1, 2, -1, 448
+  std::memcpy(bytes.data_ptr(), e4m3, 4);
+  WeightStore store;
+  store["linear_blocks.0.weight"] = *MakeStoredF8("linear_blocks.0.weight", bytes, false);
+  at::Tensor scale = at::empty({1}, at::kFloat);
+  scale.data_ptr<float>()[0] = 0.25f;
+  store["linear_blocks.0.scale_weight"] = StoredWeight::Resident(scale);
+  ASSERT_TRUE(AttachScales(store).ok());
+  auto t = StoredWeights(**model, store).Get("linear_blocks.0.weight");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(t->data_ptr<float>()[0], 0.25f);
+  EXPECT_EQ(t->data_ptr<float>()[1], 0.5f);
+  EXPECT_EQ(t->data_ptr<float>()[2], -0.25f);
+  EXPECT_EQ(t->data_ptr<float>()[3], 112.0f);
+  EXPECT_TRUE(IsFp8Scale("linear_blocks.0.scale_weight"));
+  EXPECT_TRUE(IsFp8Scale("x.scale_input"));
+  EXPECT_FALSE(IsFp8Scale("linear_blocks.0.weight"));
+
+  store["linear_blocks.0.scale_weight"] = StoredWeight::Resident(at::empty({2}, at::kFloat));
+  Status wide = AttachScales(store);
+  ASSERT_FALSE(wide.ok());
+  EXPECT_NE(wide.message().find("linear_blocks.0.scale_weight' must be one value"),
+            std::string::npos)
+      << wide;
+  WeightStore plain;
+  plain["a.weight"] = StoredWeight::Resident(at::empty({2, 2}, at::kFloat));
+  plain["a.scale_weight"] = StoredWeight::Resident(scale);
+  Status not_fp8 = AttachScales(plain);
+  ASSERT_FALSE(not_fp8.ok());
+  EXPECT_NE(not_fp8.message().find("not fp8"), std::string::npos) << not_fp8;
 }
 
 TEST(StoredWeights, WrongBytesAndTypesAreRefusedNamingTheWeight) {

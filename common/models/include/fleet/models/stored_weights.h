@@ -37,6 +37,14 @@ struct StoredWeight {
   at::Tensor data;
   formats::GgmlType gguf_type = formats::GgmlType::kF32;
   std::vector<int64_t> shape;
+  at::Tensor scale;  // fp8 forms: the per-tensor scale of a scaled-fp8 checkpoint, or undefined
+
+  /// A weight already in compute form.
+  static StoredWeight Resident(at::Tensor prepared) {
+    StoredWeight w;
+    w.data = std::move(prepared);
+    return w;
+  }
 
   /// Bytes it keeps resident.
   uint64_t resident_bytes() const;
@@ -52,6 +60,18 @@ using WeightStore = std::map<std::string, StoredWeight, std::less<>>;
 StatusOr<StoredWeight> MakeStoredGguf(std::string_view name, at::Tensor bytes,
                                       formats::GgmlType type, std::vector<int64_t> shape);
 StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, bool e5m2);
+
+/// ComfyUI's scaled-fp8 checkpoints: every `<layer>.scale_weight` (one value) becomes the scale
+/// of the fp8 `<layer>.weight`, which then expands to (weight in the compute dtype) x (scale in
+/// the compute dtype), as comfy.ops does. The scale entries stay in the store (a donor streams
+/// them with the weight; call this again on the receiving side). `<layer>.scale_input` is for
+/// fp8 matmuls and is not used. InvalidArgument naming the tensor for a scale of more than one
+/// value, or one whose weight is missing or not fp8.
+Status AttachScales(WeightStore& store);
+
+/// True for the scale tensors of a scaled-fp8 checkpoint (`.scale_weight`, `.scale_input`),
+/// which a weight_dtype conversion leaves as they are.
+bool IsFp8Scale(std::string_view name);
 
 /// The accessor over a block's WeightStore: resident weights as they are, stored forms expanded
 /// at each Get into `model`'s compute dtype on the device their bytes are on.
