@@ -19,6 +19,19 @@ int64_t Numel(const std::vector<int64_t>& shape) {
 
 std::string Where(std::string_view name) { return "weight '" + std::string(name) + "'"; }
 
+// Shapes from files and peers: at most 8 dimensions, none negative, a product that fits.
+Status CheckShape(std::string_view name, const std::vector<int64_t>& shape) {
+  if (shape.size() > 8) return InvalidArgumentError(Where(name) + ": more than 8 dimensions");
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) return InvalidArgumentError(Where(name) + ": negative dimension");
+    if (__builtin_mul_overflow(n, d, &n)) {
+      return InvalidArgumentError(Where(name) + ": the shape's element count overflows");
+    }
+  }
+  return Status::OK();
+}
+
 // GGUF blocks to `compute`: ggml's dequantisation, rounded once to f16/bf16 with ggml's
 // rounding (f32 computes keep f32), on the CPU; the result goes where the bytes were.
 StatusOr<at::Tensor> ExpandGguf(std::string_view name, const StoredWeight& w,
@@ -62,9 +75,7 @@ StatusOr<StoredWeight> MakeStoredGguf(std::string_view name, at::Tensor bytes,
         (traits ? std::string(traits->name) : "#" + std::to_string(static_cast<uint32_t>(type))) +
         " cannot be expanded by this build");
   }
-  for (int64_t d : shape) {
-    if (d < 0) return InvalidArgumentError(Where(name) + ": negative dimension");
-  }
+  FLEET_RETURN_IF_ERROR(CheckShape(name, shape));
   const int64_t n = Numel(shape);
   if (n % traits->block_size != 0) {
     return InvalidArgumentError(Where(name) + ": " + std::to_string(n) + " values are not whole " +

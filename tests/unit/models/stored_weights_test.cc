@@ -162,6 +162,10 @@ TEST(StoredWeights, WrongBytesAndTypesAreRefusedNamingTheWeight) {
   ASSERT_FALSE(partial.ok());
   EXPECT_NE(partial.status().message().find("whole Q8_0 blocks"), std::string::npos)
       << partial.status();
+  auto overflow = MakeStoredGguf("blocks.0.w", at::empty({34}, at::kByte), formats::GgmlType::kQ8_0,
+                                 {int64_t{1} << 62, 32});
+  ASSERT_FALSE(overflow.ok());
+  EXPECT_NE(overflow.status().message().find("overflows"), std::string::npos) << overflow.status();
   auto q8_1 =
       MakeStoredGguf("blocks.0.w", at::empty({36}, at::kByte), formats::GgmlType::kQ8_1, {32});
   ASSERT_FALSE(q8_1.ok());
