@@ -45,8 +45,6 @@ namespace {
 
 constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs stay cached
 
-// Bytes a tensor takes once converted to the compute dtype (floating and block-quantised
-// tensors are converted).
 // Bytes a worker keeps of `t`: GGUF blocks and fp8 as stored (expanded at use), F32/F16/BF16
 // as fp8 when the weight dtype says so, other floating weights in the compute dtype.
 uint64_t ResidentBytes(const formats::TensorInfo& t, const std::string& compute_dtype, bool fp8) {
