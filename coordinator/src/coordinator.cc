@@ -45,11 +45,12 @@ namespace {
 
 constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs stay cached
 
-// Bytes a worker keeps of `t`: GGUF blocks and fp8 as stored (expanded at use), F32/F16/BF16
-// as fp8 when the weight dtype says so, other floating weights in the compute dtype.
+// Bytes a worker keeps of `t`: GGUF blocks, fp8 and the scales of scaled-fp8 layers as stored
+// (expanded at use), F32/F16/BF16 as fp8 when the weight dtype says so, other floating weights
+// in the compute dtype.
 uint64_t ResidentBytes(const formats::TensorInfo& t, const std::string& compute_dtype, bool fp8) {
   static const std::set<std::string> kConverted = {"F64", "F32", "F16", "BF16"};
-  if (!kConverted.count(t.dtype)) return t.nbytes;
+  if (!kConverted.count(t.dtype) || formats::IsQuantParameter(t.name)) return t.nbytes;
   if (fp8 && t.dtype != "F64") return static_cast<uint64_t>(t.numel());
   auto dt = protocol::ParseDType(compute_dtype);
   return static_cast<uint64_t>(t.numel()) * protocol::DTypeSize(*dt);

@@ -1,10 +1,13 @@
-"""ComfyUI's scaled-fp8 checkpoints (a `scaled_fp8` marker tensor, fp8 e4m3fn weights and a
-per-layer `scale_weight`): made here from a random-weight Flux model, run by fleet-run-local
-close to the unquantised model (the scales are applied), in a real cluster bit for bit as
-run-local and resident at one byte per value; a scale of the wrong shape is refused by name."""
+"""ComfyUI's scaled-fp8 checkpoints, both forms: the older (a `scaled_fp8` marker tensor, fp8
+e4m3fn weights and a per-layer `scale_weight`) and the newer (per-layer `comfy_quant` JSON and
+`weight_scale`). Made here from a random-weight Flux model, run by fleet-run-local close to the
+unquantised model (the scales are applied), in a real cluster bit for bit as run-local and
+resident at one byte per value; a scale of the wrong shape and the formats Tensorfleet cannot
+expand are refused by name."""
 
 import json
 import os
+import re
 import struct
 import subprocess
 
@@ -51,18 +54,26 @@ def _write(path, entries, metadata):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-def _scaled(source, out, scale_values=1):
+def _scaled(source, out, scale_values=1, form="scaled_fp8", quant_format="float8_e4m3fn"):
     """`source` (f32) as ComfyUI's scaled fp8: every 2-D weight w as e4m3fn(w / s) with
-    s = max|w| / 448 in `<layer>.scale_weight` (`scale_values` copies of it)."""
+    s = max|w| / 448, in `<layer>.scale_weight` (`scale_values` copies of it) after a
+    `scaled_fp8` marker (form "scaled_fp8"), or in `<layer>.weight_scale` (a 0-d tensor) beside
+    `<layer>.comfy_quant` saying `quant_format` (form "comfy_quant")."""
     tensors, meta = load_safetensors(source)
-    entries = [("scaled_fp8", "F8_E4M3", [0], b"")]
+    entries = [("scaled_fp8", "F8_E4M3", [0], b"")] if form == "scaled_fp8" else []
     for name, t in sorted(tensors.items()):
         x = t.to(torch.float32).numpy()
         if name.endswith(".weight") and x.ndim == 2:
             s = np.float32(max(float(np.abs(x).max()), 1e-12) / 448.0)
+            layer = name[:-len(".weight")]
             entries.append((name, "F8_E4M3", x.shape, _encode_e4m3(x / s).tobytes()))
-            entries.append((name[:-len("weight")] + "scale_weight", "F32", [scale_values],
-                            np.full(scale_values, s, np.float32).tobytes()))
+            if form == "scaled_fp8":
+                entries.append((layer + ".scale_weight", "F32", [scale_values],
+                                np.full(scale_values, s, np.float32).tobytes()))
+            else:
+                config = json.dumps({"format": quant_format}).encode()
+                entries.append((layer + ".comfy_quant", "U8", [len(config)], config))
+                entries.append((layer + ".weight_scale", "F32", [], s.tobytes()))
         else:
             entries.append((name, "F32", x.shape, np.ascontiguousarray(x).tobytes()))
     _write(out, entries, meta)
@@ -74,12 +85,15 @@ def _run_local(model, inputs, out):
     return load_safetensors(out)[0]["out"]
 
 
-def test_scaled_fp8_checkpoint_runs_scaled_and_bit_identical_in_a_cluster(cluster, tmp_path):
-    source = os.path.join(cluster.model_root, "scaled-source.safetensors")
+@pytest.mark.parametrize("form", ["scaled_fp8", "comfy_quant"])
+def test_scaled_fp8_checkpoint_runs_scaled_and_bit_identical_in_a_cluster(cluster, tmp_path,
+                                                                          form):
+    source = os.path.join(cluster.model_root, "scaled-source-%s.safetensors" % form)
     run_fleet("gen-model", "--preset", "tiny", "--seed", 9, source)  # f32
     inputs = tmp_path / "in.safetensors"
     run_fleet("gen-inputs", source, "--height", 8, "--width", 8, "--seed", 4, inputs)
-    scaled = _scaled(source, os.path.join(cluster.model_root, "scaled-fp8.safetensors"))
+    scaled = _scaled(source, os.path.join(cluster.model_root, "scaled-%s.safetensors" % form),
+                     form=form)
     base = _run_local(source, inputs, tmp_path / "base.safetensors")
     want = _run_local(scaled, inputs, tmp_path / "scaled.safetensors")
     # The scales are applied: close to the unquantised model (unscaled fp8 would be far off).
@@ -105,8 +119,45 @@ def test_a_scale_of_the_wrong_shape_is_refused_by_name(cluster, tmp_path):
     fleet = os.path.join(cluster_binaries()[0], "fleet")
     r = subprocess.run([fleet, "run-local", bad, "--inputs", source, "--out",
                         str(tmp_path / "x.safetensors")], capture_output=True, text=True)
-    assert r.returncode == 2 and "scale_weight' must be one value" in r.stderr, r.stderr
+    assert r.returncode == 2 and "scale_weight' must be one floating value" in r.stderr, r.stderr
     with tf.Client(cluster.address) as c:
-        with pytest.raises(tf.TensorfleetError, match="scale_weight' must be one value"):
+        with pytest.raises(tf.TensorfleetError, match="scale_weight' must be one floating value"):
             c.load_model(tf.ModelSpec(os.path.basename(bad), compute_device="cuda:0",
                                       virtual_vram_gb=0, eject_models=False))
+
+
+def _refused(cluster, tmp_path, path, message):
+    fleet = os.path.join(cluster_binaries()[0], "fleet")
+    r = subprocess.run([fleet, "run-local", path, "--inputs", path, "--out",
+                        str(tmp_path / "x.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    with tf.Client(cluster.address) as c:
+        with pytest.raises(tf.TensorfleetError, match=re.escape(message)):
+            c.load_model(tf.ModelSpec(os.path.basename(path), compute_device="cuda:0",
+                                      virtual_vram_gb=0, eject_models=False))
+
+
+def test_comfy_quant_formats_it_cannot_expand_are_refused_by_name(cluster, tmp_path):
+    source = os.path.join(cluster.model_root, "quant-source.safetensors")
+    run_fleet("gen-model", "--preset", "tiny", "--seed", 9, source)
+    # A layer that says nvfp4 over fp8 bytes and one scale: refused at load, naming the format.
+    said = _scaled(source, os.path.join(cluster.model_root, "quant-said-nvfp4.safetensors"),
+                   form="comfy_quant", quant_format="nvfp4")
+    _refused(cluster, tmp_path, said, "in ComfyUI's quantised format 'nvfp4', which "
+                                      "Tensorfleet cannot expand")
+    # Real nvfp4 layers (packed U8 weights, block scales, a second scale): refused at layout.
+    tensors, meta = load_safetensors(source)
+    entries = []
+    for name, t in sorted(tensors.items()):
+        x = np.ascontiguousarray(t.to(torch.float32).numpy())
+        if name == "img_in.weight":
+            packed = np.zeros((x.shape[0], x.shape[1] // 2), np.uint8)
+            entries.append((name, "U8", packed.shape, packed.tobytes()))
+            blocks = np.ones((x.shape[0], x.shape[1] // 16), np.uint8)
+            entries.append(("img_in.weight_scale", "F8_E4M3", blocks.shape, blocks.tobytes()))
+            entries.append(("img_in.weight_scale_2", "F32", [], np.float32(1).tobytes()))
+        else:
+            entries.append((name, "F32", x.shape, x.tobytes()))
+    nvfp4 = os.path.join(cluster.model_root, "quant-nvfp4.safetensors")
+    _write(nvfp4, entries, meta)
+    _refused(cluster, tmp_path, nvfp4, "layer 'img_in' is in ComfyUI's nvfp4 format")

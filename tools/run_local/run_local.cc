@@ -45,7 +45,7 @@ StatusOr<models::TensorMap> ReadTensors(const std::string& path) {
   models::TensorMap out;
   try {
     for (const auto& info : file->tensors()) {
-      FLEET_ASSIGN_OR_RETURN(at::Tensor t, tensor::View(*file, info));
+      FLEET_ASSIGN_OR_RETURN(at::Tensor t, tensor::ViewOrCopy(*file, info));
       if (IsFp8(info)) {
         FLEET_ASSIGN_OR_RETURN(out[info.name], UpcastFp8(t, info.dtype == "F8_E5M2"));
       } else {
@@ -138,15 +138,18 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
         models::WeightStore& store = r->blocks_[i];
         if (formats::IsBlockQuantised(info->dtype)) {  // kept quantised, expanded at use
           FLEET_ASSIGN_OR_RETURN(at::Tensor bytes, RawBytes(*r->file_, *info));
-          FLEET_ASSIGN_OR_RETURN(store[name],
-                                 models::MakeStoredGguf(name, bytes.to(r->device_),
-                                                        formats::GgmlTypeByName(info->dtype)->type,
-                                                        info->shape));
+          FLEET_ASSIGN_OR_RETURN(
+              store[name],
+              models::MakeStoredGguf(name, bytes.to(r->device_),
+                                     formats::GgmlTypeByName(info->dtype)->type, info->shape));
           continue;
         }
-        FLEET_ASSIGN_OR_RETURN(at::Tensor stored, tensor::View(*r->file_, *info));
-        if (fp8 && !models::IsFp8Scale(name) &&
-            (info->dtype == "F32" || info->dtype == "F16" || info->dtype == "BF16")) {
+        FLEET_ASSIGN_OR_RETURN(at::Tensor stored, tensor::ViewOrCopy(*r->file_, *info));
+        if (formats::IsQuantParameter(name)) {  // kept as stored for AttachScales
+          store[name] = models::StoredWeight::Resident(stored.to(r->device_));
+          continue;
+        }
+        if (fp8 && (info->dtype == "F32" || info->dtype == "F16" || info->dtype == "BF16")) {
           FLEET_ASSIGN_OR_RETURN(at::Tensor bytes, tensor::DowncastF8(stored, *fp8));
           FLEET_ASSIGN_OR_RETURN(
               store[name],

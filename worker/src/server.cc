@@ -107,10 +107,9 @@ StatusOr<models::StoredWeight> StoreWeight(const models::Model& model, const std
                                            const at::Tensor& bytes, wire::DType dtype,
                                            const std::string& quant, std::vector<int64_t> shape,
                                            wire::DType weight_dtype) {
-  // Scales of a scaled-fp8 checkpoint stay as they are (models::AttachScales).
-  const bool to_fp8 =
-      (weight_dtype == wire::DType::F8E4M3 || weight_dtype == wire::DType::F8E5M2) &&
-      !models::IsFp8Scale(name);
+  // Scales and layer formats of a scaled-fp8 checkpoint stay as stored (models::AttachScales).
+  if (formats::IsQuantParameter(name)) return models::StoredWeight::Resident(bytes);
+  const bool to_fp8 = weight_dtype == wire::DType::F8E4M3 || weight_dtype == wire::DType::F8E5M2;
   if (to_fp8 &&
       (dtype == wire::DType::F32 || dtype == wire::DType::F16 || dtype == wire::DType::BF16)) {
     const bool e5m2 = weight_dtype == wire::DType::F8E5M2;

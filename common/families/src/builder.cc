@@ -72,6 +72,37 @@ StatusOr<int64_t> Builder::Dim(const std::string& short_name, size_t rank, size_
   return t->shape[dim];
 }
 
+// ComfyUI's newer quantised layers (`<layer>.weight_scale`): only the per-tensor fp8 form can be
+// expanded; the block-scaled and integer forms are refused here, before their packed shapes
+// confuse configuration detection. (The layer's comfy_quant format is checked again at load.)
+Status Builder::CheckScaledLayer(const std::string& short_name,
+                                 const formats::TensorInfo& t) const {
+  std::string_view layer = short_name;
+  if (EndsWith(layer, ".weight_scale_2")) {
+    layer.remove_suffix(std::string_view(".weight_scale_2").size());
+  } else if (EndsWith(layer, ".weight_scale")) {
+    layer.remove_suffix(std::string_view(".weight_scale").size());
+  } else {
+    return Status::OK();
+  }
+  if (Get(std::string(layer) + ".weight_scale_2") != nullptr) {
+    return InvalidArgumentError(input_.where + ": layer '" + input_.prefix + std::string(layer) +
+                                "' is in ComfyUI's nvfp4 format (it has a weight_scale_2), which "
+                                "Tensorfleet cannot expand; use a GGUF or fp8 checkpoint");
+  }
+  const formats::TensorInfo* w = Get(std::string(layer) + ".weight");
+  const bool fp8 = w && (w->dtype == "F8_E4M3" || w->dtype == "F8_E5M2");
+  if (!fp8 || t.numel() != 1) {
+    return InvalidArgumentError(
+        input_.where + ": layer '" + input_.prefix + std::string(layer) +
+        "' is quantised with a weight_scale of " + std::to_string(t.numel()) + " value(s) over " +
+        (w ? w->dtype : std::string("no")) +
+        " weights (ComfyUI's block-scaled or integer formats), which Tensorfleet cannot "
+        "expand; it reads fp8 layers with one scale per tensor");
+  }
+  return Status::OK();
+}
+
 Status Builder::Group(const std::function<std::string(const std::string&)>& classify,
                       const std::function<RankKey(const std::string&)>& rank, const Family* family,
                       std::vector<Unit>* units) const {
@@ -84,12 +115,7 @@ Status Builder::Group(const std::function<std::string(const std::string&)>& clas
     // ComfyUI's scaled-fp8 checkpoints mark themselves with an empty `scaled_fp8` tensor: a
     // marker, not a weight (the per-layer `scale_weight`s are what matter).
     if (short_name == "scaled_fp8") continue;
-    if (EndsWith(short_name, ".comfy_quant")) {
-      return InvalidArgumentError(input_.where + ": tensor '" + t.name +
-                                  "' describes ComfyUI's newer quantised layer format "
-                                  "(comfy_quant with weight_scale), which Tensorfleet cannot "
-                                  "read yet; use a GGUF, fp8 or scaled_fp8 checkpoint");
-    }
+    FLEET_RETURN_IF_ERROR(CheckScaledLayer(short_name, t));
     std::string unit;
     if (StartsWith(t.name, input_.prefix)) unit = classify(short_name);
     if (unit.empty()) {

@@ -73,6 +73,8 @@ class Builder {
   const std::string& family() const { return family_; }
 
  private:
+  Status CheckScaledLayer(const std::string& short_name, const formats::TensorInfo& t) const;
+
   const LayoutInput& input_;
   std::string family_;
   std::unordered_map<std::string, const formats::TensorInfo*> by_short_;

@@ -102,4 +102,15 @@ bool IsBlockQuantised(std::string_view dtype_name) {
   return traits && traits->block_size > 1;
 }
 
+bool IsQuantParameter(std::string_view tensor_name) {
+  for (std::string_view suffix :
+       {".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant"}) {
+    if (tensor_name.size() > suffix.size() &&
+        tensor_name.compare(tensor_name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace fleet::formats

@@ -3,6 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 
+#include <nlohmann/json.hpp>
+
 #include <span>
 
 #include "fleet/formats/dequant.h"
@@ -53,6 +55,80 @@ StatusOr<at::Tensor> ExpandGguf(std::string_view name, const StoredWeight& w,
       formats::Dequantize(w.gguf_type, src, t.numel(), out, t.data_ptr()).WithContext(Where(name)));
   if (produced != compute) t = t.to(compute);
   return w.data.is_cpu() ? t : t.to(w.data.device());
+}
+
+bool EndsWith(std::string_view s, std::string_view suffix) {
+  return s.size() > suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// "<layer><suffix>" -> "<layer>.weight".
+std::string WeightOf(std::string_view name, std::string_view suffix) {
+  return std::string(name.substr(0, name.size() - suffix.size())) + ".weight";
+}
+
+bool IsFp8(const StoredWeight& w) {
+  return w.form == StoredWeight::Form::kF8E4M3 || w.form == StoredWeight::Form::kF8E5M2;
+}
+
+// `<layer>.scale_weight` (older form) or `<layer>.weight_scale` (newer form) onto its weight.
+Status AttachScale(WeightStore& store, const std::string& name, const StoredWeight& scale,
+                   bool in_f32) {
+  const std::string weight_name = WeightOf(name, in_f32 ? ".weight_scale" : ".scale_weight");
+  if (!scale.data.defined() || scale.data.numel() != 1 ||
+      scale.form != StoredWeight::Form::kResident ||
+      !at::isFloatingType(scale.data.scalar_type())) {
+    return InvalidArgumentError(
+        "scale '" + name + "' must be one floating value (a per-tensor scale), not " +
+        (scale.data.defined() ? std::to_string(scale.data.numel()) + " values" : "none"));
+  }
+  auto it = store.find(weight_name);
+  if (it == store.end()) {
+    return InvalidArgumentError("scale '" + name + "' has no weight '" + weight_name + "'");
+  }
+  StoredWeight& w = it->second;
+  if (!IsFp8(w)) {
+    return InvalidArgumentError("scale '" + name + "' scales '" + weight_name +
+                                "', which is not fp8");
+  }
+  w.scale = scale.data.reshape({});
+  w.scale_in_f32 = in_f32;
+  return Status::OK();
+}
+
+// `<layer>.comfy_quant`: the layer's format as UTF-8 JSON bytes; only the fp8 formats expand.
+Status CheckQuantConfig(const WeightStore& store, const std::string& name,
+                        const StoredWeight& config) {
+  if (!config.data.defined() || config.data.scalar_type() != at::kByte || config.data.dim() != 1 ||
+      config.form != StoredWeight::Form::kResident) {
+    return InvalidArgumentError("'" + name + "' must be the bytes of a JSON object");
+  }
+  const at::Tensor bytes = config.data.cpu().contiguous();
+  const std::string text(static_cast<const char*>(bytes.data_ptr()),
+                         static_cast<size_t>(bytes.numel()));
+  const auto json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (json.is_discarded() || !json.is_object() || !json.contains("format") ||
+      !json["format"].is_string()) {
+    return InvalidArgumentError("'" + name + "' is not a JSON object with a string 'format'");
+  }
+  const std::string format = json["format"].get<std::string>();
+  const std::string layer = name.substr(0, name.size() - std::string_view(".comfy_quant").size());
+  StoredWeight::Form want;
+  if (format == "float8_e4m3fn") {
+    want = StoredWeight::Form::kF8E4M3;
+  } else if (format == "float8_e5m2") {
+    want = StoredWeight::Form::kF8E5M2;
+  } else {
+    return UnimplementedError("layer '" + layer + "' is in ComfyUI's quantised format '" + format +
+                              "', which Tensorfleet cannot expand (it reads float8_e4m3fn and "
+                              "float8_e5m2; use a GGUF or fp8 checkpoint)");
+  }
+  auto it = store.find(layer + ".weight");
+  if (it == store.end() || it->second.form != want) {
+    return InvalidArgumentError("'" + name + "' says " + format + ", but '" + layer +
+                                ".weight' is " + (it == store.end() ? "missing" : "not " + format));
+  }
+  return Status::OK();
 }
 
 }  // namespace
@@ -126,9 +202,12 @@ StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view 
         FLEET_ASSIGN_OR_RETURN(
             at::Tensor wide,
             tensor::UpcastF8(w.data.is_cpu() ? w.data : w.data.cpu(), format, at::kFloat));
+        if (w.scale.defined() && w.scale_in_f32) {
+          wide = at::mul(wide, w.scale.to(at::kCPU, at::kFloat));
+        }
         if (!w.data.is_cpu()) wide = wide.to(w.data.device());
         FLEET_ASSIGN_OR_RETURN(at::Tensor weight, model.PrepareWeight(name, wide));
-        if (!w.scale.defined()) return weight;
+        if (!w.scale.defined() || w.scale_in_f32) return weight;
         return at::mul(weight, w.scale.to(weight.device(), weight.scalar_type()));
       }
     }
@@ -138,37 +217,15 @@ StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view 
   return InternalError(Where(name) + ": unknown stored form");
 }
 
-bool IsFp8Scale(std::string_view name) {
-  auto ends = [&](std::string_view s) {
-    return name.size() > s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
-  };
-  return ends(".scale_weight") || ends(".scale_input");
-}
-
 Status AttachScales(WeightStore& store) {
-  static constexpr std::string_view kScale = ".scale_weight";
-  for (auto& [name, scale] : store) {
-    if (name.size() <= kScale.size() ||
-        name.compare(name.size() - kScale.size(), kScale.size(), kScale) != 0) {
-      continue;
+  for (auto& [name, entry] : store) {
+    if (EndsWith(name, ".comfy_quant")) {
+      FLEET_RETURN_IF_ERROR(CheckQuantConfig(store, name, entry));
+    } else if (EndsWith(name, ".scale_weight")) {
+      FLEET_RETURN_IF_ERROR(AttachScale(store, name, entry, /*in_f32=*/false));
+    } else if (EndsWith(name, ".weight_scale")) {
+      FLEET_RETURN_IF_ERROR(AttachScale(store, name, entry, /*in_f32=*/true));
     }
-    const std::string weight_name = name.substr(0, name.size() - kScale.size()) + ".weight";
-    if (!scale.data.defined() || scale.data.numel() != 1 ||
-        scale.form != StoredWeight::Form::kResident) {
-      return InvalidArgumentError(
-          "scale '" + name + "' must be one value (a per-tensor scale), not " +
-          (scale.data.defined() ? std::to_string(scale.data.numel()) : "none"));
-    }
-    auto it = store.find(weight_name);
-    if (it == store.end()) {
-      return InvalidArgumentError("scale '" + name + "' has no weight '" + weight_name + "'");
-    }
-    StoredWeight& w = it->second;
-    if (w.form != StoredWeight::Form::kF8E4M3 && w.form != StoredWeight::Form::kF8E5M2) {
-      return InvalidArgumentError("scale '" + name + "' scales '" + weight_name +
-                                  "', which is not fp8");
-    }
-    w.scale = scale.data.reshape({});
   }
   return Status::OK();
 }

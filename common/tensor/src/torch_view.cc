@@ -223,6 +223,24 @@ StatusOr<at::Tensor> View(const formats::ModelFile& file, const formats::TensorI
   }
 }
 
+StatusOr<at::Tensor> ViewOrCopy(const formats::ModelFile& file, const formats::TensorInfo& info) {
+  auto dtype = PlainDType(file, info);
+  auto data = file.Data(info);
+  if (!dtype || data.size() != info.nbytes ||
+      reinterpret_cast<uintptr_t>(data.data()) % static_cast<uintptr_t>(formats::DTypeSize(*dtype)) ==
+          0) {
+    return View(file, info);  // aligned, or an error View names
+  }
+  try {
+    FLEET_ASSIGN_OR_RETURN(at::ScalarType st, ToScalarType(*dtype));
+    at::Tensor copy = at::empty(Shape(info), at::TensorOptions().dtype(st));
+    std::memcpy(copy.data_ptr(), data.data(), info.nbytes);
+    return copy;
+  } catch (const c10::Error& e) {
+    return InternalError(Where(file, info) + ": libtorch: " + e.what_without_backtrace());
+  }
+}
+
 StatusOr<at::Tensor> Load(const formats::ModelFile& file, const formats::TensorInfo& info,
                           at::ScalarType out) {
   auto data = file.Data(info);

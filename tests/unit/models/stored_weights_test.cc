@@ -132,14 +132,16 @@ TEST(StoredWeights, ScaledFp8WeightsExpandTimesTheirScale) {
   EXPECT_EQ(t->data_ptr<float>()[1], 0.5f);
   EXPECT_EQ(t->data_ptr<float>()[2], -0.25f);
   EXPECT_EQ(t->data_ptr<float>()[3], 112.0f);
-  EXPECT_TRUE(IsFp8Scale("linear_blocks.0.scale_weight"));
-  EXPECT_TRUE(IsFp8Scale("x.scale_input"));
-  EXPECT_FALSE(IsFp8Scale("linear_blocks.0.weight"));
+  EXPECT_TRUE(formats::IsQuantParameter("linear_blocks.0.scale_weight"));
+  EXPECT_TRUE(formats::IsQuantParameter("x.scale_input"));
+  EXPECT_TRUE(formats::IsQuantParameter("x.weight_scale"));
+  EXPECT_TRUE(formats::IsQuantParameter("x.comfy_quant"));
+  EXPECT_FALSE(formats::IsQuantParameter("linear_blocks.0.weight"));
 
   store["linear_blocks.0.scale_weight"] = StoredWeight::Resident(at::empty({2}, at::kFloat));
   Status wide = AttachScales(store);
   ASSERT_FALSE(wide.ok());
-  EXPECT_NE(wide.message().find("linear_blocks.0.scale_weight' must be one value"),
+  EXPECT_NE(wide.message().find("linear_blocks.0.scale_weight' must be one floating value"),
             std::string::npos)
       << wide;
   WeightStore plain;
@@ -148,6 +150,62 @@ TEST(StoredWeights, ScaledFp8WeightsExpandTimesTheirScale) {
   Status not_fp8 = AttachScales(plain);
   ASSERT_FALSE(not_fp8.ok());
   EXPECT_NE(not_fp8.message().find("not fp8"), std::string::npos) << not_fp8;
+}
+
+StoredWeight Bytes(std::string_view text) {
+  at::Tensor t = at::empty({static_cast<int64_t>(text.size())}, at::kByte);
+  std::memcpy(t.data_ptr(), text.data(), text.size());
+  return StoredWeight::Resident(t);
+}
+
+// ComfyUI's newer form: `comfy_quant` names the layer's format and `weight_scale` multiplies the
+// weight in f32 before the one rounding to the compute dtype. With bf16 compute and a scale bf16
+// cannot hold, 1.875 x s rounds to 1.8828125 this way and to 1.875 the older form's way.
+TEST(StoredWeights, ComfyQuantFp8LayersExpandWithTheirScaleInF32) {
+  auto model = CreateModel("linear", R"({"dim": 2, "depth": 1})", at::kBFloat16);
+  ASSERT_TRUE(model.ok());
+  at::Tensor bytes = at::empty({2, 2}, at::kByte);
+  const uint8_t e4m3[] = {0x38, 0x3f, 0xb8, 0x7e};  // 1, 1.875, -1, 448
+  std::memcpy(bytes.data_ptr(), e4m3, 4);
+  WeightStore store;
+  store["linear_blocks.0.weight"] = *MakeStoredF8("linear_blocks.0.weight", bytes, false);
+  store["linear_blocks.0.comfy_quant"] = Bytes(R"({"format": "float8_e4m3fn"})");
+  at::Tensor scale = at::empty({}, at::kFloat);
+  const float s = 1.0f + 18.0f / 8192;  // not a bf16 value
+  scale.data_ptr<float>()[0] = s;
+  store["linear_blocks.0.weight_scale"] = StoredWeight::Resident(scale);
+  ASSERT_TRUE(AttachScales(store).ok());
+  auto t = StoredWeights(**model, store).Get("linear_blocks.0.weight");
+  ASSERT_TRUE(t.ok()) << t.status();
+  const float want[] = {1.0f * s, 1.875f * s, -1.0f * s, 448.0f * s};
+  at::Tensor expect = at::empty({2, 2}, at::kFloat);
+  std::memcpy(expect.data_ptr(), want, sizeof(want));
+  EXPECT_TRUE(at::equal(*t, expect.to(at::kBFloat16)));
+  EXPECT_EQ(static_cast<float>(t->data_ptr<at::BFloat16>()[1]), 1.8828125f);
+
+  store["linear_blocks.0.comfy_quant"] = Bytes(R"({"format": "nvfp4"})");
+  Status nvfp4 = AttachScales(store);
+  EXPECT_EQ(nvfp4.code(), StatusCode::kUnimplemented);
+  EXPECT_NE(nvfp4.message().find("layer 'linear_blocks.0' is in ComfyUI's quantised format "
+                                 "'nvfp4'"),
+            std::string::npos)
+      << nvfp4;
+  store["linear_blocks.0.comfy_quant"] = Bytes(R"({"format": "float8_e5m2"})");
+  Status mismatch = AttachScales(store);
+  EXPECT_NE(mismatch.message().find("says float8_e5m2, but 'linear_blocks.0.weight' is not"),
+            std::string::npos)
+      << mismatch;
+  store["linear_blocks.0.comfy_quant"] = Bytes("{\"format\": ");
+  Status broken = AttachScales(store);
+  EXPECT_NE(broken.message().find("not a JSON object with a string 'format'"), std::string::npos)
+      << broken;
+  // Formats only in the header's _quantization_metadata: the fp8 weight says the format.
+  store.erase("linear_blocks.0.comfy_quant");
+  store["linear_blocks.0.weight"].scale = at::Tensor();
+  ASSERT_TRUE(AttachScales(store).ok());
+  auto again = StoredWeights(**model, store).Get("linear_blocks.0.weight");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(at::equal(*again, *t));
 }
 
 TEST(StoredWeights, WrongBytesAndTypesAreRefusedNamingTheWeight) {

@@ -100,4 +100,9 @@ std::optional<GgmlTypeTraits> GgmlTypeByName(std::string_view name);
 /// which a loader dequantises to the compute dtype. False for plain types ("F16") and others.
 bool IsBlockQuantised(std::string_view dtype_name);
 
+/// True for the tensors of ComfyUI's scaled-fp8 checkpoints that describe a quantised weight
+/// rather than being one (`<layer>.scale_weight`, `.scale_input`, `.weight_scale`,
+/// `.input_scale`, `.comfy_quant`): loaders keep them as stored, never in the compute dtype.
+bool IsQuantParameter(std::string_view tensor_name);
+
 }  // namespace fleet::formats

@@ -38,6 +38,10 @@ struct StoredWeight {
   formats::GgmlType gguf_type = formats::GgmlType::kF32;
   std::vector<int64_t> shape;
   at::Tensor scale;  // fp8 forms: the per-tensor scale of a scaled-fp8 checkpoint, or undefined
+  // How `scale` applies: false for the older scaled_fp8 form (weight and scale each rounded to
+  // the compute dtype, then multiplied), true for the newer comfy_quant form (multiplied in f32,
+  // then rounded once).
+  bool scale_in_f32 = false;
 
   /// A weight already in compute form.
   static StoredWeight Resident(at::Tensor prepared) {
@@ -61,17 +65,18 @@ StatusOr<StoredWeight> MakeStoredGguf(std::string_view name, at::Tensor bytes,
                                       formats::GgmlType type, std::vector<int64_t> shape);
 StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, bool e5m2);
 
-/// ComfyUI's scaled-fp8 checkpoints: every `<layer>.scale_weight` (one value) becomes the scale
-/// of the fp8 `<layer>.weight`, which then expands to (weight in the compute dtype) x (scale in
-/// the compute dtype), as comfy.ops does. The scale entries stay in the store (a donor streams
-/// them with the weight; call this again on the receiving side). `<layer>.scale_input` is for
-/// fp8 matmuls and is not used. InvalidArgument naming the tensor for a scale of more than one
-/// value, or one whose weight is missing or not fp8.
+/// ComfyUI's scaled-fp8 checkpoints, in both forms, give each fp8 `<layer>.weight` its scale:
+/// - older: a `scaled_fp8` marker and `<layer>.scale_weight` (one value); the weight expands to
+///   (weight in the compute dtype) x (scale in the compute dtype), as comfy.ops does;
+/// - newer: `<layer>.comfy_quant` (UTF-8 JSON {"format": "float8_e4m3fn" | "float8_e5m2"}, as
+///   bytes) and `<layer>.weight_scale` (one value); the weight expands to (weight x scale) in
+///   f32 rounded once to the compute dtype, as comfy.quant_ops does. Other comfy_quant formats
+///   (nvfp4, mxfp8, int8, ...) are Unimplemented naming the format and the layer.
+/// The scale entries stay in the store (a donor streams them with the weight; call this again on
+/// the receiving side). `scale_input` / `input_scale` are for fp8 matmuls and are not used.
+/// InvalidArgument naming the tensor for a scale of more than one value, one whose weight is
+/// missing or not fp8, or a comfy_quant whose format does not match the weight's dtype.
 Status AttachScales(WeightStore& store);
-
-/// True for the scale tensors of a scaled-fp8 checkpoint (`.scale_weight`, `.scale_input`),
-/// which a weight_dtype conversion leaves as they are.
-bool IsFp8Scale(std::string_view name);
 
 /// The accessor over a block's WeightStore: resident weights as they are, stored forms expanded
 /// at each Get into `model`'s compute dtype on the device their bytes are on.

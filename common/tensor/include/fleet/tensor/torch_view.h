@@ -47,6 +47,11 @@ StatusOr<at::Tensor> DowncastF8(const at::Tensor& values, F8Format format);
 /// GGUF types and data not aligned to the element size give FailedPrecondition (use Load).
 StatusOr<at::Tensor> View(const formats::ModelFile& file, const formats::TensorInfo& info);
 
+/// `info`'s values in their stored dtype: View() when the data is aligned to its elements, else
+/// a private copy (safetensors files pack tensors without alignment, and a file with odd-sized
+/// byte tensors, such as ComfyUI's comfy_quant entries, has unaligned tensors after them).
+StatusOr<at::Tensor> ViewOrCopy(const formats::ModelFile& file, const formats::TensorInfo& info);
+
 /// A new tensor of dtype `out` holding `info`'s values: copied, cast, fp8-upcast or
 /// dequantised as needed.
 StatusOr<at::Tensor> Load(const formats::ModelFile& file, const formats::TensorInfo& info,
