@@ -244,14 +244,16 @@ def _extra_inputs(compute_dtype=True):
 
 def _spec(unet_name, compute_dtype="default", compute_device="cuda:0", virtual_vram_gb=4.0,
           donor_device="cpu", expert_mode_allocations="", eject_models=True, keep_loaded=True,
-          mode="auto", width=0, height=0, frames=0, batch=0, weight_dtype="default"):
+          mode="auto", width=0, height=0, frames=0, batch=0, weight_dtype="default",
+          dequant_dtype="default"):
     """The loader inputs (upstream's names and defaults, then ours) as a wire ModelSpec."""
     return ModelSpec(path=unet_name, compute_device=compute_device,
                      virtual_vram_gb=float(virtual_vram_gb), donor_device=donor_device,
                      expert_mode_allocations=expert_mode_allocations.strip(),
                      eject_models=bool(eject_models), keep_loaded=bool(keep_loaded), mode=mode,
                      dtype=compute_dtype, width=int(width), height=int(height),
-                     frames=int(frames), batch=int(batch), weight_dtype=weight_dtype)
+                     frames=int(frames), batch=int(batch), weight_dtype=weight_dtype,
+                     dequant_dtype=dequant_dtype)
 
 
 def _explain(e, what, unet_name, address):
@@ -365,14 +367,14 @@ class UnetLoaderGGUFAdvancedTensorfleet:
                 "patch_dtype": (GGUF_DTYPES, {"default": "default"}),
                 "patch_on_device": ("BOOLEAN", {"default": False}),
             },
-            "optional": dict(_distorch_inputs(), **_extra_inputs(compute_dtype=False)),
+            "optional": dict(_distorch_inputs(), **_extra_inputs()),
         }
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load_unet"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a GGUF diffusion model on a Tensorfleet cluster; dequant_dtype is "
-                   "the dtype the workers dequantise into and compute in.")
+                   "the dtype the workers dequantise into before the compute dtype.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):
@@ -380,10 +382,8 @@ class UnetLoaderGGUFAdvancedTensorfleet:
 
     def load_unet(self, unet_name, dequant_dtype="default", patch_dtype="default",
                   patch_on_device=False, **inputs):
-        # "target" is ComfyUI-GGUF's "the model's compute dtype": the default here.
-        compute_dtype = "default" if dequant_dtype in ("default", "target") else dequant_dtype
         # patch_dtype / patch_on_device only concern LoRA patches, which are refused for now.
-        return _load(unet_name, compute_dtype=compute_dtype, **inputs)
+        return _load(unet_name, dequant_dtype=dequant_dtype, **inputs)
 
 
 class TensorfleetPlan:

@@ -23,8 +23,7 @@ namespace {
 
 using fleet::formats::GgmlType;
 using ToFloat = void (*)(const void*, float*, int64_t);
-using QuantizeChunk = size_t (*)(int, const float*, void*, int64_t, int64_t, int64_t,
-                                 const float*);
+using QuantizeChunk = size_t (*)(int, const float*, void*, int64_t, int64_t, int64_t, const float*);
 using F32ToHalfRow = void (*)(const float*, void*, int64_t);
 
 template <typename T>
@@ -67,7 +66,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--elements") == 0) n = std::atoll(argv[i + 1]);
     if (std::strcmp(argv[i], "--reps") == 0) reps = std::atoi(argv[i + 1]);
   }
-  n = n / 256 * 256;
+  n = std::max<int64_t>(4096, n / 4096 * 4096);  // whole rows of 4096
   const char* src_dir = std::getenv("FLEET_SOURCE_DIR");
   std::string lib = std::string(src_dir ? src_dir : FLEET_SOURCE_DIR_DEFAULT) +
                     "/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/libggml-base.so";
@@ -111,7 +110,28 @@ int main(int argc, char** argv) {
                       {GgmlType::kQ3_K, "dequantize_row_q3_K"},
                       {GgmlType::kQ4_K, "dequantize_row_q4_K"},
                       {GgmlType::kQ5_K, "dequantize_row_q5_K"},
-                      {GgmlType::kQ6_K, "dequantize_row_q6_K"}};
+                      {GgmlType::kQ6_K, "dequantize_row_q6_K"},
+                      {GgmlType::kIQ4_NL, "dequantize_row_iq4_nl"},
+                      {GgmlType::kIQ4_XS, "dequantize_row_iq4_xs"},
+                      {GgmlType::kIQ3_S, "dequantize_row_iq3_s"},
+                      {GgmlType::kIQ3_XXS, "dequantize_row_iq3_xxs"},
+                      {GgmlType::kIQ2_XXS, "dequantize_row_iq2_xxs"},
+                      {GgmlType::kIQ2_XS, "dequantize_row_iq2_xs"},
+                      {GgmlType::kIQ2_S, "dequantize_row_iq2_s"},
+                      {GgmlType::kIQ1_S, "dequantize_row_iq1_s"},
+                      {GgmlType::kIQ1_M, "dequantize_row_iq1_m"},
+                      {GgmlType::kTQ1_0, "dequantize_row_tq1_0"},
+                      {GgmlType::kTQ2_0, "dequantize_row_tq2_0"},
+                      {GgmlType::kMXFP4, "dequantize_row_mxfp4"},
+                      {GgmlType::kNVFP4, "dequantize_row_nvfp4"},
+                      {GgmlType::kQ1_0, "dequantize_row_q1_0"},
+                      {GgmlType::kQ2_0, "dequantize_row_q2_0"}};
+  // The IQ types need an importance matrix to quantise (ggml refuses some without one, and IQ2_S
+  // and IQ1_M crash without); the same synthetic one for all: each column's mean square.
+  std::vector<float> imatrix(4096, 0.f);
+  for (int64_t i = 0; i < n; ++i)
+    imatrix[static_cast<size_t>(i % 4096)] += x[static_cast<size_t>(i)] * x[static_cast<size_t>(i)];
+  for (auto& v : imatrix) v = v / static_cast<float>(n / 4096) + 1e-6f;
   double worst = 1e9;
   bool all_identical = true;
   for (const Row& r : rows) {
@@ -124,12 +144,13 @@ int main(int argc, char** argv) {
     std::vector<uint8_t> q(static_cast<size_t>(n / traits.block_size * traits.type_size));
     if (r.type == GgmlType::kF16 || r.type == GgmlType::kBF16) {
       for (int64_t i = 0; i < n; ++i) {
-        uint16_t v = r.type == GgmlType::kF16 ? fleet::formats::Fp32ToFp16(x[static_cast<size_t>(i)])
-                                              : fleet::formats::Fp32ToBf16(x[static_cast<size_t>(i)]);
+        uint16_t v = r.type == GgmlType::kF16
+                         ? fleet::formats::Fp32ToFp16(x[static_cast<size_t>(i)])
+                         : fleet::formats::Fp32ToBf16(x[static_cast<size_t>(i)]);
         std::memcpy(q.data() + 2 * i, &v, 2);
       }
     } else {
-      quantize(static_cast<int>(r.type), x.data(), q.data(), 0, n / 4096, 4096, nullptr);
+      quantize(static_cast<int>(r.type), x.data(), q.data(), 0, n / 4096, 4096, imatrix.data());
     }
     std::vector<double> tg, to, ts, tob, tgb;
     for (int k = 0; k < reps; ++k) {
@@ -156,9 +177,8 @@ int main(int argc, char** argv) {
     fn(q.data(), theirs.data(), n);
     to_bf16(theirs.data(), theirs16.data(), n);
     (void)fleet::formats::Dequantize(r.type, q, n, fleet::formats::OutType::kF32, ours.data());
-    const bool identical =
-        std::memcmp(ours.data(), theirs.data(), ours.size() * 4) == 0 &&
-        std::memcmp(ours16.data(), theirs16.data(), ours16.size() * 2) == 0;
+    const bool identical = std::memcmp(ours.data(), theirs.data(), ours.size() * 4) == 0 &&
+                           std::memcmp(ours16.data(), theirs16.data(), ours16.size() * 2) == 0;
     all_identical &= identical;
     const double bytes = static_cast<double>(n) * 4;
     const double g = bytes / Median(tg) / 1e9, o = bytes / Median(to) / 1e9,

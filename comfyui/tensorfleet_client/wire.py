@@ -55,6 +55,9 @@ class ModelSpec:
     batch: int = 0
     # ComfyUI's weight_dtype: default (as stored), fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2.
     weight_dtype: str = "default"
+    # ComfyUI-GGUF's dequant_dtype: default, target (the compute dtype), float32, float16,
+    # bfloat16: the dtype GGUF weights expand into before the compute dtype.
+    dequant_dtype: str = "default"
 
 
 @dataclass
@@ -155,6 +158,7 @@ def hello_request(request_id, peer_name="fleet-client", max_message_bytes=1 << 4
 
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")  # ComfyUI's UNETLoader
+DEQUANT_DTYPES = ("default", "target", "float32", "float16", "bfloat16")  # ComfyUI-GGUF's
 
 
 def _spec(b, spec):
@@ -166,8 +170,12 @@ def _spec(b, spec):
     if spec.weight_dtype not in WEIGHT_DTYPES:
         raise InvalidArgumentError("weight_dtype '%s' is not one of %s"
                                    % (spec.weight_dtype, ", ".join(WEIGHT_DTYPES)))
+    if spec.dequant_dtype not in DEQUANT_DTYPES:
+        raise InvalidArgumentError("dequant_dtype '%s' is not one of %s"
+                                   % (spec.dequant_dtype, ", ".join(DEQUANT_DTYPES)))
     strings = [b.CreateString(s) for s in (spec.path, spec.compute_device, spec.donor_device,
-                                           spec.expert_mode_allocations, spec.weight_dtype)]
+                                           spec.expert_mode_allocations, spec.weight_dtype,
+                                           spec.dequant_dtype)]
     g.ModelSpecStart(b)
     g.ModelSpecAddPath(b, strings[0])
     g.ModelSpecAddComputeDevice(b, strings[1])
@@ -186,6 +194,7 @@ def _spec(b, spec):
             raise InvalidArgumentError("%s %d is not a size" % (name, value))
         getattr(g, "ModelSpecAdd" + name.capitalize())(b, value)
     g.ModelSpecAddWeightDtype(b, strings[4])
+    g.ModelSpecAddDequantDtype(b, strings[5])
     return g.ModelSpecEnd(b)
 
 

@@ -47,7 +47,8 @@ TARGETS = {
                                   + SIZES),
     "UnetLoaderGGUFAdvancedTensorfleet": (["unet_name", "dequant_dtype", "patch_dtype",
                                            "patch_on_device"] + DISTORCH
-                                          + ["keep_loaded", "mode", "coordinator"] + SIZES),
+                                          + ["compute_dtype", "keep_loaded", "mode",
+                                             "coordinator"] + SIZES),
 }
 DEFAULTS = {
     "weight_dtype": "default", "dequant_dtype": "default", "patch_dtype": "default",

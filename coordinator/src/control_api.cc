@@ -132,6 +132,8 @@ StatusOr<ModelSpec> ReadSpec(Get get) {
   FLEET_RETURN_IF_ERROR(size("batch", &spec.batch));
   spec.weight_dtype = get("weight_dtype").value_or("");
   FLEET_RETURN_IF_ERROR(ParseWeightDtype(spec.weight_dtype).status());
+  spec.dequant_dtype = get("dequant_dtype").value_or("");
+  FLEET_RETURN_IF_ERROR(ParseDequantDtype(spec.dequant_dtype).status());
   return spec;
 }
 

@@ -127,6 +127,15 @@ StatusOr<wire::DType> ParseWeightDtype(std::string_view name) {
                               "' is not one of default, fp8_e4m3fn, fp8_e4m3fn_fast, fp8_e5m2");
 }
 
+StatusOr<wire::DType> ParseDequantDtype(std::string_view name) {
+  if (name.empty() || name == "default" || name == "target") return wire::DType::Invalid;
+  if (name == "float32") return wire::DType::F32;
+  if (name == "float16") return wire::DType::F16;
+  if (name == "bfloat16") return wire::DType::BF16;
+  return InvalidArgumentError("dequant_dtype '" + std::string(name) +
+                              "' is not one of default, target, float32, float16, bfloat16");
+}
+
 struct LoadedModel {
   // Immutable after the load started.
   std::string name;
@@ -340,9 +349,12 @@ struct Coordinator::Impl {
     std::map<std::string, const formats::TensorInfo*> by_name;
     for (const auto& t : p.file->tensors()) by_name[t.name] = &t;
     FLEET_ASSIGN_OR_RETURN(wire::DType weight_dtype, ParseWeightDtype(spec.weight_dtype));
+    FLEET_ASSIGN_OR_RETURN(wire::DType dequant_dtype, ParseDequantDtype(spec.dequant_dtype));
     const bool fp8 = weight_dtype != wire::DType::Invalid;
     uint64_t largest_expanded = 0;  // scratch for the largest stored-form weight at use
-    const uint64_t compute_size = protocol::DTypeSize(*protocol::ParseDType(p.compute_dtype));
+    // An expanded weight exists in the dequant dtype and the compute dtype at once, briefly.
+    uint64_t compute_size = protocol::DTypeSize(*protocol::ParseDType(p.compute_dtype));
+    if (dequant_dtype != wire::DType::Invalid) compute_size += protocol::DTypeSize(dequant_dtype);
     for (const auto& u : p.layout.units) {
       placement::Unit unit{u.name, 0, u.pinned, "", false};
       for (const auto& tn : u.tensors) {
@@ -465,7 +477,8 @@ struct Coordinator::Impl {
           }
           worker::ModelSpec spec{m.name, m.layout.family, m.layout.config_json,
                                  *protocol::ParseDType(m.compute_dtype),
-                                 *ParseWeightDtype(m.spec.weight_dtype)};
+                                 *ParseWeightDtype(m.spec.weight_dtype),
+                                 *ParseDequantDtype(m.spec.dequant_dtype)};
           Status s = (*link)->LoadBlockFromFile(spec, unit, m.rel_path, m.unit_tensors.at(unit));
           if (!s.ok()) {
             std::lock_guard lock(err_mu);
@@ -739,7 +752,9 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
                   e.spec.expert_mode_allocations == spec.expert_mode_allocations &&
                   e.mode == model->mode && e.spec.dtype == spec.dtype &&
                   e.spec.allow_mixed == spec.allow_mixed &&
-                  *ParseWeightDtype(e.spec.weight_dtype) == *ParseWeightDtype(spec.weight_dtype);
+                  *ParseWeightDtype(e.spec.weight_dtype) == *ParseWeightDtype(spec.weight_dtype) &&
+                  *ParseDequantDtype(e.spec.dequant_dtype) ==
+                      *ParseDequantDtype(spec.dequant_dtype);
       if (same && e.state == ModelState::kReady) {
         e.spec.keep_loaded = spec.keep_loaded;
         e.last_used = Clock::now();

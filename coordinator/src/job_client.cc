@@ -47,7 +47,8 @@ flatbuffers::Offset<wire::ModelSpec> BuildSpec(flatbuffers::FlatBufferBuilder& f
                                s.keep_loaded, mode, dtype, static_cast<uint32_t>(s.prefetch_depth),
                                s.allow_mixed, static_cast<uint32_t>(s.width),
                                static_cast<uint32_t>(s.height), static_cast<uint32_t>(s.frames),
-                               static_cast<uint32_t>(s.batch), fbb.CreateString(s.weight_dtype));
+                               static_cast<uint32_t>(s.batch), fbb.CreateString(s.weight_dtype),
+                               fbb.CreateString(s.dequant_dtype));
 }
 
 }  // namespace

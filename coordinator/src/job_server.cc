@@ -109,6 +109,8 @@ StatusOr<ModelSpec> ReadSpec(const wire::ModelSpec* s) {
   FLEET_ASSIGN_OR_RETURN(spec.batch, families::CheckInputSize("batch", s->batch()));
   if (s->weight_dtype() != nullptr) spec.weight_dtype = s->weight_dtype()->str();
   FLEET_RETURN_IF_ERROR(ParseWeightDtype(spec.weight_dtype).status());
+  if (s->dequant_dtype() != nullptr) spec.dequant_dtype = s->dequant_dtype()->str();
+  FLEET_RETURN_IF_ERROR(ParseDequantDtype(spec.dequant_dtype).status());
   return spec;
 }
 

@@ -168,7 +168,9 @@ class JobPeer:
                            "donor_device": _s(spec.DonorDevice()),
                            "expert": _s(spec.ExpertModeAllocations()),
                            "eject_models": spec.EjectModels(), "keep_loaded": spec.KeepLoaded(),
-                           "mode": spec.Mode(), "dtype": spec.Dtype()}
+                           "mode": spec.Mode(), "dtype": spec.Dtype(),
+                           "weight_dtype": _s(spec.WeightDtype()),
+                           "dequant_dtype": _s(spec.DequantDtype())}
                 is_plan = kind == g.JobRequestBody.PlanRequest
                 self.requests.append(("Plan" if is_plan else "LoadModel", details))
                 if "tb" in details["expert"]:

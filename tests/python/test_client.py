@@ -71,7 +71,8 @@ def test_load_plan_list_and_spec_fields(peer):
     sent = peer.requests[2][1]
     assert sent == {"path": "flux/dev.safetensors", "compute_device": "cuda:1",
                     "virtual_vram_gb": 6.5, "donor_device": "cuda:0,cpu", "expert": "",
-                    "eject_models": False, "keep_loaded": False, "mode": 2, "dtype": 3}
+                    "eject_models": False, "keep_loaded": False, "mode": 2, "dtype": 3,
+                    "weight_dtype": "default", "dequant_dtype": "default"}
 
 
 def test_errors_carry_the_coordinators_text(peer):

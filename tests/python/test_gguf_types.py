@@ -76,9 +76,9 @@ def _quantize(ggml, source, gid, out):
     return out
 
 
-def _run_local(model, inputs, out, dtype=None):
-    run_fleet("run-local", model, "--inputs", inputs, "--out", out,
-              *(["--dtype", dtype] if dtype else []))
+def _run_local(model, inputs, out, dtype=None, dequant_dtype="default"):
+    run_fleet("run-local", model, "--inputs", inputs, "--out", out, "--dequant-dtype",
+              dequant_dtype, *(["--dtype", dtype] if dtype else []))
     return load_safetensors(out)[0]["out"]
 
 
@@ -127,6 +127,29 @@ def test_subset_in_every_mode(cluster, source, models, qtype):
             got = c.forward(info.name, x)["out"]
             assert _same_bits(got, want), "%s in %s mode differs from run-local" % (qtype, mode)
             c.unload_model(info.name)
+
+
+def test_dequant_dtype_expands_through_that_dtype_in_every_mode(cluster, source, models):
+    """ComfyUI-GGUF's dequant_dtype: float16 under a bf16 compute rounds twice (f32 -> f16 ->
+    bf16), so it differs from the default; the cluster matches run-local with the same input."""
+    _, inputs, d = source
+    path = models["Q4_K"]
+    x = load_safetensors(inputs)[0]
+    default = _run_local(path, inputs, d / "dq-default.safetensors")
+    want = _run_local(path, inputs, d / "dq-f16.safetensors", dequant_dtype="float16")
+    assert want.dtype == torch.bfloat16 and not _same_bits(want, default)
+    same = _run_local(path, inputs, d / "dq-target.safetensors", dequant_dtype="target")
+    assert _same_bits(same, default)  # target is the compute dtype
+    with tf.Client(cluster.address) as c:
+        for mode in ("stream", "pipeline"):
+            info = c.load_model(tf.ModelSpec(os.path.basename(path), compute_device="cuda:0",
+                                             expert_mode_allocations=EXPERT, mode=mode,
+                                             eject_models=False, dequant_dtype="float16"))
+            got = c.forward(info.name, x)["out"]
+            assert _same_bits(got, want), "dequant_dtype float16 in %s mode" % mode
+            c.unload_model(info.name)
+        with pytest.raises(tf.InvalidArgumentError, match="dequant_dtype 'fp8' is not one of"):
+            c.load_model(tf.ModelSpec(os.path.basename(path), dequant_dtype="fp8"))
 
 
 def test_quantisation_error_against_the_unquantised_model(source, models, capsys):

@@ -137,7 +137,8 @@ def test_loader_sends_the_distorch_inputs(peer, models_dir):
     assert peer.requests[2][1] == {"path": "dev.safetensors", "compute_device": "cuda:1",
                                    "virtual_vram_gb": 7.5, "donor_device": "cuda:0",
                                    "expert": "", "eject_models": False, "keep_loaded": False,
-                                   "mode": 1, "dtype": 1}
+                                   "mode": 1, "dtype": 1, "weight_dtype": "default",
+                                   "dequant_dtype": "default"}
 
 
 # -------------------------------------------------------------------------- the MODEL

@@ -147,7 +147,8 @@ def test_converted_ui_workflow_loads_and_runs_through_the_nodes(peer, flux_model
     assert q8["expert"] == "cuda:0,6gb;cuda:1,4gb;cpu,*" and q8["eject_models"] is True
     assert (q4["compute_device"], q4["donor_device"], q4["eject_models"]) == \
         ("cuda:1", "cuda:0,cpu", False)
-    assert q4["dtype"] == 3  # dequant_dtype bfloat16 -> wire DType.BF16
+    # dequant_dtype is its own input; the compute dtype stays the default (the file's).
+    assert (q4["dequant_dtype"], q4["dtype"]) == ("bfloat16", 0)
     assert (schnell["compute_device"], schnell["virtual_vram_gb"]) == ("cuda:1", 0.0)
     assert (plain_gguf["compute_device"], plain_gguf["virtual_vram_gb"]) == ("cuda:0", 0.0)
 

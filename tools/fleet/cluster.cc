@@ -223,7 +223,7 @@ void PrintLoadedPlan(const json& model) {
 int RunLoad(const std::vector<std::string>& args) {
   ClusterFlags f;
   std::string name, compute_device = "cuda:0", donor_device = "cpu", expert, mode = "auto", dtype;
-  std::string weight_dtype = "default";
+  std::string weight_dtype = "default", dequant_dtype = "default";
   double virtual_vram_gb = 4.0;
   bool eject_models = true, keep_loaded = true, progress = true;
   config::Duration load_timeout{std::chrono::minutes(30)};
@@ -243,6 +243,9 @@ int RunLoad(const std::vector<std::string>& args) {
   set.Add("weight_dtype", &weight_dtype,
           "ComfyUI's weight_dtype: default, fp8_e4m3fn, fp8_e4m3fn_fast or fp8_e5m2 (keep the "
           "floating weights as fp8)");
+  set.Add("dequant_dtype", &dequant_dtype,
+          "ComfyUI-GGUF's dequant_dtype: default, target, float32, float16 or bfloat16 (the dtype "
+          "GGUF weights expand into before the compute dtype)");
   set.Add("load_timeout", &load_timeout, "How long the load may take");
   set.Add("progress", &progress, "Show bytes loaded on stderr while the load runs");
   AddInputSizeFlags(set, &sizes);
@@ -267,6 +270,7 @@ int RunLoad(const std::vector<std::string>& args) {
                {"mode", mode}};
   if (!dtype.empty()) body["dtype"] = dtype;
   body["weight_dtype"] = weight_dtype;
+  body["dequant_dtype"] = dequant_dtype;
   for (const auto& [size, value] : sizes.Given()) body[size] = value;
   const HttpClient& c = *s->client;
   const std::string target = "/v2/repository/models/" + UrlEncode(name) + "/load";

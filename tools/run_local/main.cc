@@ -25,6 +25,7 @@ int Fail(const fleet::Status& s, int code) {
 int main(int argc, char** argv) {
   using namespace fleet;
   std::string inputs, out, dtype_text, trace_path, device = "cpu", weight_dtype = "default";
+  std::string dequant_dtype = "default";
   int64_t threads = 2, repeat = 1;
   bool tune_allocator = true;
   config::OptionSet set("fleet-run-local",
@@ -36,6 +37,9 @@ int main(int argc, char** argv) {
   set.Add("weight_dtype", &weight_dtype,
           "ComfyUI's weight_dtype: default, fp8_e4m3fn, fp8_e4m3fn_fast or fp8_e5m2 (keep the "
           "floating weights as fp8, as the workers do)");
+  set.Add("dequant_dtype", &dequant_dtype,
+          "ComfyUI-GGUF's dequant_dtype: default, target, float32, float16 or bfloat16 (the dtype "
+          "GGUF weights expand into before the compute dtype)");
   set.Add("threads", &threads, "libtorch intra-op threads");
   set.Add("device", &device, "Where to run: cpu or cuda:N (CUDA needs a CUDA build of libtorch)");
   set.Add("trace", &trace_path, "Also write the state after every block ('<block>/<name>')");
@@ -80,7 +84,8 @@ int main(int argc, char** argv) {
   }
   at::set_num_threads(static_cast<int>(threads));
 
-  auto runner = run_local::LocalRunner::Create(positional[0], dtype, device, weight_dtype);
+  auto runner = run_local::LocalRunner::Create(positional[0], dtype, device, weight_dtype,
+                                                  dequant_dtype);
   if (!runner.ok()) return Fail(runner.status(), 2);
   auto input = run_local::ReadTensors(inputs);
   if (!input.ok()) return Fail(input.status(), 2);

@@ -80,7 +80,8 @@ Status WriteTensors(const models::TensorMap& tensors, const std::string& path) {
 StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& model_path,
                                                            std::optional<at::ScalarType> dtype,
                                                            const std::string& device,
-                                                           const std::string& weight_dtype) {
+                                                           const std::string& weight_dtype,
+                                                           const std::string& dequant_dtype) {
   std::unique_ptr<LocalRunner> r(new LocalRunner());
   std::optional<tensor::F8Format> fp8;  // keep F32/F16/BF16 weights as fp8
   if (weight_dtype == "fp8_e4m3fn" || weight_dtype == "fp8_e4m3fn_fast") {
@@ -90,6 +91,16 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
   } else if (weight_dtype != "default" && !weight_dtype.empty()) {
     return InvalidArgumentError("--weight-dtype '" + weight_dtype +
                                 "': expected default, fp8_e4m3fn, fp8_e4m3fn_fast or fp8_e5m2");
+  }
+  if (dequant_dtype == "float32") {
+    r->dequant_ = at::kFloat;
+  } else if (dequant_dtype == "float16") {
+    r->dequant_ = at::kHalf;
+  } else if (dequant_dtype == "bfloat16") {
+    r->dequant_ = at::kBFloat16;
+  } else if (dequant_dtype != "default" && dequant_dtype != "target" && !dequant_dtype.empty()) {
+    return InvalidArgumentError("--dequant-dtype '" + dequant_dtype +
+                                "': expected default, target, float32, float16 or bfloat16");
   }
   try {
     r->device_ = at::Device(device);
@@ -185,7 +196,7 @@ Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) cons
     }
   }
   for (size_t i = 0; i < names.size(); ++i) {
-    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, models::StoredWeights(*model_, blocks_[i]), state));
+    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, models::StoredWeights(*model_, blocks_[i], dequant_), state));
     if (trace) {
       for (const auto& [name, t] : state) {
         if (i > 0 && model_->IsRunConstant(name)) continue;

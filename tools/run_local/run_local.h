@@ -34,10 +34,12 @@ class LocalRunner {
   /// build of libtorch). Run() moves the input state there.
   /// \param weight_dtype ComfyUI's weight_dtype ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast",
   /// "fp8_e5m2"): F32/F16/BF16 weights are kept as fp8, as a worker keeps them.
-  static StatusOr<std::unique_ptr<LocalRunner>> Create(const std::string& model_path,
-                                                       std::optional<at::ScalarType> dtype,
-                                                       const std::string& device = "cpu",
-                                                       const std::string& weight_dtype = "default");
+  /// \param dequant_dtype ComfyUI-GGUF's dequant_dtype ("default", "target", "float32",
+  /// "float16", "bfloat16"): the dtype GGUF weights expand into before the compute dtype.
+  static StatusOr<std::unique_ptr<LocalRunner>> Create(
+      const std::string& model_path, std::optional<at::ScalarType> dtype,
+      const std::string& device = "cpu", const std::string& weight_dtype = "default",
+      const std::string& dequant_dtype = "default");
 
   const models::Model& model() const { return *model_; }
 
@@ -54,6 +56,7 @@ class LocalRunner {
   // weights prepared, GGUF and fp8 weights in their stored form, expanded at use.
   std::vector<models::WeightStore> blocks_;
   at::Device device_ = at::kCPU;
+  std::optional<at::ScalarType> dequant_;  // none: GGUF expands straight to the compute dtype
 };
 
 }  // namespace fleet::run_local

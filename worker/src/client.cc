@@ -327,7 +327,8 @@ Status WorkerClient::LoadBlockFromFile(const ModelSpec& model, const std::string
   auto body = wire::CreateLoadBlockRequest(
       fbb, fbb.CreateString(model.name), fbb.CreateString(model.family),
       fbb.CreateString(model.config_json), model.compute_dtype, fbb.CreateString(block),
-      wire::BlockSource::FileSource, source.Union(), model.weight_dtype);
+      wire::BlockSource::FileSource, source.Union(), model.weight_dtype,
+      model.dequant_dtype);
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::LoadBlockRequest, body.Union());
   return Call(fbb, {}, options_.timeout).status();
 }
@@ -343,7 +344,8 @@ Status WorkerClient::LoadBlockFromWire(const ModelSpec& model, const std::string
   auto body = wire::CreateLoadBlockRequest(
       fbb, fbb.CreateString(model.name), fbb.CreateString(model.family),
       fbb.CreateString(model.config_json), model.compute_dtype, fbb.CreateString(block),
-      wire::BlockSource::WireSource, source.Union(), model.weight_dtype);
+      wire::BlockSource::WireSource, source.Union(), model.weight_dtype,
+      model.dequant_dtype);
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::LoadBlockRequest, body.Union());
   return CallLocked(fbb, std::move(data), options_.timeout).status();
 }

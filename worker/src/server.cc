@@ -218,6 +218,7 @@ struct WorkerServer::Impl {
   struct ModelEntry {
     std::string family, config_json;
     wire::DType dtype = wire::DType::F32;
+    std::optional<at::ScalarType> dequant;  // LoadBlockRequest.dequant_dtype; none: compute
     std::shared_ptr<models::Model> model;
     std::unordered_map<std::string, size_t> index;  // block name -> index
     std::map<std::string, Block> blocks;
@@ -753,10 +754,25 @@ StatusOr<std::shared_ptr<models::Model>> WorkerServer::Impl::GetOrCreateModelLoc
   const std::string name = Str(r.model());
   const std::string family = Str(r.family());
   const std::string config_json = Str(r.config_json());
+  std::optional<at::ScalarType> dequant;
+  switch (r.dequant_dtype()) {
+    case wire::DType::Invalid:
+      break;
+    case wire::DType::F32:
+    case wire::DType::F16:
+    case wire::DType::BF16:
+      dequant = internal::ToScalarType(r.dequant_dtype());
+      break;
+    default:
+      return InvalidArgumentError("dequant dtype " +
+                                  std::string(protocol::DTypeName(r.dequant_dtype())) +
+                                  " of model '" + name + "' is not f32, f16 or bf16");
+  }
   auto it = models_.find(name);
   if (it != models_.end()) {
     const ModelEntry& e = it->second;
-    if (e.family != family || e.config_json != config_json || e.dtype != r.compute_dtype()) {
+    if (e.family != family || e.config_json != config_json || e.dtype != r.compute_dtype() ||
+        e.dequant != dequant) {
       return AlreadyExistsError("model '" + name + "' is loaded here as family '" + e.family +
                                 "' dtype " + std::string(protocol::DTypeName(e.dtype)) +
                                 " with another configuration; evict it before loading a "
@@ -782,6 +798,7 @@ StatusOr<std::shared_ptr<models::Model>> WorkerServer::Impl::GetOrCreateModelLoc
   e.family = family;
   e.config_json = config_json;
   e.dtype = r.compute_dtype();
+  e.dequant = dequant;
   e.model = std::move(created);
   for (size_t i = 0; i < e.model->block_names().size(); ++i) e.index[e.model->block_names()[i]] = i;
   auto model = e.model;
@@ -1227,6 +1244,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   };
   std::vector<Step> steps;
   std::shared_ptr<models::Model> model;
+  std::optional<at::ScalarType> dequant;
   models::TensorMap state;
   std::set<std::string> from_cache;
   {
@@ -1235,6 +1253,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
     if (it == models_.end())
       return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
     model = it->second.model;
+    dequant = it->second.dequant;
     auto j = jobs.find(job);
     if (j == jobs.end())
       return NotFoundError("job '" + job + "' has no tensors on " + config.id +
@@ -1408,7 +1427,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       weights = std::move(fetched.weights);
     }
     const auto t0 = Clock::now();
-    status = model->RunBlock(step.index, models::StoredWeights(*model, weights), state);
+    status = model->RunBlock(step.index, models::StoredWeights(*model, weights, dequant), state);
     const double dt = Seconds(Clock::now() - t0);
     weights.clear();
     if (!step.donor.empty()) release(fetched);

@@ -713,7 +713,14 @@ class LoadBlockRequest(object):
             return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
         return 0
 
-def LoadBlockRequestStart(builder): builder.StartObject(8)
+    # LoadBlockRequest
+    def DequantDtype(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
+        return 0
+
+def LoadBlockRequestStart(builder): builder.StartObject(9)
 def LoadBlockRequestAddModel(builder, model): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
 def LoadBlockRequestAddFamily(builder, family): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(family), 0)
 def LoadBlockRequestAddConfigJson(builder, configJson): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(configJson), 0)
@@ -722,6 +729,7 @@ def LoadBlockRequestAddBlock(builder, block): builder.PrependUOffsetTRelativeSlo
 def LoadBlockRequestAddSourceType(builder, sourceType): builder.PrependUint8Slot(5, sourceType, 0)
 def LoadBlockRequestAddSource(builder, source): builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(source), 0)
 def LoadBlockRequestAddWeightDtype(builder, weightDtype): builder.PrependUint8Slot(7, weightDtype, 0)
+def LoadBlockRequestAddDequantDtype(builder, dequantDtype): builder.PrependUint8Slot(8, dequantDtype, 0)
 def LoadBlockRequestEnd(builder): return builder.EndObject()
 
 
@@ -2079,7 +2087,14 @@ class ModelSpec(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
-def ModelSpecStart(builder): builder.StartObject(16)
+    # ModelSpec
+    def DequantDtype(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(36))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+def ModelSpecStart(builder): builder.StartObject(17)
 def ModelSpecAddPath(builder, path): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(path), 0)
 def ModelSpecAddComputeDevice(builder, computeDevice): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(computeDevice), 0)
 def ModelSpecAddVirtualVramGb(builder, virtualVramGb): builder.PrependFloat64Slot(2, virtualVramGb, 0.0)
@@ -2096,6 +2111,7 @@ def ModelSpecAddHeight(builder, height): builder.PrependUint32Slot(12, height, 0
 def ModelSpecAddFrames(builder, frames): builder.PrependUint32Slot(13, frames, 0)
 def ModelSpecAddBatch(builder, batch): builder.PrependUint32Slot(14, batch, 0)
 def ModelSpecAddWeightDtype(builder, weightDtype): builder.PrependUOffsetTRelativeSlot(15, flatbuffers.number_types.UOffsetTFlags.py_type(weightDtype), 0)
+def ModelSpecAddDequantDtype(builder, dequantDtype): builder.PrependUOffsetTRelativeSlot(16, flatbuffers.number_types.UOffsetTFlags.py_type(dequantDtype), 0)
 def ModelSpecEnd(builder): return builder.EndObject()
 
 

@@ -34,16 +34,17 @@ Status CheckShape(std::string_view name, const std::vector<int64_t>& shape) {
   return Status::OK();
 }
 
-// GGUF blocks to `compute`: ggml's dequantisation, rounded once to f16/bf16 with ggml's
-// rounding (f32 computes keep f32), on the CPU; the result goes where the bytes were.
+// GGUF blocks to `compute` through `dequant`: ggml's dequantisation, rounded once to f16/bf16
+// with ggml's rounding when `dequant` is one of them (f32 keeps f32), then converted to
+// `compute`; on the CPU, and the result goes where the bytes were.
 StatusOr<at::Tensor> ExpandGguf(std::string_view name, const StoredWeight& w,
-                                at::ScalarType compute) {
+                                at::ScalarType dequant, at::ScalarType compute) {
   formats::OutType out = formats::OutType::kF32;
   at::ScalarType produced = at::kFloat;
-  if (compute == at::kHalf) {
+  if (dequant == at::kHalf) {
     out = formats::OutType::kF16;
     produced = at::kHalf;
-  } else if (compute == at::kBFloat16) {
+  } else if (dequant == at::kBFloat16) {
     out = formats::OutType::kBF16;
     produced = at::kBFloat16;
   }
@@ -185,13 +186,16 @@ StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, boo
 }
 
 StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view name,
-                                           const StoredWeight& w) {
+                                           const StoredWeight& w,
+                                           std::optional<at::ScalarType> dequant) {
   try {
     switch (w.form) {
       case StoredWeight::Form::kResident:
         return w.data;
       case StoredWeight::Form::kGguf: {
-        FLEET_ASSIGN_OR_RETURN(at::Tensor t, ExpandGguf(name, w, model.compute_dtype()));
+        const at::ScalarType compute = model.compute_dtype();
+        FLEET_ASSIGN_OR_RETURN(at::Tensor t,
+                               ExpandGguf(name, w, dequant.value_or(compute), compute));
         return model.PrepareWeight(name, t);
       }
       case StoredWeight::Form::kF8E4M3:
@@ -235,7 +239,7 @@ StatusOr<at::Tensor> StoredWeights::Get(std::string_view name) const {
   if (it == store_.end() || !it->second.data.defined()) {
     return InvalidArgumentError("missing " + Where(name));
   }
-  return Expand(model_, name, it->second);
+  return Expand(model_, name, it->second, dequant_);
 }
 
 bool StoredWeights::Has(std::string_view name) const {

@@ -60,11 +60,18 @@ struct ModelSpec {
   // ComfyUI's weight_dtype: "" or "default" (as stored), "fp8_e4m3fn", "fp8_e4m3fn_fast" (the
   // same here), "fp8_e5m2": the floating weights are kept as fp8 (ParseWeightDtype).
   std::string weight_dtype;
+  // ComfyUI-GGUF's dequant_dtype: "" / "default" / "target" (the compute dtype), "float32",
+  // "float16", "bfloat16": what GGUF weights expand into before the compute dtype.
+  std::string dequant_dtype;
 };
 
 /// The worker's weight dtype for a ModelSpec::weight_dtype (Invalid: as stored), or
 /// InvalidArgument listing the accepted names.
 StatusOr<wire::DType> ParseWeightDtype(std::string_view name);
+
+/// The worker's dequant dtype for a ModelSpec::dequant_dtype (Invalid: the compute dtype), or
+/// InvalidArgument listing the accepted names.
+StatusOr<wire::DType> ParseDequantDtype(std::string_view name);
 
 enum class ModelState { kLoading, kReady, kFailed, kUnloading };
 std::string_view ModelStateName(ModelState state);

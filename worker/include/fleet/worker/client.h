@@ -57,6 +57,7 @@ struct ModelSpec {
   std::string config_json;  // fleet::models config
   wire::DType compute_dtype = wire::DType::F32;
   wire::DType weight_dtype = wire::DType::Invalid;  // F8E4M3/F8E5M2: keep floating weights as fp8
+  wire::DType dequant_dtype = wire::DType::Invalid;  // F32/F16/BF16: GGUF expands via this dtype
 };
 
 /// One tensor of a model file the worker reads itself.

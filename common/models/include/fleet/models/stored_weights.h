@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -79,21 +80,28 @@ StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, boo
 Status AttachScales(WeightStore& store);
 
 /// The accessor over a block's WeightStore: resident weights as they are, stored forms expanded
-/// at each Get into `model`'s compute dtype on the device their bytes are on.
+/// at each Get into `model`'s compute dtype on the device their bytes are on. `dequant` is
+/// ComfyUI-GGUF's dequant_dtype: GGUF weights expand to ggml's f32 values rounded once to it,
+/// then converted to the compute dtype; none (default, target) rounds straight to the compute
+/// dtype. It does not apply to fp8 weights (neither does ComfyUI-GGUF's).
 class StoredWeights final : public WeightAccessor {
  public:
   /// REQUIRES: `model` and `store` outlive this accessor.
-  StoredWeights(const Model& model, const WeightStore& store) : model_(model), store_(store) {}
+  StoredWeights(const Model& model, const WeightStore& store,
+                std::optional<at::ScalarType> dequant = std::nullopt)
+      : model_(model), store_(store), dequant_(dequant) {}
   StatusOr<at::Tensor> Get(std::string_view name) const override;
   bool Has(std::string_view name) const override;
 
   /// Expands one stored weight (what Get does), for callers that keep expanded copies.
   static StatusOr<at::Tensor> Expand(const Model& model, std::string_view name,
-                                     const StoredWeight& weight);
+                                     const StoredWeight& weight,
+                                     std::optional<at::ScalarType> dequant = std::nullopt);
 
  private:
   const Model& model_;
   const WeightStore& store_;
+  std::optional<at::ScalarType> dequant_;
 };
 
 }  // namespace fleet::models
