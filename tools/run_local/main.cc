@@ -47,7 +47,8 @@ int main(int argc, char** argv) {
   set.Add("tune_allocator", &tune_allocator,
           "Keep freed buffers in the heap (models::TuneHostAllocator); false to measure without");
   std::string log_format = "text";
-  set.Add("log_format", &log_format, "Log line format on stderr: text or json (one object per line)");
+  set.Add("log_format", &log_format,
+          "Log line format on stderr: text or json (one object per line)");
   std::vector<std::string> positional = set.ParseOrExit(argc, argv);
   if (!log::SetFormatByName(log_format)) {
     std::fprintf(stderr, "fleet-run-local: --log-format: expected text or json, got '%s'\n",
@@ -84,8 +85,8 @@ int main(int argc, char** argv) {
   }
   at::set_num_threads(static_cast<int>(threads));
 
-  auto runner = run_local::LocalRunner::Create(positional[0], dtype, device, weight_dtype,
-                                                  dequant_dtype);
+  auto runner =
+      run_local::LocalRunner::Create(positional[0], dtype, device, weight_dtype, dequant_dtype);
   if (!runner.ok()) return Fail(runner.status(), 2);
   auto input = run_local::ReadTensors(inputs);
   if (!input.ok()) return Fail(input.status(), 2);

@@ -196,7 +196,8 @@ Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) cons
     }
   }
   for (size_t i = 0; i < names.size(); ++i) {
-    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, models::StoredWeights(*model_, blocks_[i], dequant_), state));
+    FLEET_RETURN_IF_ERROR(
+        model_->RunBlock(i, models::StoredWeights(*model_, blocks_[i], dequant_), state));
     if (trace) {
       for (const auto& [name, t] : state) {
         if (i > 0 && model_->IsRunConstant(name)) continue;
