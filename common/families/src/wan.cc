@@ -1,6 +1,5 @@
 // WAN 2.1 / 2.2 video transformers: stem, blocks.i, head. Torch-free half; the layout and the
-// configuration keys are in docs/models.md. (No torch implementation yet: loading a WAN model
-// stops at models::CreateModel with "unknown model family".)
+// configuration keys are in docs/models.md; the torch half is common/models/src/wan.cc.
 #include <algorithm>
 #include <array>
 

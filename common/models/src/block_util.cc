@@ -1,8 +1,17 @@
 #include "block_util.h"
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/addcmul.h>
 #include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/rsqrt.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/softmax.h>
 
+#include <cmath>
 #include <sstream>
 
 namespace fleet::models::internal {
@@ -129,6 +138,63 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
 at::Tensor GeluTanh(const at::Tensor& x) {
   return Fp16Safe(x, [](const at::Tensor& v) { return at::gelu(v, "tanh"); });
+}
+
+at::Tensor Silu(const at::Tensor& x) {
+  return Fp16Safe(x, [](const at::Tensor& v) { return at::silu(v); });
+}
+
+at::Tensor LayerNorm(const at::Tensor& x, double eps) {
+  return Fp16Safe(x, [&](const at::Tensor& v) {
+    return at::layer_norm(v, {v.size(-1)}, /*weight=*/{}, /*bias=*/{}, eps);
+  });
+}
+
+at::Tensor LayerNormAffine(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps) {
+  return Fp16Safe(x, [&](const at::Tensor& v) {
+    return at::layer_norm(v, {v.size(-1)}, weight.to(v.scalar_type()), bias.to(v.scalar_type()),
+                          eps);
+  });
+}
+
+at::Tensor Matmul(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kHalf && a.device().is_cpu()) {
+    return at::matmul(a.to(at::kFloat), b.to(at::kFloat)).to(at::kHalf);
+  }
+  return at::matmul(a, b);
+}
+
+at::Tensor Modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                    double eps) {
+  at::Tensor normed = LayerNorm(x, eps);
+  at::Tensor one_plus = scale + 1;
+  return Fp16Safe(normed, [&](const at::Tensor& n) {
+    return at::addcmul(shift.to(n.scalar_type()), n, one_plus.to(n.scalar_type()));
+  });
+}
+
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& gain, at::ScalarType out_dtype,
+                   double eps) {
+  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor r = xf * at::rsqrt(at::mean(xf * xf, {-1}, /*keepdim=*/true) + eps);
+  return (r * gain.to(at::kFloat)).to(out_dtype);
+}
+
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& pe) {
+  auto sizes = x.sizes().vec();
+  at::Tensor xr = x.to(at::kFloat).reshape({sizes[0], sizes[1], sizes[2], -1, 1, 2});
+  at::Tensor out = pe.select(-1, 0) * xr.select(-1, 0) + pe.select(-1, 1) * xr.select(-1, 1);
+  return out.reshape(sizes).to(x.scalar_type());
+}
+
+at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  // bf16 logits of magnitude ~10 would carry errors of ~0.04, i.e. ~4% in the attention weights.
+  at::Tensor sim = at::matmul(q.to(at::kFloat), k.to(at::kFloat).transpose(-1, -2)) * scale;
+  at::Tensor p = at::softmax(sim, -1).to(v.scalar_type());
+  at::Tensor o = Matmul(p, v);  // [B, H, Tq, d]
+  return o.permute({0, 2, 1, 3}).reshape({q.size(0), q.size(2), -1});
 }
 
 at::Tensor ConvertWeight(const at::Tensor& stored, at::ScalarType dtype) {

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "fleet/models/model.h"
 #include "fleet/status/status.h"
@@ -62,6 +63,72 @@ at::Tensor GeluTanh(const at::Tensor& x);
 
 /// Converts a floating weight to `dtype` (contiguous); other dtypes pass through.
 at::Tensor ConvertWeight(const at::Tensor& stored, at::ScalarType dtype);
+
+/// Reads one block's weights through the accessor by suffix, checking shape, dtype and device.
+class BlockWeights {
+ public:
+  BlockWeights(const WeightAccessor& weights, std::string prefix, at::ScalarType dtype,
+               at::Device device)
+      : weights_(weights), prefix_(std::move(prefix)), dtype_(dtype), device_(device) {}
+
+  StatusOr<at::Tensor> Get(std::string_view suffix, std::initializer_list<int64_t> shape) const {
+    const std::string name = prefix_ + std::string(suffix);
+    FLEET_ASSIGN_OR_RETURN(at::Tensor t, weights_.Get(name));
+    FLEET_RETURN_IF_ERROR(CheckTensor(t, "weight", name, shape));
+    if (t.scalar_type() != dtype_) {
+      return InvalidArgumentError("weight '" + name + "' has dtype " +
+                                  std::string(DtypeName(t.scalar_type())) + ", expected " +
+                                  std::string(DtypeName(dtype_)) + " (see Model::PrepareWeight)");
+    }
+    if (t.device() != device_) {
+      return InvalidArgumentError("weight '" + name + "' is on " + t.device().str() +
+                                  " but the activations are on " + device_.str());
+    }
+    return t;
+  }
+  /// An undefined tensor when `present` is false (qkv_bias = false).
+  StatusOr<at::Tensor> GetIf(bool present, std::string_view suffix,
+                             std::initializer_list<int64_t> shape) const {
+    if (!present) return at::Tensor();
+    return Get(suffix, shape);
+  }
+
+ private:
+  const WeightAccessor& weights_;
+  std::string prefix_;
+  at::ScalarType dtype_;
+  at::Device device_;
+};
+
+// ---- Ops shared by the families (ComfyUI's formulation; fp16-safe on the CPU) ----
+
+at::Tensor Silu(const at::Tensor& x);
+
+/// LayerNorm over the last dimension without affine parameters.
+at::Tensor LayerNorm(const at::Tensor& x, double eps = 1e-6);
+
+/// LayerNorm over the last dimension with gain and bias (in x's dtype).
+at::Tensor LayerNormAffine(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps);
+
+/// a @ b; fp16 on the CPU is formed in float32 and rounded once.
+at::Tensor Matmul(const at::Tensor& a, const at::Tensor& b);
+
+/// LN(x) * (1 + scale) + shift, as one addcmul like ComfyUI's apply_mod.
+at::Tensor Modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                    double eps = 1e-6);
+
+/// RMSNorm over the last dimension with gain, in float32, rounded to `out_dtype`.
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& gain, at::ScalarType out_dtype,
+                   double eps = 1e-6);
+
+/// Interleaved-pair rotation of x [B, H, T, d] by pe [1, 1, T, d/2, 2, 2] (float32 maths):
+/// out[2j+i] = pe[j][i][0] * x[2j] + pe[j][i][1] * x[2j+1].
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& pe);
+
+/// softmax(q k^T / sqrt(d)) v; q [B, H, Tq, d], k, v [B, H, Tk, d] -> [B, Tq, H*d]. Logits and
+/// softmax in float32 (as fused GPU attention computes them).
+at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 /// Runs `fn` (returning Status), translating c10::Error and std::exception into a Status that
 /// names `where`.

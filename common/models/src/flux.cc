@@ -134,70 +134,6 @@ StatusOr<FluxConfig> ParseFluxConfig(std::string_view text) {
   return c;
 }
 
-// Reads one block's weights through the accessor by suffix, checking shape, dtype and device.
-class BlockWeights {
- public:
-  BlockWeights(const WeightAccessor& weights, std::string prefix, at::ScalarType dtype,
-               at::Device device)
-      : weights_(weights), prefix_(std::move(prefix)), dtype_(dtype), device_(device) {}
-
-  StatusOr<at::Tensor> Get(std::string_view suffix, std::initializer_list<int64_t> shape) const {
-    const std::string name = prefix_ + std::string(suffix);
-    FLEET_ASSIGN_OR_RETURN(at::Tensor t, weights_.Get(name));
-    FLEET_RETURN_IF_ERROR(CheckTensor(t, "weight", name, shape));
-    if (t.scalar_type() != dtype_) {
-      return InvalidArgumentError("weight '" + name + "' has dtype " +
-                                  std::string(DtypeName(t.scalar_type())) + ", expected " +
-                                  std::string(DtypeName(dtype_)) + " (see Model::PrepareWeight)");
-    }
-    if (t.device() != device_) {
-      return InvalidArgumentError("weight '" + name + "' is on " + t.device().str() +
-                                  " but the activations are on " + device_.str());
-    }
-    return t;
-  }
-  /// An undefined tensor when `present` is false (qkv_bias = false).
-  StatusOr<at::Tensor> GetIf(bool present, std::string_view suffix,
-                             std::initializer_list<int64_t> shape) const {
-    if (!present) return at::Tensor();
-    return Get(suffix, shape);
-  }
-
- private:
-  const WeightAccessor& weights_;
-  std::string prefix_;
-  at::ScalarType dtype_;
-  at::Device device_;
-};
-
-// ---- Ops (ComfyUI's formulation; fp16-safe on the CPU) ----
-
-at::Tensor Silu(const at::Tensor& x) {
-  return Fp16Safe(x, [](const at::Tensor& v) { return at::silu(v); });
-}
-
-at::Tensor LayerNorm(const at::Tensor& x) {
-  return Fp16Safe(x, [](const at::Tensor& v) {
-    return at::layer_norm(v, {v.size(-1)}, /*weight=*/{}, /*bias=*/{}, 1e-6);
-  });
-}
-
-at::Tensor Matmul(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == at::kHalf && a.device().is_cpu()) {
-    return at::matmul(a.to(at::kFloat), b.to(at::kFloat)).to(at::kHalf);
-  }
-  return at::matmul(a, b);
-}
-
-// LN(x) * (1 + scale) + shift, as one addcmul like ComfyUI's apply_mod.
-at::Tensor Modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale) {
-  at::Tensor normed = LayerNorm(x);
-  at::Tensor one_plus = scale + 1;
-  return Fp16Safe(normed, [&](const at::Tensor& n) {
-    return at::addcmul(shift.to(n.scalar_type()), n, one_plus.to(n.scalar_type()));
-  });
-}
-
 // fp16 activations are clamped like ComfyUI does after each block.
 at::Tensor ClampFp16(const at::Tensor& x) {
   if (x.scalar_type() != at::kHalf) return x;
@@ -250,33 +186,10 @@ at::Tensor RopeTable(int64_t txt_len, int64_t hp, int64_t wp, const std::vector<
   return at::cat(parts, 1).to(at::kFloat).view({1, 1, txt_len + n, -1, 2, 2});
 }
 
-// Interleaved-pair rotation: out[i] = pe[i][0] * x[2j] + pe[i][1] * x[2j+1], in float32.
-at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& pe) {
-  auto sizes = x.sizes().vec();
-  at::Tensor xr = x.to(at::kFloat).reshape({sizes[0], sizes[1], sizes[2], -1, 1, 2});
-  at::Tensor out = pe.select(-1, 0) * xr.select(-1, 0) + pe.select(-1, 1) * xr.select(-1, 1);
-  return out.reshape(sizes).to(x.scalar_type());
-}
-
-// Per-head RMSNorm with gain, in float32, cast to `like`'s dtype.
-at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& gain, at::ScalarType out_dtype) {
-  at::Tensor xf = x.to(at::kFloat);
-  at::Tensor r = xf * at::rsqrt(at::mean(xf * xf, {-1}, /*keepdim=*/true) + 1e-6);
-  return (r * gain.to(at::kFloat)).to(out_dtype);
-}
-
 // softmax(q k^T / sqrt(d)) v with RoPE on q, k; q, k, v [B, H, T, d] -> [B, T, H*d].
 at::Tensor Attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& pe) {
-  at::Tensor qr = ApplyRope(q, pe);
-  at::Tensor kr = ApplyRope(k, pe);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  // Logits and softmax in float32 (as fused GPU attention computes them): bf16 logits of
-  // magnitude ~10 would carry errors of ~0.04, i.e. ~4% in the attention weights.
-  at::Tensor sim = at::matmul(qr.to(at::kFloat), kr.to(at::kFloat).transpose(-1, -2)) * scale;
-  at::Tensor p = at::softmax(sim, -1).to(v.scalar_type());
-  at::Tensor o = Matmul(p, v);  // [B, H, T, d]
-  return o.permute({0, 2, 1, 3}).reshape({q.size(0), q.size(2), -1});
+  return ScaledDotAttention(ApplyRope(q, pe), ApplyRope(k, pe), v);
 }
 
 class FluxModel final : public Model {

@@ -5,6 +5,7 @@
 #include "block_util.h"
 #include "flux.h"
 #include "linear.h"
+#include "wan.h"
 
 namespace fleet::models {
 namespace {
@@ -18,6 +19,7 @@ struct Implementation {
 constexpr Implementation kImplementations[] = {
     {"flux", internal::CreateFluxModel},
     {"linear", internal::CreateLinearModel},
+    {"wan", internal::CreateWanModel},
 };
 
 }  // namespace
