@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "builder.h"
+#include "fleet/families/attention.h"
 #include "registry.h"
 
 namespace fleet::families::internal {
@@ -222,9 +223,12 @@ class Flux final : public Family {
     }
     const int64_t p = c.value("patch_size", 2) * 8;
     const int64_t tokens = ((s.height + p - 1) / p) * ((s.width + p - 1) / p) + s.text_tokens;
-    const int64_t per_token =
-        c["mlp_hidden_dim"].get<int64_t>() + 6 * c["hidden_size"].get<int64_t>();
-    return static_cast<uint64_t>(s.batch * tokens * per_token * s.dtype_bytes);
+    const int64_t hidden = c["hidden_size"].get<int64_t>();
+    const int64_t per_token = c["mlp_hidden_dim"].get<int64_t>() + 6 * hidden;
+    const int64_t heads = c.value("num_heads", std::max<int64_t>(hidden / 128, 1));
+    // Plus one chunk of attention scores (joint attention over text and image tokens).
+    return static_cast<uint64_t>(s.batch * tokens * per_token * s.dtype_bytes) +
+           AttentionChunkBytes(s.batch * heads, tokens, tokens);
   }
 
   // x is the latent [batch, 16, height / 8, width / 8]; context [batch, tokens, 4096].

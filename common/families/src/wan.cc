@@ -4,6 +4,7 @@
 #include <array>
 
 #include "builder.h"
+#include "fleet/families/attention.h"
 #include "registry.h"
 
 namespace fleet::families::internal {
@@ -190,8 +191,12 @@ class Wan final : public Family {
     const int64_t ph = spatial * patch[1], pw = spatial * patch[2];
     const int64_t tokens = ((latent_frames + patch[0] - 1) / patch[0]) *
                            ((s.height + ph - 1) / ph) * ((s.width + pw - 1) / pw);
-    const int64_t per_token = c["ffn_dim"].get<int64_t>() + 6 * c["dim"].get<int64_t>();
-    return static_cast<uint64_t>(s.batch * tokens * per_token * s.dtype_bytes);
+    const int64_t dim = c["dim"].get<int64_t>();
+    const int64_t per_token = c["ffn_dim"].get<int64_t>() + 6 * dim;
+    const int64_t heads = c.value("num_heads", std::max<int64_t>(dim / kHeadDim, 1));
+    // Plus one chunk of self-attention scores (cross-attention's, over the text, are smaller).
+    return static_cast<uint64_t>(s.batch * tokens * per_token * s.dtype_bytes) +
+           AttentionChunkBytes(s.batch * heads, tokens, tokens);
   }
 
   // ComfyUI's WAN 2.x templates: 832 x 480, 81 frames (21 latent frames).

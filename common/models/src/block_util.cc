@@ -2,6 +2,7 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addcmul.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/layer_norm.h>
 #include <ATen/ops/linear.h>
@@ -11,8 +12,18 @@
 #include <ATen/ops/silu.h>
 #include <ATen/ops/softmax.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
+
+#include "fleet/families/attention.h"
+
+#if __has_include(<ATen/ops/scaled_dot_product_attention.h>)
+#include <ATen/ops/scaled_dot_product_attention.h>
+#define FLEET_HAS_SDPA 1
+#else
+#define FLEET_HAS_SDPA 0
+#endif
 
 namespace fleet::models::internal {
 
@@ -188,18 +199,35 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& pe) {
   return out.reshape(sizes).to(x.scalar_type());
 }
 
-at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  // bf16 logits of magnitude ~10 would carry errors of ~0.04, i.e. ~4% in the attention weights.
-  at::Tensor sim = at::matmul(q.to(at::kFloat), k.to(at::kFloat).transpose(-1, -2)) * scale;
-  at::Tensor p = at::softmax(sim, -1).to(v.scalar_type());
-  at::Tensor o = Matmul(p, v);  // [B, H, Tq, d]
-  return o.permute({0, 2, 1, 3}).reshape({q.size(0), q.size(2), -1});
-}
-
 at::Tensor ConvertWeight(const at::Tensor& stored, at::ScalarType dtype) {
   if (!at::isFloatingType(stored.scalar_type())) return stored;
   return stored.to(dtype).contiguous();
 }
 
 }  // namespace fleet::models::internal
+
+namespace fleet::models {
+
+at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              int64_t max_rows) {
+  const int64_t b = q.size(0), h = q.size(1), tq = q.size(2), tk = k.size(2), d = q.size(3);
+#if FLEET_HAS_SDPA
+  if (q.is_cuda()) {
+    return at::scaled_dot_product_attention(q, k, v).permute({0, 2, 1, 3}).reshape({b, tq, -1});
+  }
+#endif
+  const int64_t rows =
+      max_rows > 0 ? std::min(max_rows, tq) : families::AttentionChunkRows(b * h, tq, tk);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const at::Tensor kt = k.to(at::kFloat).transpose(-1, -2);
+  at::Tensor out = at::empty({b, tq, h, v.size(3)}, v.options());
+  for (int64_t r0 = 0; r0 < tq; r0 += rows) {
+    const int64_t n = std::min(rows, tq - r0);
+    at::Tensor sim = at::matmul(q.narrow(2, r0, n).to(at::kFloat), kt) * scale;
+    at::Tensor p = at::softmax(sim, -1).to(v.scalar_type());
+    out.narrow(1, r0, n).copy_(internal::Matmul(p, v).permute({0, 2, 1, 3}));  // [B, n, H, d]
+  }
+  return out.view({b, tq, -1});
+}
+
+}  // namespace fleet::models

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <utility>
 
+#include "fleet/models/attention.h"
 #include "fleet/models/model.h"
 #include "fleet/status/status.h"
 
@@ -125,10 +126,6 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& gain, at::ScalarType o
 /// Interleaved-pair rotation of x [B, H, T, d] by pe [1, 1, T, d/2, 2, 2] (float32 maths):
 /// out[2j+i] = pe[j][i][0] * x[2j] + pe[j][i][1] * x[2j+1].
 at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& pe);
-
-/// softmax(q k^T / sqrt(d)) v; q [B, H, Tq, d], k, v [B, H, Tk, d] -> [B, Tq, H*d]. Logits and
-/// softmax in float32 (as fused GPU attention computes them).
-at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 
 /// Runs `fn` (returning Status), translating c10::Error and std::exception into a Status that
 /// names `where`.

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "fleet/families/attention.h"
 #include "fleet/families/family.h"
 #include "fleet/families/layout.h"
 #include "keys.h"
@@ -165,13 +166,18 @@ TEST(ActivationEstimateTest, GrowsWithTheInputAsTheBlocksDo) {
   auto layout = DetectLayout(LoadKeys("flux-dev.tsv"), {}, "f");
   ASSERT_TRUE(layout.ok());
   InputSizes s;  // 1024x1024, 512 text tokens, bf16
-  // 4096 image + 512 text tokens, each with the MLP hidden (12288) and 6 x 3072 modulated copies.
-  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s), 4608ull * (12288 + 6 * 3072) * 2);
+  // 4096 image + 512 text tokens, each with the MLP hidden (12288) and 6 x 3072 modulated copies,
+  // plus one chunk of attention scores for 24 heads.
+  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s),
+            4608ull * (12288 + 6 * 3072) * 2 + AttentionChunkBytes(24, 4608, 4608));
   s.batch = 2;
-  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s), 2 * 4608ull * (12288 + 6 * 3072) * 2);
+  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s),
+            2 * 4608ull * (12288 + 6 * 3072) * 2 + AttentionChunkBytes(48, 4608, 4608));
   s = InputSizes{};
   s.width = 1000;  // rounded up to whole patches, as the model pads
-  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s), (64 * 63 + 512ull) * 30720 * 2);
+  EXPECT_EQ(*flux->ActivationBytes(layout->config_json, s),
+            (64 * 63 + 512ull) * 30720 * 2 + AttentionChunkBytes(24, 64 * 63 + 512, 64 * 63 + 512));
+  EXPECT_LE(AttentionChunkBytes(24, 4608, 4608), kAttentionBudgetBytes);
 
   const Family* wan = FindFamily("wan");
   auto w = DetectLayout(LoadKeys("wan21-14b.tsv"), {}, "w");
@@ -180,13 +186,15 @@ TEST(ActivationEstimateTest, GrowsWithTheInputAsTheBlocksDo) {
   video.width = 1280;
   video.height = 720;
   video.frames = 81;  // 21 latent frames of 45 x 80 tokens
-  EXPECT_EQ(*wan->ActivationBytes(w->config_json, video), 75600ull * (13824 + 6 * 5120) * 2);
+  EXPECT_EQ(*wan->ActivationBytes(w->config_json, video),
+            75600ull * (13824 + 6 * 5120) * 2 + AttentionChunkBytes(40, 75600, 75600));
   auto w5 = DetectLayout(LoadKeys("wan22-5b.tsv"), {}, "w5");
   ASSERT_TRUE(w5.ok()) << w5.status();
   // The 48-channel VAE packs 16x16 pixels into a latent: 4x fewer tokens at the same size.
   const uint64_t per_token =
       Config(*w5)["ffn_dim"].get<uint64_t>() + 6 * Config(*w5)["dim"].get<uint64_t>();
-  EXPECT_EQ(*wan->ActivationBytes(w5->config_json, video), 21ull * 23 * 40 * per_token * 2);
+  EXPECT_EQ(*wan->ActivationBytes(w5->config_json, video),
+            21ull * 23 * 40 * per_token * 2 + AttentionChunkBytes(24, 21 * 23 * 40, 21 * 23 * 40));
   EXPECT_FALSE(flux->ActivationBytes("{}", s).ok());
 }
 

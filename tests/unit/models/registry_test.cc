@@ -18,22 +18,26 @@ TEST(FamilyRegistry, EveryImplementationHasADescriptor) {
     ASSERT_NE(f, nullptr) << name << " has blocks but no descriptor";
     EXPECT_EQ(f->name(), name);
   }
-  auto wan = CreateModel("wan", "{}", at::kFloat);
-  ASSERT_FALSE(wan.ok()) << "WAN has a descriptor but no blocks yet";
-  EXPECT_NE(wan.status().message().find("unknown model family 'wan' (known: flux, linear)"),
+  auto encoder = CreateModel("text-encoder", "{}", at::kFloat);
+  ASSERT_FALSE(encoder.ok()) << "the text encoders have a descriptor but no blocks yet";
+  EXPECT_NE(encoder.status().message().find(
+                "unknown model family 'text-encoder' (known: flux, linear, wan)"),
             std::string_view::npos)
-      << wan.status();
+      << encoder.status();
 }
 
 TEST(FamilyRegistry, BlocksAreTheDescriptorsUnitsInOrder) {
   for (const std::string prefix : {"", "model.diffusion_model."}) {
-    auto layout = families::DetectLayout(families::LoadKeys("flux-dev.tsv", prefix), {}, "flux");
-    ASSERT_TRUE(layout.ok()) << layout.status();
-    auto model = CreateModel(layout->family, layout->config_json, at::kBFloat16);
-    ASSERT_TRUE(model.ok()) << model.status();
-    std::vector<std::string> units;
-    for (const auto& u : layout->units) units.push_back(u.name);
-    EXPECT_EQ((*model)->block_names(), units);
+    for (const char* keys :
+         {"flux-dev.tsv", "wan21-14b.tsv", "wan21-i2v-14b.tsv", "wan22-5b.tsv", "wan21-1.3b.tsv"}) {
+      auto layout = families::DetectLayout(families::LoadKeys(keys, prefix), {}, keys);
+      ASSERT_TRUE(layout.ok()) << layout.status();
+      auto model = CreateModel(layout->family, layout->config_json, at::kBFloat16);
+      ASSERT_TRUE(model.ok()) << model.status();
+      std::vector<std::string> units;
+      for (const auto& u : layout->units) units.push_back(u.name);
+      EXPECT_EQ((*model)->block_names(), units) << keys;
+    }
   }
   auto toy = families::ToyKeys(4, 6);
   auto layout = families::DetectLayout(toy, {}, "toy");
