@@ -1,29 +1,58 @@
 """The ComfyUI MODEL the Tensorfleet loader returns.
 
-A ModelPatcher around ComfyUI's own Flux BaseModel (model sampling, latent format, conditioning
-all stay ComfyUI's), whose `diffusion_model` is `TensorfleetFlux`: a parameter-less module that
-sends (x, timestep, context, y, guidance) to the coordinator and returns its output. Anything the
-cluster cannot do yet (ControlNet residuals, reference latents, attention masks, LoRA / weight
-patches, transformer patches) is refused with an error that names it; nothing is dropped.
+A ModelPatcher around ComfyUI's own BaseModel of the model's family (model sampling, latent
+format, conditioning all stay ComfyUI's), whose `diffusion_model` is a parameter-less proxy
+that sends the step's inputs to the coordinator and returns its output:
+- Flux (`TensorfleetFlux`): x, timestep, context, y, guidance; ComfyUI's Flux / FluxSchnell.
+- WAN 2.1 / 2.2 (`TensorfleetWan`): x (with the I2V channels ComfyUI's WAN21 concatenated),
+  timestep ([B], or [B, latent frames] for the 2.2 TI2V 5B), context and, for models with an
+  image embedding, clip_fea; ComfyUI's WAN config (WAN21_T2V, WAN21_I2V, WAN22_T2V, ...) as
+  ComfyUI itself would pick it for the file.
+Anything the cluster cannot do yet (ControlNet residuals, reference latents, attention masks,
+LoRA / weight patches, transformer patches, ...) is refused with an error that names it;
+nothing is dropped.
+
+Loading (`load_keeping_resident`): a model is loaded beside the models already on the cluster
+when it fits; only when it does not are other models unloaded, least recently used first and
+only from the devices it needs, and only when the loader's `eject_models` allows it. A model
+that another load pushed out is loaded again at its next step, with the cost logged.
 
 Thread safety: ComfyUI runs one prompt at a time; the proxy's client serialises its requests.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
+import re
 import struct
+import threading
+import time
+import types
 import weakref
 
 import torch
 
-from .tensorfleet_client import (CancelledError, NotFoundError, TensorfleetError)
+from .tensorfleet_client import (CancelledError, FailedPreconditionError, NotFoundError,
+                                 ResourceExhaustedError, TensorfleetError)
 
 log = logging.getLogger("tensorfleet")
 
 FLUX_CONSTANT_INPUTS = ("context", "y", "guidance")
+WAN_CONSTANT_INPUTS = ("context", "clip_fea")
 # Conditioning keys that only describe other keys (harmless when those are absent).
 _INFORMATIONAL_KWARGS = {"ref_latents_method"}
+# Extra conditioning the cluster does not take, by the name ComfyUI passes it under.
+_REFUSED_KWARG_NAMES = {
+    "ref_latents": "reference latents ('ref_latents', Flux Kontext / ReferenceLatent)",
+    "attention_mask": "attention masks ('attention_mask')",
+    "time_dim_concat": "latents concatenated along time ('time_dim_concat')",
+    "reference_latent": "reference latents ('reference_latent', WAN reference image)",
+    "crossattn_controlnet": "ControlNet cross-attention ('crossattn_controlnet')",
+    "vace_context": "VACE controls ('vace_context', 'vace_strength')",
+    "camera_conditions": "camera conditions ('camera_conditions', WAN Fun Camera)",
+}
 
 
 class UnsupportedConditioningError(RuntimeError):
@@ -167,6 +196,172 @@ def describe_flux(info, spec_dtype, local_path):
     return cfg
 
 
+# ComfyUI's WanModel model_type for the coordinator's: the 2.2 TI2V 5B is a "t2v" WanModel with
+# 48 output channels, FLF2V an "i2v" one with img_emb.emb_pos (comfy/model_detection.py).
+_COMFY_WAN_TYPES = {"t2v": "t2v", "ti2v": "t2v", "i2v": "i2v", "flf2v": "i2v"}
+_WAN_INT_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
+                 "freq_dim")
+WAN_CLIP_DIM = 1280  # CLIP-H vision features, img_emb's input (WAN 2.1 I2V / FLF2V)
+WAN_FLF_TOKENS = 514  # img_emb.emb_pos rows of WAN 2.1 FLF2V: two images of 257 tokens
+
+
+def wan_weight_shapes(cfg):
+    """{name: shape} of a WAN checkpoint for a config, as ComfyUI's WanModel names its state
+    dict (no prefix): the stem, blocks.N, head and, with an image embedding, img_emb."""
+    D, F = cfg["dim"], cfg["ffn_dim"]
+    patch = list(cfg["patch_size"])
+    shapes = {}
+
+    def lin(name, o, i):
+        shapes[name + ".weight"] = [o, i]
+        shapes[name + ".bias"] = [o]
+
+    shapes["patch_embedding.weight"] = [D, cfg["in_dim"]] + patch
+    shapes["patch_embedding.bias"] = [D]
+    lin("text_embedding.0", D, cfg["text_dim"])
+    lin("text_embedding.2", D, D)
+    lin("time_embedding.0", D, cfg["freq_dim"])
+    lin("time_embedding.2", D, D)
+    lin("time_projection.1", 6 * D, D)
+    for i in range(cfg["num_layers"]):
+        b = "blocks.%d." % i
+        shapes[b + "modulation"] = [1, 6, D]
+        for attn in ("self_attn", "cross_attn"):
+            for n in "qkvo":
+                lin(b + attn + "." + n, D, D)
+            shapes[b + attn + ".norm_q.weight"] = [D]
+            shapes[b + attn + ".norm_k.weight"] = [D]
+        if cfg["i2v"]:
+            lin(b + "cross_attn.k_img", D, D)
+            lin(b + "cross_attn.v_img", D, D)
+            shapes[b + "cross_attn.norm_k_img.weight"] = [D]
+        shapes[b + "norm3.weight"] = [D]
+        shapes[b + "norm3.bias"] = [D]
+        lin(b + "ffn.0", F, D)
+        lin(b + "ffn.2", D, F)
+    shapes["head.modulation"] = [1, 2, D]
+    lin("head.head", math.prod(patch) * cfg["out_dim"], D)
+    if cfg["i2v"]:
+        shapes["img_emb.proj.0.weight"] = [WAN_CLIP_DIM]
+        shapes["img_emb.proj.0.bias"] = [WAN_CLIP_DIM]
+        lin("img_emb.proj.1", WAN_CLIP_DIM, WAN_CLIP_DIM)
+        lin("img_emb.proj.3", D, WAN_CLIP_DIM)
+        shapes["img_emb.proj.4.weight"] = [D]
+        shapes["img_emb.proj.4.bias"] = [D]
+        if cfg.get("flf_pos_embed_token_number"):
+            shapes["img_emb.emb_pos"] = [1, cfg["flf_pos_embed_token_number"], WAN_CLIP_DIM]
+    return shapes
+
+
+def _wan_config_from_header(header, prefix):
+    """What the tensor shapes say about a WAN file (as comfy/model_detection.py reads them)."""
+    def shape(name):
+        t = header.get(prefix + name)
+        return t["shape"] if t and isinstance(t.get("shape"), list) else None
+
+    out = {}
+    pe, head = shape("patch_embedding.weight"), shape("head.head.weight")
+    if pe and len(pe) == 5:
+        out.update(dim=pe[0], in_dim=pe[1], patch_size=pe[2:])
+        out["num_heads"] = pe[0] // 128 if pe[0] % 128 == 0 else None
+        if head:
+            out["out_dim"] = head[0] // math.prod(pe[2:])
+    for key, name, axis in (("ffn_dim", "blocks.0.ffn.0.weight", 0),
+                            ("text_dim", "text_embedding.0.weight", 1),
+                            ("freq_dim", "time_embedding.0.weight", 1)):
+        s = shape(name)
+        if s and len(s) == 2:
+            out[key] = s[axis]
+    ids = {int(k[len(prefix):].split(".")[1]) for k in header
+           if k.startswith(prefix + "blocks.") and k[len(prefix):].split(".")[1].isdigit()}
+    if ids:
+        out["num_layers"] = max(ids) + 1
+    out["i2v"] = (prefix + "img_emb.proj.0.weight") in header
+    emb_pos = shape("img_emb.emb_pos")
+    if emb_pos and len(emb_pos) == 3:
+        out["flf_pos_embed_token_number"] = emb_pos[1]
+    out["model_type"] = ("flf2v" if emb_pos else "i2v") if out["i2v"] else "t2v"
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def describe_wan(info, spec_dtype, local_path):
+    """Everything ComfyUI needs to know about a loaded WAN model: the coordinator's config
+    (ModelInfo plan_json "config": model_type, dim, ffn_dim, num_heads, num_layers, in_dim,
+    out_dim, text_dim, freq_dim, patch_size, i2v, eps), completed from the file header when the
+    file is readable here.
+
+    Returns a dict: those keys, comfy_model_type (ComfyUI's "t2v" / "i2v"),
+    flf_pos_embed_token_number (FLF2V, else None), dtype (torch), weight_names (real key names,
+    no prefix) and weight_shapes ({name: shape}).
+    """
+    if info.family and info.family != "wan":
+        raise TensorfleetError("Tensorfleet: model '%s' is a '%s' model, not WAN"
+                               % (info.name, info.family), "LoadModel")
+    plan = info.plan()
+    reported = plan.get("config") if isinstance(plan.get("config"), dict) else {}
+    header = read_safetensors_header(local_path) if local_path else None
+    prefix, from_header = "", {}
+    if header:
+        prefix = "model.diffusion_model." if any(
+            k.startswith("model.diffusion_model.") for k in header) else ""
+        from_header = _wan_config_from_header(header, prefix)
+
+    cfg = {}
+    for key in _WAN_INT_KEYS + ("patch_size", "i2v", "eps", "model_type"):
+        value = reported.get(key)
+        if value is None:
+            value = from_header.get(key)
+        cfg[key] = value
+    defaults = {"patch_size": [1, 2, 2], "eps": 1e-6, "text_dim": 4096, "freq_dim": 256}
+    for key, value in defaults.items():
+        if cfg[key] is None:
+            cfg[key] = value
+    missing = [k for k in _WAN_INT_KEYS if cfg[k] is None]
+    if missing:
+        raise TensorfleetError(
+            "Tensorfleet: cannot describe the WAN model '%s' to ComfyUI: the coordinator's "
+            "plan_json has no %s in its 'config' and the file is not readable from ComfyUI (%s)"
+            % (info.name, ", ".join(missing), local_path or "no local path"), "LoadModel")
+    for key in _WAN_INT_KEYS:
+        cfg[key] = int(cfg[key])
+    cfg["patch_size"] = [int(p) for p in cfg["patch_size"]]
+    cfg["eps"] = float(cfg["eps"])
+    if cfg["i2v"] is None:
+        cfg["i2v"] = cfg["model_type"] in ("i2v", "flf2v")
+    cfg["i2v"] = bool(cfg["i2v"])
+    if cfg["model_type"] is None:
+        cfg["model_type"] = "i2v" if cfg["i2v"] else "t2v"
+    comfy_type = _COMFY_WAN_TYPES.get(cfg["model_type"])
+    if comfy_type is None:
+        raise TensorfleetError("Tensorfleet: WAN model '%s' has model_type '%s'; the node knows "
+                               "%s" % (info.name, cfg["model_type"],
+                                       ", ".join(sorted(_COMFY_WAN_TYPES))), "LoadModel")
+    cfg["comfy_model_type"] = comfy_type
+    flf = from_header.get("flf_pos_embed_token_number")
+    if flf is None and cfg["model_type"] == "flf2v":
+        flf = WAN_FLF_TOKENS
+    cfg["flf_pos_embed_token_number"] = flf
+
+    dtype = _NAMED_DTYPES.get(spec_dtype)
+    if dtype is None:
+        named = _find_key(plan, "compute_dtype") or _find_key(plan, "dtype")
+        dtype = _NAMED_DTYPES.get(str(named).lower()) if named else None
+    probe = prefix + "blocks.0.self_attn.q.weight"
+    if dtype is None and header and probe in header:
+        dtype = _SAFETENSORS_DTYPES.get(header[probe].get("dtype"))
+    if dtype is None:
+        dtype = torch.bfloat16
+        log.warning("tensorfleet: compute dtype of '%s' unknown; assuming bfloat16", info.name)
+    cfg["dtype"] = dtype
+    if header:
+        cfg["weight_shapes"] = {k[len(prefix):]: list(v.get("shape", []))
+                                for k, v in header.items() if k.startswith(prefix)}
+    else:
+        cfg["weight_shapes"] = wan_weight_shapes(cfg)
+    cfg["weight_names"] = list(cfg["weight_shapes"])
+    return cfg
+
+
 # ------------------------------------------------------------------------------- the proxy
 
 class TensorfleetFlux(torch.nn.Module):
@@ -214,18 +409,109 @@ class TensorfleetFlux(torch.nn.Module):
         return out.to(device=x.device)
 
 
-def check_supported(control, transformer_options, kwargs, patcher):
-    """Raises UnsupportedConditioningError naming whatever the cluster cannot honour."""
+# WanModel keyword arguments the cluster needs nothing from: WAN22's denoise_mask only gives
+# ComfyUI's process_timestep the per-frame timesteps (already in `timestep`).
+_WAN_INFORMATIONAL_KWARGS = _INFORMATIONAL_KWARGS | {"denoise_mask"}
+
+
+class TensorfleetWan(torch.nn.Module):
+    """ComfyUI's `diffusion_model` for a WAN 2.1 / 2.2 model that runs on a Tensorfleet cluster,
+    called as ComfyUI's WanModel is: forward(x, timestep, context, clip_fea=None,
+    time_dim_concat=None, transformer_options={}, **kwargs).
+
+    x arrives with the I2V channels (mask and image latent) ComfyUI's WAN21.concat_cond made and
+    BaseModel concatenated; timestep is [B] or, for the 2.2 TI2V 5B with a denoise mask,
+    [B, latent frames] (WAN22.process_timestep), and goes as given. context and clip_fea are the
+    run's constant inputs; clip_fea goes only to a model with an image embedding (img_emb), as
+    WanModel uses it only there. Diffusion-model wrappers run around the step as WanModel runs
+    them. No parameters: the state dict lists the real weight names as empty placeholders
+    (LoRA binds, and is refused); `weight_shapes` has their shapes, and `patch_embedding.weight`
+    is a meta tensor of the real shape, which WAN21.concat_cond reads.
+    """
+
+    def __init__(self, runner, cfg):
+        super().__init__()
+        self.dtype = cfg["dtype"]
+        self.model_type = cfg["comfy_model_type"]
+        self.patch_size = tuple(cfg["patch_size"])
+        for key in _WAN_INT_KEYS:
+            setattr(self, key, cfg[key])
+        self.image_embedding = cfg["i2v"]
+        self.ref_conv = None
+        self._runner = runner
+        self._weight_names = list(cfg["weight_names"])
+        self.weight_shapes = dict(cfg["weight_shapes"])
+        self._placeholder = torch.empty(0, dtype=self.dtype)
+        shape = [cfg["dim"], cfg["in_dim"]] + list(cfg["patch_size"])
+        self.patch_embedding = types.SimpleNamespace(
+            weight=torch.empty(shape, dtype=torch.float32, device="meta"))
+        self._base = None  # weakref to the BaseModel (not a submodule: no cycle)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for n in self._weight_names:
+            destination[prefix + n] = self._placeholder
+
+    def attach(self, base_model):
+        object.__setattr__(self, "_base", weakref.ref(base_model))
+
+    def _patcher(self):
+        base = self._base() if self._base is not None else None
+        return getattr(base, "current_patcher", None) if base is not None else None
+
+    def forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None,
+                transformer_options={}, **kwargs):
+        wrappers = _diffusion_model_wrappers(transformer_options)
+        if wrappers:
+            import comfy.patcher_extension as pe  # noqa: PLC0415 - only inside ComfyUI
+            return pe.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+                x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+        return self._forward(x, timestep, context, clip_fea, time_dim_concat,
+                             transformer_options, **kwargs)
+
+    def _forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None,
+                 transformer_options={}, **kwargs):
+        control = kwargs.pop("control", None)
+        extra = dict(kwargs, time_dim_concat=time_dim_concat)
+        check_supported(control, transformer_options, extra, self._patcher(),
+                        informational=_WAN_INFORMATIONAL_KWARGS)
+        if context is None:
+            raise UnsupportedConditioningError(
+                "Tensorfleet: the WAN model got no text conditioning (context is None)")
+        inputs = {"x": x, "timestep": timestep.float(), "context": context}
+        if clip_fea is not None and self.image_embedding:
+            inputs["clip_fea"] = clip_fea
+        out = self._runner.forward(inputs)
+        return out.to(device=x.device)
+
+
+def _diffusion_model_wrappers(transformer_options):
+    """The DIFFUSION_MODEL wrappers in transformer_options (ComfyUI's patcher_extension), as
+    WanModel.forward runs them."""
+    if not ((transformer_options or {}).get("wrappers") or {}).get("diffusion_model"):
+        return []
+    try:
+        import comfy.patcher_extension as pe  # noqa: PLC0415
+        return pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, transformer_options)
+    except (ImportError, AttributeError):
+        raise UnsupportedConditioningError(
+            "Tensorfleet does not support diffusion-model wrappers on this ComfyUI (no "
+            "comfy.patcher_extension.WrapperExecutor); it refuses rather than ignoring them")
+
+
+def check_supported(control, transformer_options, kwargs, patcher,
+                    informational=_INFORMATIONAL_KWARGS):
+    """Raises UnsupportedConditioningError naming whatever the cluster cannot honour.
+    `informational`: keyword arguments the model takes but needs nothing from."""
     problems = []
     if control is not None:
         problems.append("ControlNet residuals ('control': remove the Apply ControlNet node)")
-    if kwargs.get("ref_latents") is not None:
-        problems.append("reference latents ('ref_latents', Flux Kontext / ReferenceLatent)")
-    if kwargs.get("attention_mask") is not None:
-        problems.append("attention masks ('attention_mask')")
+    named = [k for k in _REFUSED_KWARG_NAMES if kwargs.get(k) is not None]
+    problems += [_REFUSED_KWARG_NAMES[k] for k in named]
+    if kwargs.get("vace_strength") is not None and "vace_context" not in named:
+        problems.append(_REFUSED_KWARG_NAMES["vace_context"])
     for k, v in kwargs.items():
-        if v is not None and k not in ("ref_latents", "attention_mask") \
-                and k not in _INFORMATIONAL_KWARGS:
+        if v is not None and k not in _REFUSED_KWARG_NAMES and k != "vace_strength" \
+                and k not in informational:
             problems.append("conditioning '%s'" % k)
     to = transformer_options or {}
     for key in ("patches", "patches_replace"):
@@ -247,18 +533,24 @@ def check_supported(control, transformer_options, kwargs, patcher):
 
 
 class _Runner:
-    """Sends a step to the coordinator: run caching, cancel, reload after a restart."""
+    """Sends a step to the coordinator: run caching, cancel, reload when the model is gone (the
+    coordinator restarted, or another model's load pushed it out: then the reload's cost is
+    logged and counted here)."""
 
-    def __init__(self, client_for, address, spec, model_name):
+    def __init__(self, client_for, address, spec, model_name,
+                 constant_inputs=FLUX_CONSTANT_INPUTS):
         self._client_for = client_for
         self.address = address
         self.spec = spec
         self.model_name = model_name
+        self.constant_inputs = tuple(constant_inputs)
+        self.reloads = 0            # times the model was loaded again at a step
+        self.reload_seconds = 0.0   # time those loads took (the cost of a swap)
 
     def forward(self, inputs):
         import comfy.model_management as mm  # noqa: PLC0415 - only inside ComfyUI
 
-        consts = [n for n in FLUX_CONSTANT_INPUTS if n in inputs]
+        consts = [n for n in self.constant_inputs if n in inputs]
         run_id = run_id_for(self.model_name, {n: inputs[n] for n in consts})
         client = self._client_for(self.address)
         for attempt in (0, 1):
@@ -266,6 +558,7 @@ class _Runner:
                 out = client.forward(self.model_name, inputs, run_id=run_id,
                                      constant_inputs=consts,
                                      should_cancel=mm.processing_interrupted)
+                note_use(self.address, self.model_name)
                 return out["out"]
             except CancelledError:
                 mm.throw_exception_if_processing_interrupted()
@@ -273,11 +566,188 @@ class _Runner:
             except NotFoundError:
                 if attempt == 1:
                     raise
-                # The coordinator restarted or unloaded the model: load it again, once.
-                log.info("tensorfleet: model '%s' not loaded on the coordinator; loading it "
-                         "again", self.model_name)
-                client.load_model(self.spec, name=self.model_name)
+                self._reload(client, mm)
         raise AssertionError("unreachable")
+
+    def _reload(self, client, mm):
+        """The coordinator restarted or unloaded the model (another model needed its room):
+        load it again, once, beside what is resident when it fits."""
+        log.info("tensorfleet: model '%s' is not loaded on the coordinator any more; loading it "
+                 "again", self.model_name)
+        start = time.monotonic()
+        try:
+            info, evicted = load_keeping_resident(client, self.address, self.spec,
+                                                  name=self.model_name,
+                                                  should_cancel=mm.processing_interrupted)
+        except CancelledError:
+            mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException()
+        seconds = time.monotonic() - start
+        self.reloads += 1
+        self.reload_seconds += seconds
+        log.warning("tensorfleet: '%s' was not resident on the cluster (another model took its "
+                    "room, or the coordinator restarted); loading it again cost %.2f s for %s%s",
+                    self.model_name, seconds, format_bytes(info.bytes_total),
+                    evicted_text(evicted))
+
+
+# (coordinator address, model name) -> time.monotonic() of its last load or step from this
+# ComfyUI process: which model to unload first when a load needs room.
+_last_use = {}
+_last_use_lock = threading.Lock()
+
+
+def note_use(address, name):
+    with _last_use_lock:
+        _last_use[(address, name)] = time.monotonic()
+
+
+def format_bytes(n):
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.2f %s" % (n, unit))
+        n /= 1024
+    return "%.2f TiB" % n
+
+
+def evicted_text(evicted):
+    if not evicted:
+        return ""
+    return "; to make room it unloaded %s" % ", ".join(
+        "'%s' (%s on %s)" % (m.name, format_bytes(m.bytes_total), ", ".join(sorted(
+            model_devices(m) or {m.compute_device}))) for m in evicted)
+
+
+def spec_devices(spec):
+    """The devices a load of `spec` may place weights on (lower case), or None when the spec
+    leaves the compute device to the coordinator (then any device may be involved)."""
+    def norm(d):
+        d = d.strip().lower()
+        return d + ":0" if d in ("cuda", "xpu", "npu", "mlu") else d
+
+    if not spec.compute_device.strip():
+        return None
+    devices = {norm(spec.compute_device)}
+    if spec.expert_mode_allocations.strip():
+        for entry in spec.expert_mode_allocations.split(";"):
+            if "," in entry:
+                devices.add(norm(entry.split(",", 1)[0]))
+    elif spec.virtual_vram_gb > 0:
+        devices |= {norm(d) for d in spec.donor_device.split(",") if d.strip()}
+    return devices
+
+
+def model_devices(info):
+    """The devices holding a loaded model's weights, from its plan (empty when unknown)."""
+    return set(model_bytes_on(info))
+
+
+def model_bytes_on(info):
+    """{device: bytes} of a loaded model's weights, from its plan's assignments."""
+    out = {}
+    for a in info.plan().get("assignments", []):
+        if isinstance(a, dict) and isinstance(a.get("device"), str):
+            d = a["device"].lower()
+            out[d] = out.get(d, 0) + int(a.get("bytes") or 0)
+    return out
+
+
+# The coordinator's capacity error (common/placement: "the plan does not fit: cuda:0 needs ...
+# but its capacity is ...: 1.73 MiB (1811968 bytes) missing (hint); cuda:1 needs ...").
+_MISSING = re.compile(r"(?:does not fit: |; )([A-Za-z]+(?::\d+)?) needs .*? but its capacity "
+                      r"is [^:;]*: [^;]*?\((\d+) bytes\) missing")
+
+
+def missing_bytes(message):
+    """{device: bytes missing} from the coordinator's "plan does not fit" message ({} when it
+    says something else)."""
+    return {m.group(1).lower(): int(m.group(2)) for m in _MISSING.finditer(message or "")}
+
+
+def load_keeping_resident(client, address, spec, name="", progress=None, should_cancel=None):
+    """Loads `spec` without pushing out the models already on the cluster while it fits beside
+    them; returns (ModelInfo, [ModelInfo of the models unloaded to make room]).
+
+    The coordinator's `eject_models` evicts every other model on the plan's devices whenever
+    the plan fits, and none when it does not. So the load is always sent with eject_models
+    false: a model that fits beside the resident ones (the two experts of a WAN 2.2 workflow,
+    on a cluster that holds both) leaves them loaded. When it does not fit (ResourceExhausted)
+    and the loader's eject_models is true, the models on the devices it lacks room on are
+    unloaded one at a time, the one this process used least recently first, until it fits;
+    each one so unloaded is logged with its size. Nothing is unloaded when even unloading all
+    of them could not make the room the coordinator says is missing. With eject_models false
+    nothing is unloaded here (the coordinator still evicts models loaded with keep_loaded
+    false) and the error stands."""
+    keep = dataclasses.replace(spec, eject_models=False)
+    evicted, tried = [], set()
+    while True:
+        try:
+            info = client.load_model(keep, name=name, progress=progress,
+                                     should_cancel=should_cancel)
+            break
+        except ResourceExhaustedError as e:
+            if not spec.eject_models:
+                _add_to_message(e, "eject_models is off, so no other model was unloaded to "
+                                   "make room")
+                raise
+            victim, why_not = _eviction_candidate(client, address, spec, name, tried,
+                                                  missing_bytes(e.message))
+            if victim is None:
+                if why_not:
+                    _add_to_message(e, why_not)
+                if evicted:
+                    _add_to_message(e, "it does not fit even after unloading %s"
+                                    % ", ".join("'%s'" % m.name for m in evicted))
+                raise
+            tried.add(victim.name)
+            log.warning("tensorfleet: '%s' does not fit beside the models on the cluster; "
+                        "unloading '%s' (%s on %s) to make room (eject_models)",
+                        name or spec.path, victim.name, format_bytes(victim.bytes_total),
+                        ", ".join(sorted(model_devices(victim) or {victim.compute_device})))
+            try:
+                client.unload_model(victim.name)
+            except (FailedPreconditionError, NotFoundError) as why:  # running a step, or gone
+                log.info("tensorfleet: could not unload '%s': %s", victim.name, why)
+                continue
+            evicted.append(victim)
+    note_use(address, info.name)
+    return info, evicted
+
+
+def _add_to_message(e, text):
+    e.message = "%s; %s" % (e.message, text)
+    e.args = (e.message,)
+
+
+def _eviction_candidate(client, address, spec, name, tried, missing):
+    """(the model to unload next so that `spec` fits, None) or (None, why nothing helps).
+
+    Candidates: ready, not the one being loaded, holding weights on a device the load lacks
+    room on (`missing`, from the coordinator's message; when it names none, any device the
+    spec uses), least recently used by this process first (never used by it: first)."""
+    wanted = set(missing) or spec_devices(spec)
+    candidates = []
+    for m in client.list_models():
+        if m.state != "ready" or m.name in tried:
+            continue
+        if (m.name == name) if name else (m.path == spec.path):
+            continue  # the model being loaded: the coordinator replaces its old copy itself
+        held = model_bytes_on(m) or {m.compute_device.lower(): m.bytes_total}
+        if wanted is not None and not (set(held) & wanted):
+            continue
+        with _last_use_lock:
+            used = _last_use.get((address, m.name), -math.inf)
+        candidates.append((used, m.name, m, held))
+    for device, lacking in sorted(missing.items()):
+        freeable = sum(held.get(device, 0) for _, _, _, held in candidates)
+        if freeable < lacking:
+            return None, ("unloading every other model on %s would free %s of the %s missing, "
+                          "so none was unloaded" % (device, format_bytes(freeable),
+                                                    format_bytes(lacking)))
+    if not candidates:
+        return None, ""
+    return min(candidates, key=lambda c: c[:2])[2], ""
 
 
 def run_id_for(model_name, constants):
@@ -311,8 +781,6 @@ def build_model_patcher(client_for, address, spec, info, local_path):
 def _build_flux_patcher(client_for, address, spec, info, local_path):
     """ComfyUI's own Flux BaseModel around a TensorfleetFlux proxy."""
     import comfy.model_base  # noqa: PLC0415
-    import comfy.model_management as mm  # noqa: PLC0415
-    import comfy.model_patcher  # noqa: PLC0415
     import comfy.supported_models  # noqa: PLC0415
 
     cfg = describe_flux(info, spec.dtype, local_path)
@@ -335,6 +803,14 @@ def _build_flux_patcher(client_for, address, spec, info, local_path):
     except TypeError as e:
         raise TensorfleetError("Tensorfleet needs a ComfyUI whose model_base.Flux accepts "
                                "unet_model= (2025 or newer): %s" % e, "LoadModel") from None
+    return _patcher_for(base, proxy)
+
+
+def _patcher_for(base, proxy):
+    """The ModelPatcher around a BaseModel whose diffusion_model is `proxy`."""
+    import comfy.model_management as mm  # noqa: PLC0415
+    import comfy.model_patcher  # noqa: PLC0415
+
     base.diffusion_model = proxy
     proxy.attach(base)
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
@@ -349,6 +825,54 @@ def _build_flux_patcher(client_for, address, spec, info, local_path):
     return patcher
 
 
+def wan_unet_config(cfg):
+    """The unet_config ComfyUI's model detection makes for this WAN model (comfy/
+    model_detection.py), with model creation disabled: the proxy is the diffusion model."""
+    unet_config = {"image_model": "wan2.1", "model_type": cfg["comfy_model_type"],
+                   "dim": cfg["dim"], "in_dim": cfg["in_dim"], "out_dim": cfg["out_dim"],
+                   "ffn_dim": cfg["ffn_dim"], "num_heads": cfg["num_heads"],
+                   "num_layers": cfg["num_layers"], "text_dim": cfg["text_dim"],
+                   "freq_dim": cfg["freq_dim"], "patch_size": tuple(cfg["patch_size"]),
+                   "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True,
+                   "eps": cfg["eps"], "disable_unet_model_creation": True}
+    if cfg.get("flf_pos_embed_token_number"):
+        unet_config["flf_pos_embed_token_number"] = cfg["flf_pos_embed_token_number"]
+    return unet_config
+
+
+def comfy_wan_config(unet_config):
+    """ComfyUI's model config class for a WAN unet_config, chosen as ComfyUI chooses it: the
+    first WAN class of comfy.supported_models.models that matches (WAN22_T2V for 48 output
+    channels, WAN21_T2V for the other t2v models: WAN 2.1 T2V and both WAN 2.2 A14B experts,
+    T2V and I2V; WAN21_I2V for i2v with 36 input channels; ...)."""
+    import comfy.supported_models  # noqa: PLC0415
+
+    for config_cls in comfy.supported_models.models:
+        if getattr(config_cls, "unet_config", {}).get("image_model") == "wan2.1" and \
+                config_cls.matches(unet_config):
+            return config_cls
+    return None
+
+
+def _build_wan_patcher(client_for, address, spec, info, local_path):
+    """ComfyUI's own WAN BaseModel (WAN21 / WAN22, from ComfyUI's matching config) around a
+    TensorfleetWan proxy."""
+    cfg = describe_wan(info, spec.dtype, local_path)
+    unet_config = wan_unet_config(cfg)
+    config_cls = comfy_wan_config(unet_config)
+    if config_cls is None:
+        raise TensorfleetError(
+            "Tensorfleet: ComfyUI has no WAN model config for '%s' (model_type %s, in_dim %d, "
+            "out_dim %d)" % (info.name, cfg["model_type"], cfg["in_dim"], cfg["out_dim"]),
+            "LoadModel")
+    model_config = config_cls(unet_config)
+    model_config.set_inference_dtype(cfg["dtype"], None)
+    proxy = TensorfleetWan(_Runner(client_for, address, spec, info.name, WAN_CONSTANT_INPUTS),
+                           cfg)
+    base = model_config.get_model({}, "", device=None)
+    return _patcher_for(base, proxy)
+
+
 # The ComfyUI half of each family: family name (as the coordinator reports it) -> builder of
 # the ModelPatcher. Adding a family to the node is adding its builder here.
-COMFY_BUILDERS = {"flux": _build_flux_patcher}
+COMFY_BUILDERS = {"flux": _build_flux_patcher, "wan": _build_wan_patcher}

@@ -13,7 +13,11 @@ renaming the node and keeping its widget values:
   coordinator.
 Each validates the allocation through the coordinator's Plan when it runs (a bad string fails
 here, not at sampling time), loads the model with ComfyUI's progress bar showing the bytes
-loaded (ComfyUI's Cancel cancels the load on the coordinator) and returns a ComfyUI MODEL.
+loaded (ComfyUI's Cancel cancels the load on the coordinator) and returns a ComfyUI MODEL
+(Flux or WAN, tensorfleet_model.COMFY_BUILDERS). The load keeps the models already on the
+cluster while the new one fits beside them (WAN 2.2's two experts stay loaded together);
+eject_models only lets it unload others when it does not fit
+(tensorfleet_model.load_keeping_resident).
 `TensorfleetPlan` shows the plan (tables, the equivalent expert string and a picture) without
 loading.
 
@@ -25,6 +29,7 @@ cluster still loads in the editor and fails when it runs, naming the device.
 Clients are cached per coordinator address for the life of the ComfyUI process.
 """
 
+import dataclasses
 import logging
 import os
 import threading
@@ -36,7 +41,7 @@ import urllib.parse
 import urllib.request
 
 from .tensorfleet_client import (DEFAULT_ADDRESS, CancelledError, Client, InvalidArgumentError,
-                                 ModelSpec, TensorfleetError)
+                                 ModelSpec, ResourceExhaustedError, TensorfleetError)
 from . import tensorfleet_model
 from .tensorfleet_client import wire
 from . import tensorfleet_plan_image
@@ -204,7 +209,11 @@ def _distorch_inputs():
         "expert_mode_allocations": ("STRING", {"multiline": False, "default": "",
                                                "tooltip": "DisTorch2 allocation string, e.g. "
                                                           "cuda:0,4gb;cuda:1,2gb;cpu,*"}),
-        "eject_models": ("BOOLEAN", {"default": True}),
+        "eject_models": ("BOOLEAN", {
+            "default": True,
+            "tooltip": "Let this load unload other models from the devices it needs when it "
+                       "does not fit beside them (least recently used first). Models that fit "
+                       "together stay loaded together (e.g. WAN 2.2's two experts)."}),
     }
 
 
@@ -285,15 +294,31 @@ def _load(unet_name, coordinator=None, **inputs):
     try:
         check_devices(address, spec.compute_device, spec.donor_device, spec.virtual_vram_gb,
                       spec.expert_mode_allocations)
-        plan = client.plan(spec)  # validates the allocation now, not at sampling time
-        log.info("tensorfleet: plan for %s: %s", unet_name, plan.expert_string)
-        _log_plan_notes(plan.plan())
-        info = client.load_model(spec, progress=progress, should_cancel=mm.processing_interrupted)
+        # The load goes with eject_models false (tensorfleet_model.load_keeping_resident: other
+        # models stay while this one fits beside them); the plan is asked the same way.
+        keep = dataclasses.replace(spec, eject_models=False)
+        try:
+            plan = client.plan(keep)  # validates the allocation now, not at sampling time
+        except ResourceExhaustedError as e:
+            # A valid allocation that does not fit beside the models on the cluster now: the
+            # load makes room when eject_models allows it, or says why it cannot.
+            log.info("tensorfleet: %s does not fit beside the models loaded now (%s)",
+                     unet_name, e.message)
+        else:
+            log.info("tensorfleet: plan for %s: %s", unet_name, plan.expert_string)
+            _log_plan_notes(plan.plan())
+        start = time.monotonic()
+        info, evicted = tensorfleet_model.load_keeping_resident(
+            client, address, spec, progress=progress, should_cancel=mm.processing_interrupted)
     except CancelledError:
         mm.throw_exception_if_processing_interrupted()
         raise
     except TensorfleetError as e:
         raise _explain(e, e.request or "load", unet_name, address) from None
+    if evicted:
+        log.warning("tensorfleet: loading '%s' cost %.2f s for %s%s", info.name,
+                    time.monotonic() - start, tensorfleet_model.format_bytes(info.bytes_total),
+                    tensorfleet_model.evicted_text(evicted))
     if info.state == "failed":
         raise TensorfleetError("Tensorfleet load of '%s' failed on the coordinator: %s"
                                % (unet_name, info.error or "no reason given"), "LoadModel")

@@ -271,6 +271,7 @@ HttpHandler MakeControlApi(Coordinator* c) {
       if (!plan.ok()) return ErrorResponse(plan.status());
       json j = json::parse(plan->json);
       j["text"] = plan->text;
+      j["evicts"] = plan->evicts;
       return Json(j);
     }
     return ErrorResponse(NotFoundError("no route " + req.method + " " + p));

@@ -227,9 +227,14 @@ struct Coordinator::Impl {
 
   // Devices of the cluster, with capacity left once `keep` models stay resident.
   std::vector<device::DeviceInfo> Devices(const std::string& except_model) const {
+    return Devices(std::set<std::string>{except_model});
+  }
+
+  // The devices as they would be without the models in `except`. REQUIRES: mu held.
+  std::vector<device::DeviceInfo> Devices(const std::set<std::string>& except) const {
     std::map<std::string, uint64_t> used;
     for (const auto& [name, m] : models) {
-      if (name == except_model || m->state == ModelState::kFailed) continue;
+      if (except.count(name) || m->state == ModelState::kFailed) continue;
       for (const auto& a : m->plan.assignments) used[a.device.ToString()] += a.bytes;
     }
     std::vector<device::DeviceInfo> out;
@@ -328,6 +333,47 @@ struct Coordinator::Impl {
     std::vector<placement::Unit> units;
     placement::Request request;
   };
+
+  // The plan of a load of `name`, and the models it has to evict first (`victims`, empty when
+  // it fits beside everything loaded). A model that does not fit makes room by evicting others,
+  // least recently used first: those loaded without keep_loaded, and the keep_loaded ones too
+  // when this load has eject_models (DisTorch2's "eject the other models", here only as far as
+  // needed, so models that fit together, such as WAN 2.2's two experts, stay resident). None is
+  // evicted when evicting all of them would still not make room. REQUIRES: mu held.
+  StatusOr<placement::Plan> PlanMakingRoom(const std::string& name, const ModelSpec& spec,
+                                           const Prepared& p,
+                                           std::vector<std::shared_ptr<LoadedModel>>* victims) const {
+    std::vector<std::shared_ptr<LoadedModel>> candidates;
+    for (const auto& [other, m] : models) {
+      if (other == name || m->active > 0 || m->state != ModelState::kReady) continue;
+      if (m->spec.keep_loaded && !spec.eject_models) continue;
+      candidates.push_back(m);
+    }
+    std::sort(candidates.begin(), candidates.end(),
+              [](const auto& a, const auto& b) { return a->last_used < b->last_used; });
+    std::set<std::string> gone = {name};
+    StatusOr<placement::Plan> first = InvalidArgumentError("no plan");
+    for (size_t i = 0;; ++i) {
+      auto devices = Devices(gone);
+      if (devices.empty()) return UnavailableError("no workers are up: cannot place '" + name + "'");
+      auto plan = placement::MakePlan(devices, p.units, p.request);
+      if (i == 0) first = plan;
+      if (plan.ok()) {
+        victims->assign(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(i));
+        return plan;
+      }
+      if (plan.status().code() != StatusCode::kResourceExhausted) return plan.status();
+      if (i == candidates.size()) {
+        if (candidates.empty()) return first;
+        return first.status().WithContext(
+            "evicting the " + std::to_string(candidates.size()) + " other model(s) that may go (" +
+            (spec.eject_models ? "eject_models" : "those without keep_loaded") +
+            ") would not make room either; nothing was evicted");
+      }
+      gone.insert(candidates[i]->name);
+    }
+  }
+
 
   StatusOr<Prepared> Prepare(const ModelSpec& spec) const {
     Prepared p;
@@ -688,13 +734,14 @@ ClusterStatus Coordinator::Cluster() const {
 
 StatusOr<PlanResult> Coordinator::Plan(const ModelSpec& spec) const {
   FLEET_ASSIGN_OR_RETURN(Impl::Prepared p, impl_->Prepare(spec));
-  std::vector<device::DeviceInfo> devices;
+  // As a load would place it (no name: every loaded model counts, as for a new name).
+  std::vector<std::shared_ptr<LoadedModel>> victims;
+  StatusOr<placement::Plan> planned = InvalidArgumentError("no plan");
   {
     std::lock_guard lock(impl_->mu);
-    devices = impl_->Devices("");
+    planned = impl_->PlanMakingRoom("", spec, p, &victims);
   }
-  if (devices.empty()) return UnavailableError("no workers are up: nothing to plan on");
-  FLEET_ASSIGN_OR_RETURN(placement::Plan plan, placement::MakePlan(devices, p.units, p.request));
+  FLEET_ASSIGN_OR_RETURN(placement::Plan plan, std::move(planned));
   LoadedModel m;
   m.spec = spec;
   m.mode = spec.mode.value_or(*ParseExecMode(options_.default_mode));
@@ -709,7 +756,14 @@ StatusOr<PlanResult> Coordinator::Plan(const ModelSpec& spec) const {
   for (const auto& line : schedule->explanation) text += "  " + line + "\n";
   if (schedule->explanation.empty()) text += "  every block runs on " + m.compute_device + "\n";
   text += "\n" + plan.ExplainText();
-  return PlanResult{impl_->PlanJson(m, &*schedule), text, plan.expert_string};
+  PlanResult result{impl_->PlanJson(m, &*schedule), text, plan.expert_string, {}};
+  for (const auto& v : victims) result.evicts.push_back(v->name);
+  if (!victims.empty()) {
+    std::string names;
+    for (const auto& n : result.evicts) names += (names.empty() ? "" : ", ") + n;
+    result.text += "\nloading it evicts (least recently used first): " + names + "\n";
+  }
+  return result;
 }
 
 StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, const ModelSpec& spec,
@@ -770,57 +824,22 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
       impl_->EvictEverywhere(*old);
       lock.lock();
     }
-    // Plan against what is free; eject or evict LRU models until it fits.
+    // Plan against what is free, making room by evicting other models as far as needed.
     while (true) {
-      auto devices = impl_->Devices(name);
-      if (devices.empty()) return UnavailableError("no workers are up: cannot load '" + name + "'");
-      auto plan = placement::MakePlan(devices, p.units, p.request);
-      if (plan.ok() && spec.eject_models) {
-        // eject_models: other models leave the devices this plan uses, and only those.
-        std::set<std::string> used;
-        for (const auto& a : plan->assignments) used.insert(a.device.ToString());
-        std::vector<std::shared_ptr<LoadedModel>> victims;
-        for (const auto& [other, m] : impl_->models) {
-          if (m->active > 0 || m->state == ModelState::kLoading) continue;
-          for (const auto& a : m->plan.assignments) {
-            if (used.count(a.device.ToString())) {
-              victims.push_back(m);
-              break;
-            }
-          }
-        }
-        for (const auto& v : victims) impl_->models.erase(v->name);
-        if (!victims.empty()) {
-          lock.unlock();
-          for (const auto& v : victims) {
-            FLEET_LOG(INFO, "models") << "ejecting " << v->name << " (eject_models of " << name << ")";
-            impl_->EvictEverywhere(*v);
-            evicted.push_back(v->name);
-          }
-          lock.lock();
-          continue;  // re-plan with the freed capacity
-        }
-      }
-      if (plan.ok()) {
-        model->plan = *plan;
-        model->checked_activation_bytes = plan->activation_bytes;
-        break;
-      }
-      if (plan.status().code() != StatusCode::kResourceExhausted) return plan.status();
-      // Least recently used model that may go.
-      std::shared_ptr<LoadedModel> victim;
-      for (const auto& [other, m] : impl_->models) {
-        if (m->spec.keep_loaded || m->active > 0 || m->state == ModelState::kLoading) continue;
-        if (!victim || m->last_used < victim->last_used) victim = m;
-      }
-      if (!victim) return plan.status();
-      impl_->models.erase(victim->name);
+      std::vector<std::shared_ptr<LoadedModel>> victims;
+      FLEET_ASSIGN_OR_RETURN(model->plan, impl_->PlanMakingRoom(name, spec, p, &victims));
+      if (victims.empty()) break;
+      for (const auto& v : victims) impl_->models.erase(v->name);
       lock.unlock();
-      FLEET_LOG(INFO, "models") << "evicting least recently used " << victim->name << " to make room for " << name;
-      impl_->EvictEverywhere(*victim);
-      evicted.push_back(victim->name);
-      lock.lock();
+      for (const auto& v : victims) {
+        FLEET_LOG(INFO, "models") << "evicting " << v->name << " (used least recently) to make room for "
+                                  << name;
+        impl_->EvictEverywhere(*v);
+        evicted.push_back(v->name);
+      }
+      lock.lock();  // re-plan: the cluster may have changed meanwhile
     }
+    model->checked_activation_bytes = model->plan.activation_bytes;
     model->compute_device = model->plan.compute_device.ToString();
     for (const auto& a : model->plan.assignments) {
       model->blocks.push_back({a.unit, a.device.ToString(), a.bytes});

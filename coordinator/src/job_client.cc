@@ -156,7 +156,11 @@ StatusOr<PlanResult> JobClient::Plan(const ModelSpec& spec) {
   FLEET_ASSIGN_OR_RETURN(auto reply, Call(fbb, {}));
   const auto* r = Root(reply)->body_as_PlanResponse();
   if (r == nullptr) return DataLossError("unexpected reply to Plan");
-  return PlanResult{Str(r->plan_json()), Str(r->text()), Str(r->expert_string())};
+  PlanResult result{Str(r->plan_json()), Str(r->text()), Str(r->expert_string()), {}};
+  if (r->evicts() != nullptr) {
+    for (const auto* e : *r->evicts()) result.evicts.push_back(e->str());
+  }
+  return result;
 }
 
 StatusOr<ForwardResult> JobClient::Forward(const std::string& model, const std::vector<HostTensor>& inputs,

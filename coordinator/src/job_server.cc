@@ -407,8 +407,10 @@ struct JobServer::Impl {
         auto plan = coordinator->Plan(*spec);
         if (!plan.ok()) return ErrorReply(id, plan.status());
         flatbuffers::FlatBufferBuilder fbb;
+        std::vector<flatbuffers::Offset<flatbuffers::String>> evicts;
+        for (const auto& e : plan->evicts) evicts.push_back(fbb.CreateString(e));
         auto body = wire::CreatePlanResponse(fbb, fbb.CreateString(plan->json), fbb.CreateString(plan->text),
-                                             fbb.CreateString(plan->expert_string));
+                                             fbb.CreateString(plan->expert_string), fbb.CreateVector(evicts));
         Frames out;
         out.push_back(Finish(fbb, id, wire::JobResponseBody::PlanResponse, body.Union()));
         return out;

@@ -114,7 +114,7 @@ def test_node_surface_mirrors_distorch2(models_dir):
     assert opt["expert_mode_allocations"][0] == "STRING"
     assert opt["expert_mode_allocations"][1]["default"] == ""
     assert opt["expert_mode_allocations"][1]["multiline"] is False
-    assert opt["eject_models"] == ("BOOLEAN", {"default": True})
+    assert opt["eject_models"][0] == "BOOLEAN" and opt["eject_models"][1]["default"] is True
     assert opt["keep_loaded"][1]["default"] is True
     assert opt["mode"][0] == ["auto", "stream", "pipeline"]
     assert opt["coordinator"][1]["default"] == "tcp://127.0.0.1:7770"
@@ -262,8 +262,10 @@ def test_describe_flux_from_the_file_header(tmp_path):
         model_mod.describe_flux(info, "default", str(p))
     # The node builds ComfyUI models per family; one it has no builder for is refused by name
     # before anything is sent.
+    info.family = "linear"
     with pytest.raises(tf.TensorfleetError,
-                       match="'m' is a 'wan' model; this node builds ComfyUI models for: flux"):
+                       match="'m' is a 'linear' model; this node builds ComfyUI models for: "
+                             "flux, wan"):
         model_mod.build_model_patcher(None, "tcp://unused", None, info, str(p))
 
 
@@ -318,10 +320,24 @@ def test_example_workflows_match_the_nodes(models_dir, fname):
         assert lid in nodes[src]["outputs"][sslot]["links"]
         assert nodes[dst]["inputs"][dslot]["link"] == lid
         assert nodes[src]["outputs"][sslot]["type"] == typ == nodes[dst]["inputs"][dslot]["type"]
-    # the loader's MODEL feeds the sampler
-    sampler = next(n for n in nodes.values() if n["type"] == "KSampler")
-    model_link = sampler["inputs"][0]["link"]
-    assert next(l for l in wf["links"] if l[0] == model_link)[1] == ours[0]["id"]
+    # Every sampler's MODEL comes from one of our loaders (possibly through model patches such
+    # as ModelSamplingSD3), and every loader feeds a sampler: two loaders, two samplers (WAN
+    # 2.2's experts) means one loader each.
+    samplers = [n for n in nodes.values() if n["type"] in ("KSampler", "KSamplerAdvanced")]
+    assert samplers, "%s has no sampler" % fname
+    links = {l[0]: l for l in wf["links"]}
+
+    def model_source(node):
+        while node["type"] not in PKG.NODE_CLASS_MAPPINGS:
+            model_in = next(i for i in node["inputs"] if i["type"] == "MODEL")
+            node = nodes[links[model_in["link"]][1]]
+        return node["id"]
+
+    sources = [model_source(n) for n in samplers]
+    loaders = {n["id"] for n in ours if n["type"] != "TensorfleetPlan"}
+    assert set(sources) == loaders
+    if len(loaders) > 1:
+        assert len(sources) == len(set(sources))
 
 
 # ------------------------------------------------------------- load progress and cancel

@@ -2503,10 +2503,32 @@ class PlanResponse(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
-def PlanResponseStart(builder): builder.StartObject(3)
+    # PlanResponse
+    def Evicts(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # PlanResponse
+    def EvictsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # PlanResponse
+    def EvictsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        return o == 0
+
+def PlanResponseStart(builder): builder.StartObject(4)
 def PlanResponseAddPlanJson(builder, planJson): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(planJson), 0)
 def PlanResponseAddText(builder, text): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(text), 0)
 def PlanResponseAddExpertString(builder, expertString): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(expertString), 0)
+def PlanResponseAddEvicts(builder, evicts): builder.PrependUOffsetTRelativeSlot(3, flatbuffers.number_types.UOffsetTFlags.py_type(evicts), 0)
+def PlanResponseStartEvictsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
 def PlanResponseEnd(builder): return builder.EndObject()
 
 

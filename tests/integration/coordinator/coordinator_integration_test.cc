@@ -368,40 +368,6 @@ TEST_F(CoordinatorIntegration, TwoClientsAtOnce) {
   ASSERT_TRUE(Client()->UnloadModel("shared").ok());
 }
 
-TEST_F(CoordinatorIntegration, KeepLoadedEjectAndLru) {
-  auto client = Client();
-  ASSERT_TRUE(client);
-  // Each copy of the model takes a share of cuda:1; the third does not fit next to two others.
-  auto status = client->Cluster();
-  ASSERT_TRUE(status.ok());
-  ModelSpec keep = Spec("cuda:0,10%;cuda:1,*", ExecMode::kPipeline);
-  keep.keep_loaded = true;
-  ASSERT_TRUE(client->LoadModel("keep", keep).ok());
-  ASSERT_TRUE(client->LoadModel("lru", Spec("cuda:0,10%;cuda:1,*", ExecMode::kPipeline)).ok());
-  auto models = client->ListModels();
-  ASSERT_TRUE(models.ok());
-  EXPECT_EQ(models->size(), 2u);
-  // eject_models: a model whose plan uses cuda:1 evicts the others from cuda:1, keep_loaded too.
-  ModelSpec eject = Spec("cuda:0,10%;cuda:1,*", ExecMode::kPipeline);
-  eject.eject_models = true;
-  ASSERT_TRUE(client->LoadModel("ejector", eject).ok());
-  models = client->ListModels();
-  ASSERT_TRUE(models.ok());
-  ASSERT_EQ(models->size(), 1u);
-  EXPECT_EQ((*models)[0].name, "ejector");
-  // A model on cpu only does not eject models from other devices.
-  ModelSpec cpu_only = Spec("cpu,*", ExecMode::kStream);
-  cpu_only.compute_device = "cpu";
-  cpu_only.eject_models = true;
-  ASSERT_TRUE(client->LoadModel("cpu-only", cpu_only).ok());
-  models = client->ListModels();
-  ASSERT_TRUE(models.ok());
-  EXPECT_EQ(models->size(), 2u);
-  ASSERT_TRUE(client->UnloadModel("ejector").ok());
-  ASSERT_TRUE(client->UnloadModel("cpu-only").ok());
-  EXPECT_EQ(client->UnloadModel("ejector").code(), StatusCode::kNotFound);
-}
-
 TEST_F(CoordinatorIntegration, BadAllocationStringsAreRefusedAtPlanTime) {
   auto client = Client();
   struct Case {
@@ -466,6 +432,70 @@ TEST(CoordinatorHeadroom, ActivationsOfTheInputSizeArePlannedAndRecheckedOnTheFi
   EXPECT_NE(large.status().message().find("1024x1024"), std::string::npos) << large.status();
   EXPECT_NE(large.status().message().find("cuda:0"), std::string::npos) << large.status();
   EXPECT_TRUE((*client)->Forward("m", ReadTensors(c.dir + "/small.safetensors")).ok());
+}
+
+// Models that fit together stay together; one that does not makes room by evicting others,
+// least recently used first and only as far as needed: models without keep_loaded, and with
+// eject_models the keep_loaded ones too. cuda:1 holds two copies of the tiny model, not three.
+TEST(CoordinatorModels, KeepLoadedEjectAndLru) {
+  auto cluster = Cluster::Start("cuda:0=1gb,cuda:1=1gb/7mb,cpu=2gb", "evict");
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  ASSERT_EQ(RunFleet({"gen-model", "--preset", "tiny", "--double", "3", "--single", "4", "--dtype",
+                      "f32", "--seed", "4", c.dir + "/models/tiny.safetensors"},
+                     c.dir + "/gen.log"),
+            0);
+  auto client = JobClient::Connect(c.listen, std::chrono::minutes(2));
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto spec = [](bool keep_loaded, bool eject_models) {
+    ModelSpec s;
+    s.path = "tiny.safetensors";
+    s.compute_device = "cuda:0";
+    s.expert_mode_allocations = "cuda:0,10%;cuda:1,*";
+    s.mode = ExecMode::kStream;
+    s.width = s.height = 64;
+    s.keep_loaded = keep_loaded;
+    s.eject_models = eject_models;
+    return s;
+  };
+  auto names = [&] {
+    std::set<std::string> out;
+    auto models = (*client)->ListModels();
+    if (models.ok()) {
+      for (const auto& m : *models) out.insert(m.name);
+    }
+    return out;
+  };
+  auto kept = (*client)->LoadModel("keep", spec(true, true));
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  auto lru = (*client)->LoadModel("lru", spec(false, true));
+  ASSERT_TRUE(lru.ok()) << lru.status();
+  EXPECT_EQ(names(), (std::set<std::string>{"keep", "lru"}));  // eject_models evicted nothing
+  // Without eject_models, the keep_loaded model stays: "lru" goes.
+  auto plan = (*client)->Plan(spec(false, false));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->evicts, std::vector<std::string>{"lru"});
+  ASSERT_TRUE((*client)->LoadModel("third", spec(false, false)).ok());
+  EXPECT_EQ(names(), (std::set<std::string>{"keep", "third"}));
+  // With eject_models the keep_loaded one may go too, and goes first: used least recently.
+  plan = (*client)->Plan(spec(true, true));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->evicts, std::vector<std::string>{"keep"});
+  ASSERT_TRUE((*client)->LoadModel("ejector", spec(true, true)).ok());
+  EXPECT_EQ(names(), (std::set<std::string>{"third", "ejector"}));
+  // Two keep_loaded models and a load without eject_models: nothing may go, nothing goes.
+  ASSERT_TRUE((*client)->UnloadModel("third").ok());
+  ASSERT_TRUE((*client)->LoadModel("kept2", spec(true, false)).ok());
+  auto refused = (*client)->LoadModel("fourth", spec(false, false));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_EQ(names(), (std::set<std::string>{"ejector", "kept2"}));
+  // A model that fits beside the others evicts nothing, eject_models or not.
+  ModelSpec cpu_only = spec(false, true);
+  cpu_only.compute_device = "cpu";
+  cpu_only.expert_mode_allocations = "cpu,*";
+  ASSERT_TRUE((*client)->LoadModel("cpu-only", cpu_only).ok());
+  EXPECT_EQ(names(), (std::set<std::string>{"ejector", "kept2", "cpu-only"}));
 }
 
 // Killing a worker mid-run fails the job with an error naming it, within the heartbeat timeout,

@@ -206,21 +206,21 @@ TEST_F(PlanCliTest, UpstreamReadmeWildcardWithNumberIsAccepted) {
 // whole, leaves room for a 1024 x 1024 image's activations beside the CUDA reserve; a 2048 x 2048
 // workflow does not fit, and the refusal says by how much.
 TEST_F(PlanCliTest, ActivationRoomIsForTheWorkflowsInputSize) {
-  const std::string devices = "cuda:0=25950000000,cpu=64gb";
+  const std::string devices = "cuda:0=25400000000,cpu=64gb";
   Outcome fits =
       Plan({"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0", "--json"});
   ASSERT_EQ(fits.status, 0) << fits.err;
   auto plan = nlohmann::json::parse(fits.out);
-  // The blocks' activations plus one 512 MiB-budget chunk of attention scores (404 query rows).
-  EXPECT_EQ(plan["headroom"]["activation_bytes"], 4608ull * (12288 + 6 * 3072) * 2 + 536150016ull)
+  // The blocks' activations plus one 128 MiB-budget chunk of attention scores (101 query rows).
+  EXPECT_EQ(plan["headroom"]["activation_bytes"], 4608ull * (12288 + 6 * 3072) * 2 + 134037504ull)
       << fits.out;
   EXPECT_EQ(plan["devices"][0]["bytes"], 23802816640ull);
 
   Outcome large = Plan({"--example", "flux-dev", "--devices", devices, "--virtual-vram-gb", "0",
                         "--width", "2048", "--height", "2048"});
   EXPECT_EQ(large.status, 2) << large.out;
-  EXPECT_NE(large.err.find("activations 1.47 GiB"), std::string::npos) << large.err;
-  EXPECT_NE(large.err.find("(231478528 bytes) missing"), std::string::npos) << large.err;
+  EXPECT_NE(large.err.find("activations 1.09 GiB"), std::string::npos) << large.err;
+  EXPECT_NE(large.err.find("(377596544 bytes) missing"), std::string::npos) << large.err;
 }
 
 TEST_F(PlanCliTest, InvalidInputExitsTwoWithOneLine) {

@@ -94,6 +94,8 @@ struct PlanResult {
   std::string json;
   std::string text;
   std::string expert_string;
+  // Models a load with this spec would evict first to make room (Coordinator::LoadModel).
+  std::vector<std::string> evicts;
 };
 
 /// A tensor handed in or out: contiguous little-endian bytes that `owner` keeps alive.

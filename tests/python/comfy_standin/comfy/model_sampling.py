@@ -1,12 +1,20 @@
-"""Stand-in for comfy/model_sampling.py: the flow-matching pieces Flux uses.
+"""Stand-in for comfy/model_sampling.py: the flow-matching pieces Flux and WAN use.
 
 Upstream: comfy/model_sampling.py (CONST, ModelSamplingDiscreteFlow, ModelSamplingFlux,
-flux_time_shift). Only calculate_input / calculate_denoised / timestep / sigma are mirrored.
+flux_time_shift, time_snr_shift). Only calculate_input / calculate_denoised / timestep / sigma /
+percent_to_sigma are mirrored. WAN (model type FLOW) uses ModelSamplingDiscreteFlow with its
+config's shift and the default multiplier 1000: timestep = sigma * 1000.
 """
 
 import math
 
 import torch
+
+
+def time_snr_shift(alpha, t):
+    if alpha == 1.0:
+        return t
+    return alpha * t / (1 + (alpha - 1) * t)
 
 
 def flux_time_shift(mu, sigma, t):
@@ -31,6 +39,16 @@ class ModelSamplingDiscreteFlow(torch.nn.Module):
 
     def timestep(self, sigma):
         return sigma * self.multiplier
+
+    def sigma(self, timestep):
+        return time_snr_shift(self.shift, timestep / self.multiplier)
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return time_snr_shift(self.shift, 1.0 - percent)
 
 
 class ModelSamplingFlux(torch.nn.Module):

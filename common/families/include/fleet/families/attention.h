@@ -15,7 +15,7 @@
 namespace fleet::families {
 
 /// Bytes the score chunks of one attention may take.
-inline constexpr uint64_t kAttentionBudgetBytes = 512ull << 20;
+inline constexpr uint64_t kAttentionBudgetBytes = 128ull << 20;
 
 /// Bytes per score element: float32 logits, float32 softmax, probabilities (at most float32).
 inline constexpr uint64_t kAttentionBytesPerScore = 12;
