@@ -19,7 +19,9 @@ enum GgufValueType : uint32_t {
   kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
 };
 constexpr int kMaxArrayDepth = 8;
-constexpr uint32_t kMaxDims = 4;  // GGML_MAX_DIMS
+// ggml itself stops at 4 (GGML_MAX_DIMS), but gguf-py writes any rank, and ComfyUI-GGUF's
+// WAN and HunyuanVideo files carry a 5-D patch_embedding.weight (its tools/fix_5d_tensors.py).
+constexpr uint32_t kMaxDims = 8;
 
 // Fixed encoded size of a scalar type, 0 for string/array.
 uint64_t ScalarSize(uint32_t t) {
@@ -259,7 +261,7 @@ StatusOr<ModelFile::Contents> ParseGguf(std::span<const uint8_t> bytes, const st
     FLEET_RETURN_IF_ERROR(r.Read("n_dims", &n_dims));
     if (n_dims > kMaxDims) {
       return r.Error("n_dims", dims_at,
-                     std::to_string(n_dims) + " dimensions (ggml allows at most 4)");
+                     std::to_string(n_dims) + " dimensions (at most 8)");
     }
     std::vector<uint64_t> ne(n_dims);
     for (uint32_t d = 0; d < n_dims; ++d) {

@@ -274,6 +274,10 @@ class WanModel final : public Model {
   Status Stem(const WeightAccessor& weights, TensorMap& state) const {
     FLEET_ASSIGN_OR_RETURN(at::Tensor x, Find(state, "state", "x", {-1, c_.in_dim, -1, -1, -1}));
     const int64_t batch = x.size(0), T = x.size(2), H = x.size(3), W = x.size(4);
+    if (batch < 1 || T < 1 || H < 1 || W < 1) {
+      return InvalidArgumentError("state 'x' has shape " + ShapeString(x.sizes()) +
+                                  ": batch, frames, height and width must be at least 1");
+    }
     FLEET_ASSIGN_OR_RETURN(at::Tensor timestep, Find(state, "state", "timestep"));
     if (timestep.dim() < 1 || timestep.dim() > 2 || timestep.size(0) != batch ||
         (timestep.dim() == 2 && timestep.size(1) < 1)) {
