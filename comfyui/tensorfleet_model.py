@@ -12,30 +12,30 @@ Anything the cluster cannot do yet (ControlNet residuals, reference latents, att
 LoRA / weight patches, transformer patches, ...) is refused with an error that names it;
 nothing is dropped.
 
-Loading (`load_keeping_resident`): a model is loaded beside the models already on the cluster
-when it fits; only when it does not are other models unloaded, least recently used first and
-only from the devices it needs, and only when the loader's `eject_models` allows it. A model
-that another load pushed out is loaded again at its next step, with the cost logged.
+Loading: the coordinator decides what stays. A model that fits beside the models loaded is
+loaded beside them; one that does not makes room by evicting other idle models, least recently
+used first and only as far as needed (keep_loaded ones only when the load has eject_models),
+and evicts nothing when even that would not make room. The node only reports it: what a load
+will evict, from the coordinator's Plan (`plan_evictions`), and what the load cost. A model
+that another load evicted is loaded again at its next step, with the cost logged.
 
 Thread safety: ComfyUI runs one prompt at a time; the proxy's client serialises its requests.
 """
 
-import dataclasses
 import hashlib
 import json
 import logging
 import math
-import re
+import os
 import struct
-import threading
 import time
 import types
 import weakref
 
 import torch
 
-from .tensorfleet_client import (CancelledError, FailedPreconditionError, NotFoundError,
-                                 ResourceExhaustedError, TensorfleetError)
+from .tensorfleet_client import (CancelledError, NotFoundError, ResourceExhaustedError,
+                                 TensorfleetError)
 
 log = logging.getLogger("tensorfleet")
 
@@ -558,7 +558,6 @@ class _Runner:
                 out = client.forward(self.model_name, inputs, run_id=run_id,
                                      constant_inputs=consts,
                                      should_cancel=mm.processing_interrupted)
-                note_use(self.address, self.model_name)
                 return out["out"]
             except CancelledError:
                 mm.throw_exception_if_processing_interrupted()
@@ -570,15 +569,16 @@ class _Runner:
         raise AssertionError("unreachable")
 
     def _reload(self, client, mm):
-        """The coordinator restarted or unloaded the model (another model needed its room):
-        load it again, once, beside what is resident when it fits."""
+        """The coordinator restarted or evicted the model (another model's load needed its
+        room): load it again, once, with the loader's spec. The coordinator makes room for it
+        as for any load; what that evicts (per its plan) and what the load cost are logged."""
         log.info("tensorfleet: model '%s' is not loaded on the coordinator any more; loading it "
                  "again", self.model_name)
-        start = time.monotonic()
         try:
-            info, evicted = load_keeping_resident(client, self.address, self.spec,
-                                                  name=self.model_name,
-                                                  should_cancel=mm.processing_interrupted)
+            evicts = planned_evictions(client, self.spec, self.model_name)
+            start = time.monotonic()
+            info = client.load_model(self.spec, name=self.model_name,
+                                     should_cancel=mm.processing_interrupted)
         except CancelledError:
             mm.throw_exception_if_processing_interrupted()
             raise mm.InterruptProcessingException()
@@ -588,18 +588,7 @@ class _Runner:
         log.warning("tensorfleet: '%s' was not resident on the cluster (another model took its "
                     "room, or the coordinator restarted); loading it again cost %.2f s for %s%s",
                     self.model_name, seconds, format_bytes(info.bytes_total),
-                    evicted_text(evicted))
-
-
-# (coordinator address, model name) -> time.monotonic() of its last load or step from this
-# ComfyUI process: which model to unload first when a load needs room.
-_last_use = {}
-_last_use_lock = threading.Lock()
-
-
-def note_use(address, name):
-    with _last_use_lock:
-        _last_use[(address, name)] = time.monotonic()
+                    evicts_text(evicts))
 
 
 def format_bytes(n):
@@ -611,143 +600,37 @@ def format_bytes(n):
     return "%.2f TiB" % n
 
 
-def evicted_text(evicted):
-    if not evicted:
-        return ""
-    return "; to make room it unloaded %s" % ", ".join(
-        "'%s' (%s on %s)" % (m.name, format_bytes(m.bytes_total), ", ".join(sorted(
-            model_devices(m) or {m.compute_device}))) for m in evicted)
+def default_model_name(path):
+    """The name the coordinator gives a model loaded without one: the file's stem."""
+    return os.path.splitext(os.path.basename(path))[0]
 
 
-def spec_devices(spec):
-    """The devices a load of `spec` may place weights on (lower case), or None when the spec
-    leaves the compute device to the coordinator (then any device may be involved)."""
-    def norm(d):
-        d = d.strip().lower()
-        return d + ":0" if d in ("cuda", "xpu", "npu", "mlu") else d
+def plan_evictions(plan, spec, name=""):
+    """The models a load of `spec` (under `name`, or the coordinator's default name) evicts
+    first, least recently used first, from the coordinator's Plan of that spec (wire.Plan
+    `evicts`). The model itself is left out: a Plan counts a copy of it already loaded as used
+    (and possibly as evictable), while its load re-uses or replaces that copy."""
+    own = name or default_model_name(spec.path)
+    return [n for n in plan.evicts if n != own]
 
-    if not spec.compute_device.strip():
+
+def planned_evictions(client, spec, name=""):
+    """Asks the coordinator's Plan what a load of `spec` would evict (plan_evictions); None
+    when the plan does not fit even so (ResourceExhausted: the load itself then says why)."""
+    try:
+        plan = client.plan(spec)
+    except ResourceExhaustedError:
         return None
-    devices = {norm(spec.compute_device)}
-    if spec.expert_mode_allocations.strip():
-        for entry in spec.expert_mode_allocations.split(";"):
-            if "," in entry:
-                devices.add(norm(entry.split(",", 1)[0]))
-    elif spec.virtual_vram_gb > 0:
-        devices |= {norm(d) for d in spec.donor_device.split(",") if d.strip()}
-    return devices
+    return plan_evictions(plan, spec, name)
 
 
-def model_devices(info):
-    """The devices holding a loaded model's weights, from its plan (empty when unknown)."""
-    return set(model_bytes_on(info))
-
-
-def model_bytes_on(info):
-    """{device: bytes} of a loaded model's weights, from its plan's assignments."""
-    out = {}
-    for a in info.plan().get("assignments", []):
-        if isinstance(a, dict) and isinstance(a.get("device"), str):
-            d = a["device"].lower()
-            out[d] = out.get(d, 0) + int(a.get("bytes") or 0)
-    return out
-
-
-# The coordinator's capacity error (common/placement: "the plan does not fit: cuda:0 needs ...
-# but its capacity is ...: 1.73 MiB (1811968 bytes) missing (hint); cuda:1 needs ...").
-_MISSING = re.compile(r"(?:does not fit: |; )([A-Za-z]+(?::\d+)?) needs .*? but its capacity "
-                      r"is [^:;]*: [^;]*?\((\d+) bytes\) missing")
-
-
-def missing_bytes(message):
-    """{device: bytes missing} from the coordinator's "plan does not fit" message ({} when it
-    says something else)."""
-    return {m.group(1).lower(): int(m.group(2)) for m in _MISSING.finditer(message or "")}
-
-
-def load_keeping_resident(client, address, spec, name="", progress=None, should_cancel=None):
-    """Loads `spec` without pushing out the models already on the cluster while it fits beside
-    them; returns (ModelInfo, [ModelInfo of the models unloaded to make room]).
-
-    The coordinator's `eject_models` evicts every other model on the plan's devices whenever
-    the plan fits, and none when it does not. So the load is always sent with eject_models
-    false: a model that fits beside the resident ones (the two experts of a WAN 2.2 workflow,
-    on a cluster that holds both) leaves them loaded. When it does not fit (ResourceExhausted)
-    and the loader's eject_models is true, the models on the devices it lacks room on are
-    unloaded one at a time, the one this process used least recently first, until it fits;
-    each one so unloaded is logged with its size. Nothing is unloaded when even unloading all
-    of them could not make the room the coordinator says is missing. With eject_models false
-    nothing is unloaded here (the coordinator still evicts models loaded with keep_loaded
-    false) and the error stands."""
-    keep = dataclasses.replace(spec, eject_models=False)
-    evicted, tried = [], set()
-    while True:
-        try:
-            info = client.load_model(keep, name=name, progress=progress,
-                                     should_cancel=should_cancel)
-            break
-        except ResourceExhaustedError as e:
-            if not spec.eject_models:
-                _add_to_message(e, "eject_models is off, so no other model was unloaded to "
-                                   "make room")
-                raise
-            victim, why_not = _eviction_candidate(client, address, spec, name, tried,
-                                                  missing_bytes(e.message))
-            if victim is None:
-                if why_not:
-                    _add_to_message(e, why_not)
-                if evicted:
-                    _add_to_message(e, "it does not fit even after unloading %s"
-                                    % ", ".join("'%s'" % m.name for m in evicted))
-                raise
-            tried.add(victim.name)
-            log.warning("tensorfleet: '%s' does not fit beside the models on the cluster; "
-                        "unloading '%s' (%s on %s) to make room (eject_models)",
-                        name or spec.path, victim.name, format_bytes(victim.bytes_total),
-                        ", ".join(sorted(model_devices(victim) or {victim.compute_device})))
-            try:
-                client.unload_model(victim.name)
-            except (FailedPreconditionError, NotFoundError) as why:  # running a step, or gone
-                log.info("tensorfleet: could not unload '%s': %s", victim.name, why)
-                continue
-            evicted.append(victim)
-    note_use(address, info.name)
-    return info, evicted
-
-
-def _add_to_message(e, text):
-    e.message = "%s; %s" % (e.message, text)
-    e.args = (e.message,)
-
-
-def _eviction_candidate(client, address, spec, name, tried, missing):
-    """(the model to unload next so that `spec` fits, None) or (None, why nothing helps).
-
-    Candidates: ready, not the one being loaded, holding weights on a device the load lacks
-    room on (`missing`, from the coordinator's message; when it names none, any device the
-    spec uses), least recently used by this process first (never used by it: first)."""
-    wanted = set(missing) or spec_devices(spec)
-    candidates = []
-    for m in client.list_models():
-        if m.state != "ready" or m.name in tried:
-            continue
-        if (m.name == name) if name else (m.path == spec.path):
-            continue  # the model being loaded: the coordinator replaces its old copy itself
-        held = model_bytes_on(m) or {m.compute_device.lower(): m.bytes_total}
-        if wanted is not None and not (set(held) & wanted):
-            continue
-        with _last_use_lock:
-            used = _last_use.get((address, m.name), -math.inf)
-        candidates.append((used, m.name, m, held))
-    for device, lacking in sorted(missing.items()):
-        freeable = sum(held.get(device, 0) for _, _, _, held in candidates)
-        if freeable < lacking:
-            return None, ("unloading every other model on %s would free %s of the %s missing, "
-                          "so none was unloaded" % (device, format_bytes(freeable),
-                                                    format_bytes(lacking)))
-    if not candidates:
-        return None, ""
-    return min(candidates, key=lambda c: c[:2])[2], ""
+def evicts_text(evicts):
+    """The end of a log line after a load: the models the coordinator's plan had it evict
+    (empty when none, or unknown)."""
+    if not evicts:
+        return ""
+    return ("; the coordinator's plan had it evict %s to make room (least recently used first)"
+            % ", ".join("'%s'" % n for n in evicts))
 
 
 def run_id_for(model_name, constants):

@@ -14,12 +14,13 @@ renaming the node and keeping its widget values:
 Each validates the allocation through the coordinator's Plan when it runs (a bad string fails
 here, not at sampling time), loads the model with ComfyUI's progress bar showing the bytes
 loaded (ComfyUI's Cancel cancels the load on the coordinator) and returns a ComfyUI MODEL
-(Flux or WAN, tensorfleet_model.COMFY_BUILDERS). The load keeps the models already on the
-cluster while the new one fits beside them (WAN 2.2's two experts stay loaded together);
-eject_models only lets it unload others when it does not fit
-(tensorfleet_model.load_keeping_resident).
-`TensorfleetPlan` shows the plan (tables, the equivalent expert string and a picture) without
-loading.
+(Flux or WAN, tensorfleet_model.COMFY_BUILDERS). Plan and load go with the inputs as set,
+eject_models included; the coordinator decides what stays loaded: a model that fits beside the
+loaded ones evicts nothing (WAN 2.2's two experts stay loaded together), one that does not
+evicts idle models least recently used first, only as far as needed (keep_loaded ones only
+with eject_models). The loader logs what its plan says the load evicts, then the load's time.
+`TensorfleetPlan` shows the plan (tables, the equivalent expert string, the models a load would
+evict: the coordinator's "loading it evicts" line, and a picture) without loading.
 
 compute_device and donor_device offer the cluster's devices (GET /v2/workers on the
 coordinator's control API, short timeout, cached briefly), else the static list cpu,
@@ -29,7 +30,6 @@ cluster still loads in the editor and fails when it runs, naming the device.
 Clients are cached per coordinator address for the life of the ComfyUI process.
 """
 
-import dataclasses
 import logging
 import os
 import threading
@@ -211,9 +211,11 @@ def _distorch_inputs():
                                                           "cuda:0,4gb;cuda:1,2gb;cpu,*"}),
         "eject_models": ("BOOLEAN", {
             "default": True,
-            "tooltip": "Let this load unload other models from the devices it needs when it "
-                       "does not fit beside them (least recently used first). Models that fit "
-                       "together stay loaded together (e.g. WAN 2.2's two experts)."}),
+            "tooltip": "When this model does not fit beside the models loaded on the cluster, "
+                       "let the coordinator evict models kept with keep_loaded too (least "
+                       "recently used first, only as far as needed); models loaded without "
+                       "keep_loaded may always go. Models that fit together stay loaded "
+                       "together (e.g. WAN 2.2's two experts)."}),
     }
 
 
@@ -294,34 +296,39 @@ def _load(unet_name, coordinator=None, **inputs):
     try:
         check_devices(address, spec.compute_device, spec.donor_device, spec.virtual_vram_gb,
                       spec.expert_mode_allocations)
-        # The load goes with eject_models false (tensorfleet_model.load_keeping_resident: other
-        # models stay while this one fits beside them); the plan is asked the same way.
-        keep = dataclasses.replace(spec, eject_models=False)
+        evicts = None
         try:
-            plan = client.plan(keep)  # validates the allocation now, not at sampling time
+            plan = client.plan(spec)  # validates the allocation now, not at sampling time
         except ResourceExhaustedError as e:
-            # A valid allocation that does not fit beside the models on the cluster now: the
-            # load makes room when eject_models allows it, or says why it cannot.
-            log.info("tensorfleet: %s does not fit beside the models loaded now (%s)",
-                     unet_name, e.message)
-        else:
+            # Valid, but no room even after evicting every model it may evict: the load says
+            # the same (unless a copy of this model is loaded already, which it re-uses).
+            plan = None
+            log.info("tensorfleet: the plan for %s does not fit the cluster now (%s); the "
+                     "load will say whether it can", unet_name, e.message)
+        if plan is not None:
             log.info("tensorfleet: plan for %s: %s", unet_name, plan.expert_string)
             _log_plan_notes(plan.plan())
+            evicts = tensorfleet_model.plan_evictions(plan, spec)
+            if evicts:
+                log.warning("tensorfleet: '%s' does not fit beside the models on the cluster; "
+                            "loading it evicts %s (least recently used first, per the "
+                            "coordinator's plan)", unet_name,
+                            ", ".join("'%s'" % n for n in evicts))
         start = time.monotonic()
-        info, evicted = tensorfleet_model.load_keeping_resident(
-            client, address, spec, progress=progress, should_cancel=mm.processing_interrupted)
+        info = client.load_model(spec, progress=progress,
+                                 should_cancel=mm.processing_interrupted)
     except CancelledError:
         mm.throw_exception_if_processing_interrupted()
         raise
     except TensorfleetError as e:
         raise _explain(e, e.request or "load", unet_name, address) from None
-    if evicted:
-        log.warning("tensorfleet: loading '%s' cost %.2f s for %s%s", info.name,
-                    time.monotonic() - start, tensorfleet_model.format_bytes(info.bytes_total),
-                    tensorfleet_model.evicted_text(evicted))
+    seconds = time.monotonic() - start
     if info.state == "failed":
         raise TensorfleetError("Tensorfleet load of '%s' failed on the coordinator: %s"
                                % (unet_name, info.error or "no reason given"), "LoadModel")
+    log.info("tensorfleet: loading '%s' took %.2f s for %s%s", info.name, seconds,
+             tensorfleet_model.format_bytes(info.bytes_total),
+             tensorfleet_model.evicts_text(evicts))
     model = tensorfleet_model.build_model_patcher(client_for, address, spec, info,
                                                   _local_path(unet_name))
     return (model,)
@@ -424,8 +431,10 @@ class TensorfleetPlan:
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
     DESCRIPTION = ("Shows where each block of the model would go and the equivalent DisTorch2 "
-                   "expert string, without loading anything; `image` pictures the placement "
-                   "(connect a Preview Image).")
+                   "expert string, against what the cluster holds now, without loading "
+                   "anything; when the model does not fit beside the models loaded, the text "
+                   "ends with the models loading it would evict (least recently used first). "
+                   "`image` pictures the placement (connect a Preview Image).")
 
     @classmethod
     def VALIDATE_INPUTS(cls, compute_device=None, donor_device=None):

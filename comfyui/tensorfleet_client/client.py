@@ -302,7 +302,11 @@ class Client:
         return self._expect(reply, "ListModelsResponse", "ListModels")
 
     def plan(self, spec, timeout=None):
-        """Validates a spec and returns the placement the coordinator would use (wire.Plan)."""
+        """Validates a spec and returns the placement the coordinator would use (wire.Plan),
+        against what the cluster holds now: `evicts` names the models a load of `spec` would
+        evict first to make room, least recently used first (empty when it fits beside them).
+        A spec that would not fit even after evicting every model it may evict raises
+        ResourceExhaustedError, as its load would."""
         reply, _ = self._call(lambda rid: wire.plan_request(rid, spec), "Plan",
                               self.timeout if timeout is None else timeout)
         return self._expect(reply, "PlanResponse", "Plan")

@@ -88,6 +88,9 @@ class Plan:
     plan_json: str
     text: str
     expert_string: str
+    # The models a load of this spec would evict first to make room, least recently used
+    # first (PlanResponse.evicts); empty when it fits beside the models loaded now.
+    evicts: list = field(default_factory=list)
 
     def plan(self):
         return json.loads(self.plan_json) if self.plan_json else {}
@@ -332,7 +335,8 @@ def _parse_body(kind, table):
     if kind == "PlanResponse":
         r = _body(g.PlanResponse, table)
         return Plan(plan_json=_s(r.PlanJson()), text=_s(r.Text()),
-                    expert_string=_s(r.ExpertString()))
+                    expert_string=_s(r.ExpertString()),
+                    evicts=[_s(r.Evicts(i)) for i in range(r.EvictsLength())])
     if kind == "ForwardResponse":
         r = _body(g.ForwardResponse, table)
         return ForwardResult(outputs=[_tensor_ref(r.Outputs(i)) for i in range(r.OutputsLength())],

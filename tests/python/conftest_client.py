@@ -60,6 +60,10 @@ class JobPeer:
         self.runs = {}            # run_id -> {name: ndarray}
         self.helloed = set()
         self.models = {}
+        # What a load would evict to make room, as the coordinator's PlanMakingRoom decides it:
+        # Plan answers these names in `evicts` (and the line in its text), and LoadModel evicts
+        # them before it loads.
+        self.plan_evicts = []
         self._pending = {}        # (peer, request id) of Forwards waiting for a cancel
         # "slowload*" models: (peer, request id) -> [name, path, ListModels answered]; the load
         # is answered after SLOW_LOAD_STEPS ListModels (each shows more bytes), or cancelled.
@@ -178,23 +182,42 @@ class JobPeer:
                                 "expert_mode_allocations: unknown unit 'tb' in token '%s' at "
                                 "byte 7" % details["expert"].split(";")[0])
                     continue
+                if details["path"].startswith("huge"):  # no room even after evicting
+                    self._error(peer, rid, g.ErrorCode.ResourceExhausted,
+                                "the plan does not fit: cuda:0 needs 1.00 TiB but its capacity "
+                                "is 8.00 GiB; evicting the %d other model(s) that may go would "
+                                "not make room either; nothing was evicted" % len(self.models))
+                    continue
                 if details["path"].startswith("missing"):
                     self._error(peer, rid, g.ErrorCode.NotFound,
                                 "model file '%s' not found under the model roots"
                                 % details["path"])
                     continue
+                evicts = [n for n in self.plan_evicts if n in self.models]
                 if is_plan:
-                    def plan(b):
+                    def plan(b, evicts=evicts):
+                        text = "cuda:0  everything\n"
+                        if evicts:
+                            text += ("\nloading it evicts (least recently used first): %s\n"
+                                     % ", ".join(evicts))
                         p = b.CreateString(json.dumps({"assignments": []}))
-                        t = b.CreateString("cuda:0  everything")
+                        t = b.CreateString(text)
                         e = b.CreateString("cuda:0,*")
+                        names = [b.CreateString(n) for n in evicts]
+                        g.PlanResponseStartEvictsVector(b, len(names))
+                        for n in reversed(names):
+                            b.PrependUOffsetTRelative(n)
+                        ev = b.EndVector()
                         g.PlanResponseStart(b)
                         g.PlanResponseAddPlanJson(b, p)
                         g.PlanResponseAddText(b, t)
                         g.PlanResponseAddExpertString(b, e)
+                        g.PlanResponseAddEvicts(b, ev)
                         return g.PlanResponseEnd(b)
                     self._send(peer, rid, g.JobResponseBody.PlanResponse, plan)
                 else:
+                    for n in evicts:
+                        del self.models[n]
                     name = _s(r.Name()) or os.path.splitext(os.path.basename(details["path"]))[0]
                     if details["path"].startswith("slowload"):
                         self._loads[(peer, rid)] = [name, details["path"], 0]

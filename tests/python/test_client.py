@@ -75,6 +75,23 @@ def test_load_plan_list_and_spec_fields(peer):
                     "weight_dtype": "default", "dequant_dtype": "default"}
 
 
+def test_plan_says_what_a_load_would_evict(peer):
+    """PlanResponse.evicts: the models a load of the spec would evict first to make room, least
+    recently used first; empty (and no evicts line in the text) when it fits."""
+    with tf.Client(peer.endpoint) as c:
+        spec = tf.ModelSpec("b.safetensors")
+        assert c.plan(spec).evicts == []
+        c.load_model(tf.ModelSpec("a.safetensors"))
+        c.load_model(tf.ModelSpec("z.safetensors"))
+        peer.plan_evicts = ["z", "a"]
+        plan = c.plan(spec)
+        assert plan.evicts == ["z", "a"]
+        assert "loading it evicts (least recently used first): z, a" in plan.text
+        c.load_model(spec)
+        assert [m.name for m in c.list_models()] == ["b"]
+        assert c.plan(spec).evicts == []  # nothing of those is loaded any more
+
+
 def test_errors_carry_the_coordinators_text(peer):
     with tf.Client(peer.endpoint) as c:
         with pytest.raises(tf.InvalidArgumentError) as e:

@@ -4,6 +4,7 @@ written from ComfyUI's source) and a JobPeer standing in for the far end of the 
 import importlib.util
 import json
 import os
+import re
 import socket
 import struct
 import sys
@@ -141,6 +142,74 @@ def test_loader_sends_the_distorch_inputs(peer, models_dir):
                                    "dequant_dtype": "default"}
 
 
+# ------------------------------------------------------------- eviction: the coordinator's
+
+def test_the_coordinator_decides_what_a_load_evicts_and_the_loader_logs_it(peer, models_dir,
+                                                                           caplog):
+    """Plan and LoadModel go with eject_models as set (the default true); what to evict is the
+    coordinator's decision, never the node's: before the load the loader logs what the plan
+    says it evicts, after it the load's time. The node itself unloads nothing."""
+    import logging  # noqa: PLC0415
+
+    load(peer, "schnell.safetensors", eject_models=False)
+    with caplog.at_level(logging.INFO, logger="tensorfleet"):
+        load(peer)  # fits: nothing to evict
+        peer.plan_evicts = ["schnell"]
+        caplog.clear()
+        load(peer, "slow.safetensors")
+    kinds = [k for k, _ in peer.requests]
+    assert kinds == ["Hello"] + ["Plan", "LoadModel"] * 3  # no ListModels, no UnloadModel
+    assert [d["eject_models"] for k, d in peer.requests if k in ("Plan", "LoadModel")] == \
+        [False, False, True, True, True, True]
+    assert sorted(peer.models) == ["dev", "slow"]
+    messages = [r.getMessage() for r in caplog.records]
+    warned = messages.index("tensorfleet: 'slow.safetensors' does not fit beside the models on "
+                            "the cluster; loading it evicts 'schnell' (least recently used "
+                            "first, per the coordinator's plan)")
+    took = next(i for i, m in enumerate(messages) if m.startswith("tensorfleet: loading 'slow' "
+                                                                  "took"))
+    assert warned < took
+    assert re.fullmatch(r"tensorfleet: loading 'slow' took \d+\.\d\d s for 0 B; the "
+                        r"coordinator's plan had it evict 'schnell' to make room \(least "
+                        r"recently used first\)", messages[took])
+    # A plan that counts a loaded copy of the model itself: the load re-uses or replaces that
+    # copy, so it is not reported as evicted.
+    peer.plan_evicts = ["slow"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tensorfleet"):
+        load(peer, "slow.safetensors")
+    assert "evict" not in caplog.text
+
+
+def test_a_load_that_cannot_make_room_fails_with_the_coordinators_message(peer, models_dir):
+    """No room even after evicting what may go: the Plan's ResourceExhausted does not stop the
+    loader (a loaded copy of the model would be re-used), the load's does, unchanged."""
+    load(peer)
+    (models_dir / "huge.safetensors").write_bytes(b"")
+    with pytest.raises(tf.ResourceExhaustedError) as e:
+        load(peer, "huge.safetensors")
+    assert e.value.request == "LoadModel"
+    assert str(e.value).startswith("Tensorfleet LoadModel of 'huge.safetensors' (coordinator ")
+    assert str(e.value).endswith("would not make room either; nothing was evicted")
+    assert [k for k, _ in peer.requests] == ["Hello"] + ["Plan", "LoadModel"] * 2
+    assert list(peer.models) == ["dev"]
+
+
+def test_plan_node_shows_what_a_load_would_evict(peer, models_dir):
+    plan_node = PKG.NODE_CLASS_MAPPINGS["TensorfleetPlan"]()
+    out = plan_node.plan("dev.safetensors", coordinator=peer.endpoint)
+    assert "evicts" not in out["ui"]["text"][0]
+    load(peer, "schnell.safetensors")
+    peer.plan_evicts = ["schnell"]
+    out = plan_node.plan("dev.safetensors", coordinator=peer.endpoint, eject_models=False)
+    text = out["ui"]["text"][0]
+    assert out["result"][0] == text
+    assert "loading it evicts (least recently used first): schnell" in text
+    plans = [d for k, d in peer.requests if k == "Plan"]
+    assert [d["eject_models"] for d in plans] == [True, True, False]
+    assert "schnell" in peer.models  # a plan evicts nothing
+
+
 # -------------------------------------------------------------------------- the MODEL
 
 @pytest.mark.parametrize("name,model_type,guidance", [
@@ -232,7 +301,9 @@ def test_model_is_loaded_again_after_the_coordinator_forgot_it(peer, models_dir)
     c = conds()
     base.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
     kinds = [k for k, _ in peer.requests]
-    assert kinds[-3:] == ["Forward", "LoadModel", "Forward"]
+    # the plan first, to report what the load evicts; then the load, with the loader's spec
+    assert kinds[-4:] == ["Forward", "Plan", "LoadModel", "Forward"]
+    assert peer.requests[-3][1] == peer.requests[-2][1] == peer.requests[1][1]
 
 
 def test_describe_flux_from_the_file_header(tmp_path):

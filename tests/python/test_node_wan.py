@@ -382,29 +382,38 @@ def test_diffusion_model_wrappers_run_around_the_step_as_in_wanmodel(wan_peer, w
 
 
 def test_wan_model_is_loaded_again_with_the_cost_logged(wan_peer, wan_dir, caplog):
+    """A step that finds its model gone (another load evicted it, or the coordinator restarted)
+    loads it again with the loader's spec, once; the coordinator makes room for it as for any
+    load (here: by evicting the other expert), and the node logs what it cost and what the
+    coordinator's plan had it evict."""
     base = load(wan_peer, "wan22-t2v-high.safetensors").model
+    load(wan_peer, "wan22-t2v-low.safetensors")
     runner = base.diffusion_model._runner
-    wan_peer.models.clear()  # the coordinator restarted, or another model took the room
+    del wan_peer.models["wan22-t2v-high"]  # evicted for another model, as the coordinator does
+    wan_peer.plan_evicts = ["wan22-t2v-low"]
     with caplog.at_level(logging.WARNING, logger="tensorfleet"):
         base.apply_model(rand(1, 16, 2, 4, 6), torch.ones(1), c_crossattn=rand(1, 5, TEXT))
     kinds = [k for k, _ in wan_peer.requests]
-    assert kinds[-3:] == ["Forward", "LoadModel", "Forward"]
-    assert wan_peer.requests[-2][1]["eject_models"] is False
+    assert kinds[-4:] == ["Forward", "Plan", "LoadModel", "Forward"]
+    assert wan_peer.requests[-2][1]["eject_models"] is True  # the loader's, as set
+    assert list(wan_peer.models) == ["wan22-t2v-high"]
     assert runner.reloads == 1 and runner.reload_seconds > 0
     assert re.search(r"'wan22-t2v-high' was not resident on the cluster .*; loading it again "
-                     r"cost \d+\.\d\d s for 1000 B", caplog.text)
+                     r"cost \d+\.\d\d s for 1000 B; the coordinator's plan had it evict "
+                     r"'wan22-t2v-low' to make room", caplog.text)
 
 
 def test_two_experts_through_the_node_never_reload_at_a_switch(wan_peer, wan_dir):
     """A WAN 2.2 two-expert workflow as KSamplerAdvanced runs it (high-noise steps, then
-    low-noise steps, twice): the loads go with eject_models false, each expert is loaded once,
-    every step goes to its own expert."""
+    low-noise steps, twice): plan and load go with eject_models as set (the default true; the
+    coordinator keeps models that fit together), each expert is loaded once, every step goes
+    to its own expert."""
     high = load(wan_peer, "wan22-t2v-high.safetensors").model
     low = load(wan_peer, "wan22-t2v-low.safetensors").model
     loads = [d for k, d in wan_peer.requests if k == "LoadModel"]
-    assert [d["eject_models"] for d in loads] == [False, False]
+    assert [d["eject_models"] for d in loads] == [True, True]
     plans = [d for k, d in wan_peer.requests if k == "Plan"]
-    assert [d["eject_models"] for d in plans] == [False, False]
+    assert plans == loads
     x, ctx = rand(2, 16, 2, 4, 6), rand(2, 5, TEXT)
     for _prompt in range(2):
         for step, sigma in enumerate([1.0, 0.9, 0.7, 0.4]):
@@ -440,29 +449,6 @@ def test_describe_wan_from_the_file_header(tmp_path):
     info.family = "flux"
     with pytest.raises(tf.TensorfleetError, match="'w' is a 'flux' model, not WAN"):
         model_mod.describe_wan(info, "default", str(p))
-
-
-def test_the_devices_a_load_needs():
-    spec = tf.ModelSpec
-    assert model_mod.spec_devices(spec("m", compute_device="cuda:0", virtual_vram_gb=0)) == \
-        {"cuda:0"}
-    assert model_mod.spec_devices(spec("m", compute_device="cuda:1", virtual_vram_gb=4,
-                                       donor_device="cuda:0, cpu")) == {"cuda:0", "cuda:1", "cpu"}
-    assert model_mod.spec_devices(spec("m", compute_device="cuda:0",
-                                       expert_mode_allocations="CUDA:1,4gb;cpu,*")) == \
-        {"cuda:0", "cuda:1", "cpu"}
-    assert model_mod.spec_devices(spec("m", compute_device="")) is None
-
-
-def test_the_room_missing_is_read_from_the_coordinators_message():
-    # A real coordinator's message (common/placement's capacity check), two devices short.
-    msg = ("the plan does not fit: cuda:0 needs 4.95 MiB (weights 4.77 MiB incl. pinned 709.50 "
-           "KiB, prefetch 2 x 0 B, activations 184.00 KiB, reserve 0 B) but its capacity is "
-           "3.23 MiB: 1.73 MiB (1811968 bytes) missing (raise virtual_vram_gb by at least 0.1 or "
-           "add a donor); cpu needs 2.00 MiB (weights 2.00 MiB) but its capacity is 1.00 MiB: "
-           "1.00 MiB (1048576 bytes) missing")
-    assert model_mod.missing_bytes(msg) == {"cuda:0": 1811968, "cpu": 1048576}
-    assert model_mod.missing_bytes("expert_mode_allocations: GPU-only mode ...") == {}
 
 
 # ------------------------------------------------------------------------ example workflows
@@ -540,7 +526,7 @@ def test_wan22_example_workflows_are_two_experts_split_by_step(wan_peer, tmp_pat
     for loader in experts:
         kwargs = dict(zip(_widget_names(Loader), loader["widgets_values"]))
         assert execution.validate_inputs(Loader, kwargs) == []
-        assert kwargs["eject_models"] is True  # the default: experts that fit stay together
+        assert kwargs["eject_models"] is True  # the default; experts that fit stay together
         kwargs["coordinator"] = wan_peer.endpoint
         models.append(Loader().load_unet(**kwargs)[0].model)
     assert all(type(m.model_config) is comfy.supported_models.WAN21_T2V for m in models)
@@ -682,8 +668,8 @@ def _experts(root):
 
 def test_two_experts_that_fit_stay_loaded_and_are_never_reloaded(on_cluster, caplog):
     """WAN 2.2 A14B's workflow: two loaders with the defaults (eject_models true), then high-noise
-    steps and low-noise steps, twice. Both experts fit: the second load leaves the first loaded,
-    and no step reloads either (the coordinator logs one load of each)."""
+    steps and low-noise steps, twice. Both experts fit: the coordinator evicts nothing for the
+    second, and no step reloads either (the coordinator logs one load of each)."""
     high_name, low_name = _experts(on_cluster.model_root)
     client = nodes.client_for(on_cluster.address)
     for m in client.list_models():
@@ -696,7 +682,9 @@ def test_two_experts_that_fit_stay_loaded_and_are_never_reloaded(on_cluster, cap
         assert {"wan22-expert-high", "wan22-expert-low"} <= resident
         x, context = rand(2, 16, 3, 4, 6, seed=8), rand(2, 6, 64, seed=9)
         outs = _ksampler_advanced(high.model, low.model, x, context)
-    assert "unloading" not in caplog.text and "cost" not in caplog.text
+    assert "evict" not in caplog.text and "was not resident" not in caplog.text
+    assert len(re.findall(r"loading 'wan22-expert-(?:high|low)' took \d+\.\d\d s for "
+                          r"4\.\d\d MiB\n", caplog.text)) == 2
     for model in (high, low):
         assert model.model.diffusion_model._runner.reloads == 0
     after = {n: _loads_logged(on_cluster, n) for n in before}
@@ -723,9 +711,12 @@ def small_cluster(tmp_path_factory):
 
 
 def test_two_experts_that_do_not_fit_swap_with_the_cost_logged(small_cluster, caplog):
-    """The same workflow on a device that holds one expert: loading the second unloads the first
-    (eject_models), and each switch between them loads the expert it needs once, logging what
-    it cost and what it unloaded; the steps give what they give when both fit."""
+    """The same workflow on a device that holds one expert: the coordinator makes room for the
+    second by evicting the first (the loader logs that from the plan before loading, and the
+    load's time after), and each switch between them loads the expert it needs once, logging
+    what it cost and what it evicted; the steps give what they give when both fit. Then the
+    coordinator's rule for what may go: keep_loaded models only with eject_models, models
+    without keep_loaded always, and nothing when evicting all of them would not make room."""
     c = small_cluster
     folder_paths.folder_names_and_paths["diffusion_models"] = ([c.model_root], {".safetensors"})
     mm.interrupt_current_processing(False)
@@ -736,10 +727,11 @@ def test_two_experts_that_do_not_fit_swap_with_the_cost_logged(small_cluster, ca
         low = Loader().load_unet(low_name, coordinator=c.address, **SMALL_SIZES)[0]
         assert [m.name for m in client.list_models()] == ["wan22-expert-low"]
         assert re.search(r"'wan22-expert-low.safetensors' does not fit beside the models on the "
-                         r"cluster; unloading 'wan22-expert-high' \(4\.\d\d MiB on cuda:0\) to "
-                         r"make room", caplog.text)
-        assert re.search(r"loading 'wan22-expert-low' cost \d+\.\d\d s for 4\.\d\d MiB; to make "
-                         r"room it unloaded 'wan22-expert-high'", caplog.text)
+                         r"cluster; loading it evicts 'wan22-expert-high' \(least recently used "
+                         r"first, per the coordinator's plan\)", caplog.text)
+        assert re.search(r"loading 'wan22-expert-low' took \d+\.\d\d s for 4\.\d\d MiB; the "
+                         r"coordinator's plan had it evict 'wan22-expert-high' to make room",
+                         caplog.text)
         caplog.clear()
         x, context = rand(2, 16, 3, 4, 6, seed=8), rand(2, 6, 64, seed=9)
         outs = _ksampler_advanced(high.model, low.model, x, context)
@@ -748,24 +740,49 @@ def test_two_experts_that_do_not_fit_swap_with_the_cost_logged(small_cluster, ca
     assert (hr.reloads, lr.reloads) == (2, 2)
     assert hr.reload_seconds > 0 and lr.reload_seconds > 0
     swaps = re.findall(r"'(wan22-expert-\w+)' was not resident on the cluster .*?; loading it "
-                       r"again cost \d+\.\d\d s for 4\.\d\d MiB; to make room it unloaded "
-                       r"'(wan22-expert-\w+)'", caplog.text)
+                       r"again cost \d+\.\d\d s for 4\.\d\d MiB; the coordinator's plan had "
+                       r"it evict '(wan22-expert-\w+)'", caplog.text)
     assert swaps == [("wan22-expert-high", "wan22-expert-low"),
                      ("wan22-expert-low", "wan22-expert-high")] * 2
     assert _loads_logged(c, "wan22-expert-high") == 3 and \
         _loads_logged(c, "wan22-expert-low") == 3
     _check_steps(c.model_root, outs, x, context)
-    # With eject_models off nothing is unloaded for it: the load fails and says why.
-    with pytest.raises(tf.ResourceExhaustedError,
-                       match="eject_models is off, so no other model was unloaded"):
+    assert [m.name for m in client.list_models()] == ["wan22-expert-low"]
+
+    # The Tensorfleet Plan node shows what a load would evict, and evicts nothing itself.
+    plan_node = PKG.NODE_CLASS_MAPPINGS["TensorfleetPlan"]()
+    text = plan_node.plan(high_name, coordinator=c.address, **SMALL_SIZES)["ui"]["text"][0]
+    assert "loading it evicts (least recently used first): wan22-expert-low" in text
+    assert [m.name for m in client.list_models()] == ["wan22-expert-low"]
+
+    # eject_models off: a model kept with keep_loaded stays, so there is no room, and nothing
+    # is evicted (the plan says so too).
+    with pytest.raises(tf.ResourceExhaustedError, match="Tensorfleet plan of"):
+        plan_node.plan(high_name, coordinator=c.address, eject_models=False, **SMALL_SIZES)
+    with pytest.raises(tf.ResourceExhaustedError, match="Tensorfleet LoadModel of"):
         Loader().load_unet(high_name, coordinator=c.address, eject_models=False, **SMALL_SIZES)
     assert [m.name for m in client.list_models()] == ["wan22-expert-low"]
-    # A model that cannot fit even with the device empty unloads nothing, and says so.
+    assert _loads_logged(c, "wan22-expert-low") == 3
+
+    # A model loaded without keep_loaded may go even then. (Loading the loaded expert again
+    # re-uses it and only changes keep_loaded; its own copy, which the plan counts, is not
+    # reported as evicted.)
+    assert client.plan(nodes._spec(low_name, **SMALL_SIZES)).evicts == ["wan22-expert-low"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tensorfleet"):
+        Loader().load_unet(low_name, coordinator=c.address, keep_loaded=False, **SMALL_SIZES)
+        assert "evict" not in caplog.text
+        assert _loads_logged(c, "wan22-expert-low") == 3
+        Loader().load_unet(high_name, coordinator=c.address, eject_models=False, **SMALL_SIZES)
+    assert [m.name for m in client.list_models()] == ["wan22-expert-high"]
+    assert re.search(r"loading it evicts 'wan22-expert-low' \(least recently used first",
+                     caplog.text)
+
+    # A model that cannot fit even with the device empty evicts nothing, and says so.
     big = _write_model(c.model_root, "wan-too-big.safetensors", "t2v", 23,
                        **dict(EXPERT, num_layers=8))
     with pytest.raises(tf.ResourceExhaustedError,
-                       match=r"unloading every other model on cuda:0 would free 4\.\d\d MiB of "
-                             r"the \d\.\d\d MiB missing, so none was unloaded"):
+                       match=r"would not make room either; nothing was evicted"):
         Loader().load_unet(big, coordinator=c.address, **SMALL_SIZES)
-    assert [m.name for m in client.list_models()] == ["wan22-expert-low"]
-    client.unload_model("wan22-expert-low")
+    assert [m.name for m in client.list_models()] == ["wan22-expert-high"]
+    client.unload_model("wan22-expert-high")

@@ -139,9 +139,9 @@ def test_converted_ui_workflow_loads_and_runs_through_the_nodes(peer, flux_model
         inputs[n["id"]] = kwargs
         kwargs["coordinator"] = peer.endpoint
         getattr(cls(), cls.FUNCTION)(**kwargs)
-    # eject_models arrives at the node as the workflow had it; the load itself always goes with
-    # eject_models false, the node unloading other models only when one does not fit
-    # (test_node_wan.py runs that against a real cluster).
+    # eject_models arrives at the node as the workflow had it and goes to the coordinator so
+    # (plan and load): it decides what a load that does not fit may evict (test_node_wan.py
+    # runs that against a real cluster).
     assert (inputs[11]["eject_models"], inputs[12]["eject_models"]) == (True, False)
     loads = [d for k, d in peer.requests if k == "LoadModel"]
     assert [d["path"] for d in loads] == ["flux1-dev.safetensors", "flux1-dev-Q8_0.gguf",
@@ -152,7 +152,9 @@ def test_converted_ui_workflow_loads_and_runs_through_the_nodes(peer, flux_model
         ("cuda:0", 8.5, "cuda:1")
     assert q8["expert"] == "cuda:0,6gb;cuda:1,4gb;cpu,*"
     assert (q4["compute_device"], q4["donor_device"]) == ("cuda:1", "cuda:0,cpu")
-    assert not any(d["eject_models"] for d in loads)
+    assert [d["eject_models"] for d in loads] == [True, True, False, True, True]
+    plans = [d for k, d in peer.requests if k == "Plan"]
+    assert plans == loads
     # dequant_dtype is its own input; the compute dtype stays the default (the file's).
     assert (q4["dequant_dtype"], q4["dtype"]) == ("bfloat16", 0)
     assert (schnell["compute_device"], schnell["virtual_vram_gb"]) == ("cuda:1", 0.0)

@@ -584,6 +584,25 @@ StatusOr<Plan> MakePlan(const std::vector<DeviceInfo>& devices_in, const std::ve
   }
   std::vector<uint64_t> spread(devices.size(), 0);  // GPU-only: bytes added to each quota
   if (gpu_only) {
+    // A quota beyond what its device can hold would only fail the capacity check (upstream runs
+    // out of memory): in GPU-only mode each device's quota is capped at its room, the compute
+    // device's less pinned units and headroom, and the other GPUs of the walk take the rest
+    // (`cuda:0,12gb;cuda:1,16gb` with a 11.7 GB model: cuda:0 keeps room for activations).
+    const uint64_t compute_room = ComputeWeightRoom(devices[compute], pinned_bytes, headroom,
+                                                    largest_free);
+    for (size_t d : walk.order) {
+      const uint64_t room = d == compute ? compute_room : devices[d].capacity_bytes;
+      if (walk.quota[d] > room) {
+        char buf[200];
+        std::snprintf(buf, sizeof(buf),
+                      "GPU-only mode: %s holds at most %.2f MB of weights, less than its quota of "
+                      "%.2f MB; the other GPUs take the rest",
+                      devices[d].id.ToString().c_str(), static_cast<double>(room) / (1 << 20),
+                      static_cast<double>(walk.quota[d]) / (1 << 20));
+        plan.notes.push_back(buf);
+        walk.quota[d] = room;
+      }
+    }
     uint64_t quotas = 0;
     for (size_t d : walk.order) quotas = SatAdd(quotas, walk.quota[d]);
     const uint64_t rest = SatSub(free_bytes, quotas);

@@ -120,7 +120,11 @@ std::string Plan::ToText() const {
   out += "\nHeadroom on " + compute_device.ToString() + ": prefetch " + Size(prefetch_bytes) +
          ", activations " + Size(activation_bytes) + ", reserve " + Size(reserve_bytes) + "\n";
   if (orphan_bytes > 0) out += "Orphans on the compute device: " + Size(orphan_bytes) + "\n";
-  out += "Evict other models first (eject_models): " + std::string(eject_models ? "yes" : "no") +
+  out += "eject_models: " +
+         std::string(eject_models ? "yes (if it does not fit, other models are evicted, least "
+                                    "recently used first, keep_loaded ones too)"
+                                  : "no (if it does not fit, only models without keep_loaded "
+                                    "are evicted)") +
          "; keep loaded: " + (keep_loaded ? "yes" : "no") + "\n";
   out += "\nv2 Expert String: " + expert_string + "\n";
   for (const auto& n : notes) out += n + "\n";

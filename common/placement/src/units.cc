@@ -106,7 +106,7 @@ StatusOr<std::vector<Unit>> ParseUnitsJson(std::string_view text, std::string_vi
 
 // Unit sizes of the published bf16 checkpoints, summed from their tensor shapes
 // (tests/unit/formats/keys/*.tsv; tests/unit/placement checks them against the key lists).
-std::vector<std::string> ExampleNames() { return {"flux-dev", "wan21-14b"}; }
+std::vector<std::string> ExampleNames() { return {"flux-dev", "wan21-14b", "wan22-a14b-q6k"}; }
 
 StatusOr<Example> GetExample(std::string_view name) {
   Example ex;
@@ -147,6 +147,24 @@ StatusOr<Example> GetExample(std::string_view name) {
     ex.sizes.width = 1280;
     ex.sizes.height = 720;
     ex.sizes.frames = 81;
+  } else if (name == "wan22-a14b-q6k") {
+    // One expert of WAN 2.2 A14B (the 14B layout) as ComfyUI-GGUF's Q6_K files store it: every
+    // 2-D weight with rows of whole 256-value blocks in Q6_K (210 bytes per 256), the 5-D
+    // patch embedding in F16, norms, biases and modulations in F32: 11.7 GB, not 28.6 GB.
+    ex.name = "wan22-a14b-q6k";
+    ex.description =
+        "Wan 2.2 A14B, one expert (high- or low-noise), Q6_K GGUF: stem, 40 blocks, head";
+    ex.family = families::FindFamily("wan");
+    add("patch_embedding", 675840);
+    add("text_embedding", 38748160);
+    add("time_embedding", 22620160);
+    add("time_projection", 129146880);
+    for (int i = 0; i < 40; ++i) add("blocks." + std::to_string(i), 288638976);
+    add("head", 310016);
+    // ComfyUI's WAN 2.2 template: 832 x 480, 81 frames (21 latent frames of 30 x 52 tokens).
+    ex.config_json =
+        R"({"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "patch_size": [1, 2, 2], "out_dim": 16})";
+    ex.sizes = ex.family->DefaultSizes();
   } else {
     std::string known;
     for (const auto& n : ExampleNames()) known += (known.empty() ? "" : ", ") + n;

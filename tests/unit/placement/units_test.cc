@@ -146,7 +146,17 @@ TEST(PinRulesTest, FamilyNamesAndGuess) {
 }
 
 // The examples' unit sizes are the sums of the real checkpoints' tensor shapes (bf16).
-std::map<std::string, uint64_t> UnitsFromKeyList(const std::string& path) {
+// Bytes of a tensor in a ComfyUI-GGUF Q6_K file: 2-D weights with rows of whole 256-value
+// blocks in Q6_K (210 bytes per block), 5-D (patch embedding) F16, the rest F32.
+uint64_t Q6kBytes(const nlohmann::json& shape) {
+  uint64_t n = 1;
+  for (auto& d : shape) n *= d.get<uint64_t>();
+  if (shape.size() == 2 && shape[1].get<uint64_t>() % 256 == 0) return n / 256 * 210;
+  return shape.size() == 5 ? 2 * n : 4 * n;
+}
+
+// Unit sizes from a key list: bf16, or as the Q6_K GGUF stores them.
+std::map<std::string, uint64_t> UnitsFromKeyList(const std::string& path, bool q6k = false) {
   std::ifstream in(path);
   std::map<std::string, uint64_t> out;
   std::string line;
@@ -161,17 +171,23 @@ std::map<std::string, uint64_t> UnitsFromKeyList(const std::string& path) {
       size_t dot = name.find('.');
       unit = name.substr(0, name.find('.', dot + 1));
     }
-    out[unit] += 2 * n;
+    out[unit] += q6k ? Q6kBytes(nlohmann::json::parse(shape)) : 2 * n;
   }
   return out;
 }
 
 TEST(ExamplesTest, SizesMatchTheCheckpointKeyLists) {
   std::string keys = FLEET_PLACEMENT_KEYS_DIR;
-  for (auto [example, file] :
-       {std::pair{"flux-dev", "flux-dev.tsv"}, std::pair{"wan21-14b", "wan21-14b.tsv"}}) {
+  struct Case {
+    const char* example;
+    const char* file;
+    bool q6k;
+  };
+  for (auto [example, file, q6k] : {Case{"flux-dev", "flux-dev.tsv", false},
+                                    Case{"wan21-14b", "wan21-14b.tsv", false},
+                                    Case{"wan22-a14b-q6k", "wan21-14b.tsv", true}}) {
     ASSERT_TRUE(std::ifstream(keys + file).good()) << "no key list at " << keys + file;
-    auto expected = UnitsFromKeyList(keys + file);
+    auto expected = UnitsFromKeyList(keys + file, q6k);
     auto ex = GetExample(example);
     ASSERT_TRUE(ex.ok());
     ASSERT_EQ(ex->units.size(), expected.size()) << example;
