@@ -36,7 +36,8 @@ Status CheckShape(std::string_view name, const std::vector<int64_t>& shape) {
 
 // GGUF blocks to `compute` through `dequant`: ggml's dequantisation, rounded once to f16/bf16
 // with ggml's rounding when `dequant` is one of them (f32 keeps f32), then converted to
-// `compute`; on the CPU, and the result goes where the bytes were.
+// `compute`; on the CPU (the result goes where the bytes were), or with libtorch ops on the
+// bytes' GPU for the types ExpandsWithTorchOps names (the same values).
 StatusOr<at::Tensor> ExpandGguf(std::string_view name, const StoredWeight& w,
                                 at::ScalarType dequant, at::ScalarType compute) {
   formats::OutType out = formats::OutType::kF32;
@@ -47,6 +48,9 @@ StatusOr<at::Tensor> ExpandGguf(std::string_view name, const StoredWeight& w,
   } else if (dequant == at::kBFloat16) {
     out = formats::OutType::kBF16;
     produced = at::kBFloat16;
+  }
+  if (!w.data.is_cpu() && ExpandsWithTorchOps(w.gguf_type)) {  // on the GPU, where the bytes are
+    return DequantizeWithTorchOps(w.gguf_type, w.data, w.shape).to(produced).to(compute);
   }
   const at::Tensor bytes = w.data.is_cpu() ? w.data : w.data.cpu();
   at::Tensor t = at::empty(w.shape, at::TensorOptions().dtype(produced));
@@ -202,14 +206,18 @@ StatusOr<at::Tensor> StoredWeights::Expand(const Model& model, std::string_view 
       case StoredWeight::Form::kF8E5M2: {
         const auto format = w.form == StoredWeight::Form::kF8E5M2 ? tensor::F8Format::kE5M2
                                                                   : tensor::F8Format::kE4M3;
-        // Exact in f32 (on the CPU); PrepareWeight rounds once to the compute dtype.
-        FLEET_ASSIGN_OR_RETURN(
-            at::Tensor wide,
-            tensor::UpcastF8(w.data.is_cpu() ? w.data : w.data.cpu(), format, at::kFloat));
-        if (w.scale.defined() && w.scale_in_f32) {
-          wide = at::mul(wide, w.scale.to(at::kCPU, at::kFloat));
+        // Exact in f32 (on the GPU by a table gather when the bytes are there); PrepareWeight
+        // rounds once to the compute dtype.
+        at::Tensor wide;
+        if (w.data.is_cpu()) {
+          FLEET_ASSIGN_OR_RETURN(wide, tensor::UpcastF8(w.data, format, at::kFloat));
+        } else {
+          FLEET_ASSIGN_OR_RETURN(wide,
+                                 UpcastF8WithTorchOps(w.data, format == tensor::F8Format::kE5M2));
         }
-        if (!w.data.is_cpu()) wide = wide.to(w.data.device());
+        if (w.scale.defined() && w.scale_in_f32) {
+          wide = at::mul(wide, w.scale.to(wide.device(), at::kFloat));
+        }
         FLEET_ASSIGN_OR_RETURN(at::Tensor weight, model.PrepareWeight(name, wide));
         if (!w.scale.defined() || w.scale_in_f32) return weight;
         return at::mul(weight, w.scale.to(weight.device(), weight.scalar_type()));

@@ -12,6 +12,7 @@
 #include <random>
 
 #include "fleet/formats/dequant.h"
+#include "fleet/tensor/torch_view.h"
 
 namespace fleet::models {
 namespace {
@@ -235,6 +236,56 @@ TEST(StoredWeights, WrongBytesAndTypesAreRefusedNamingTheWeight) {
   auto missing = StoredWeights(**model, empty).Get("linear_blocks.0.weight");
   ASSERT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("linear_blocks.0.weight"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace fleet::models
+
+namespace fleet::models {
+namespace {
+
+// The libtorch-op expansion (what a CUDA worker runs on the GPU) gives formats::Dequantize's
+// values bit for bit: random blocks with finite fp16 scales, every type it covers; fp8 by table.
+TEST(DeviceExpansion, TorchOpsEqualTheCpuKernelsBitForBit) {
+  std::mt19937 rng(7);
+  for (auto type : {formats::GgmlType::kQ8_0, formats::GgmlType::kQ4_0, formats::GgmlType::kQ4_K,
+                    formats::GgmlType::kQ6_K}) {
+    ASSERT_TRUE(ExpandsWithTorchOps(type));
+    const auto traits = *formats::GgmlTypeInfo(static_cast<uint32_t>(type));
+    const int64_t blocks = 64, n = blocks * traits.block_size;
+    at::Tensor bytes = at::empty({blocks * traits.type_size}, at::kByte);
+    auto* p = bytes.data_ptr<uint8_t>();
+    for (int64_t i = 0; i < bytes.numel(); ++i) p[i] = static_cast<uint8_t>(rng());
+    // fp16 scale fields finite and of ordinary size (exponent bits 0b01xxx).
+    std::vector<int64_t> halves;
+    if (type == formats::GgmlType::kQ6_K) halves = {208};
+    else if (type == formats::GgmlType::kQ4_K) halves = {0, 2};
+    else halves = {0};
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t at_byte : halves) {
+        p[b * traits.type_size + at_byte + 1] = static_cast<uint8_t>(0x30 | (rng() & 0x8f));
+      }
+    }
+    std::vector<float> want(static_cast<size_t>(n));
+    ASSERT_TRUE(formats::Dequantize(type,
+                                    std::span<const uint8_t>(p, static_cast<size_t>(bytes.numel())),
+                                    n, formats::OutType::kF32, want.data())
+                    .ok());
+    at::Tensor got = DequantizeWithTorchOps(type, bytes, {n});
+    ASSERT_EQ(got.scalar_type(), at::kFloat);
+    EXPECT_EQ(std::memcmp(got.data_ptr<float>(), want.data(), want.size() * 4), 0)
+        << formats::GgmlTypeInfo(static_cast<uint32_t>(type))->name;
+  }
+  EXPECT_FALSE(ExpandsWithTorchOps(formats::GgmlType::kIQ2_XXS));
+  at::Tensor codes = at::empty({256}, at::kByte);
+  for (int i = 0; i < 256; ++i) codes.data_ptr<uint8_t>()[i] = static_cast<uint8_t>(i);
+  for (bool e5m2 : {false, true}) {
+    auto table = UpcastF8WithTorchOps(codes, e5m2);
+    auto host = tensor::UpcastF8(codes, e5m2 ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3,
+                                 at::kFloat);
+    ASSERT_TRUE(table.ok() && host.ok());
+    EXPECT_EQ(std::memcmp(table->data_ptr<float>(), host->data_ptr<float>(), 256 * 4), 0);
+  }
 }
 
 }  // namespace

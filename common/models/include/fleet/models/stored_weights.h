@@ -79,6 +79,19 @@ StatusOr<StoredWeight> MakeStoredF8(std::string_view name, at::Tensor bytes, boo
 /// missing or not fp8, or a comfy_quant whose format does not match the weight's dtype.
 Status AttachScales(WeightStore& store);
 
+/// True for the GGUF types DequantizeWithTorchOps expands (Q8_0, Q4_0, Q4_K, Q6_K); weights of
+/// other types on a GPU are expanded on the host and copied back.
+bool ExpandsWithTorchOps(formats::GgmlType type);
+
+/// ggml's dequantisation of `bytes` (kByte blocks of `type`, on any device) into float32 of
+/// `shape` on the same device, with libtorch ops in ggml's order: bit-identical to
+/// formats::Dequantize. REQUIRES: ExpandsWithTorchOps(type); the bytes already checked.
+at::Tensor DequantizeWithTorchOps(formats::GgmlType type, const at::Tensor& bytes,
+                                  const std::vector<int64_t>& shape);
+
+/// fp8 bytes (any device) as float32 on the same device, exactly (a 256-entry table gather).
+StatusOr<at::Tensor> UpcastF8WithTorchOps(const at::Tensor& bytes, bool e5m2);
+
 /// The accessor over a block's WeightStore: resident weights as they are, stored forms expanded
 /// at each Get into `model`'s compute dtype on the device their bytes are on. `dequant` is
 /// ComfyUI-GGUF's dequant_dtype: GGUF weights expand to ggml's f32 values rounded once to it,
