@@ -1,19 +1,21 @@
 #!/usr/bin/python3
-"""bench/step: the time of one sampling step of a Flux model on a local Tensorfleet cluster, in
-stream, pipeline and auto mode, against `fleet-run-local` (the same model in one process, same
-thread count) measured in the same run, interleaved in rounds.
+"""bench/step: the time of one sampling step of a Flux or WAN model on a local Tensorfleet
+cluster, in stream, pipeline and auto mode, against `fleet-run-local` (the same model in one
+process, same thread count) measured in the same run, interleaved in rounds.
 
-    bench/step/step_bench.py [--build DIR] [--configs small,large] [--rounds 5] [--steps 4]
+    bench/step/step_bench.py [--build DIR] [--configs small,large,wan] [--rounds 5] [--steps 4]
 
-Per configuration it generates a random-weight Flux model (real key names) and inputs, starts
+Per configuration it generates a random-weight model (real key names; Flux by `fleet gen-model`,
+WAN 2.1 T2V by tests/python/wan_reference.random_weights, with the real head width 128) and
+inputs, starts
 `fleet up --emulate cuda:0=...,cuda:1=...,cpu=...` (a coordinator and three CPU-backed workers
 on this host, talking over shared memory), loads the model once per mode with the allocation
 string of the demo (`cuda:0,40%;cuda:1,35%;cpu,*`, compute on cuda:0) and then, per round:
 
 * `fleet-run-local --repeat STEPS+1`: forward times inside the process (the first is dropped);
 * per mode, a sampling run of STEPS steps through the job API, as the ComfyUI node sends them:
-  the constant inputs (context, y, guidance) go with the first step only. Steps 2.. are timed
-  at the client (round trip, what ComfyUI waits for).
+  the constant inputs (Flux: context, y, guidance; WAN: context) go with the first step only.
+  Steps 2.. are timed at the client (round trip, what ComfyUI waits for).
 
 Every step's output must equal run-local's output bit for bit (the same inputs every step);
 a difference fails the run. The ratio of a mode is the median over rounds of (its median step
@@ -39,10 +41,11 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "comfyui"))
 sys.path.insert(0, str(REPO / "tests" / "python"))
-from safetensors_io import load_safetensors  # noqa: E402
+from safetensors_io import load_safetensors, save_safetensors  # noqa: E402
+import wan_reference  # noqa: E402
 from tensorfleet_client import Client, wire  # noqa: E402
 
-# name: (gen-model flags, gen-inputs flags)
+# Flux configs: name -> (gen-model flags, gen-inputs flags).
 CONFIGS = {
     # The hidden-256 test model of the demo: 4 double + 8 single blocks, bf16 (~100 MB).
     "small": (["--preset", "small", "--double", "4", "--single", "8", "--dtype", "bf16"],
@@ -53,10 +56,21 @@ CONFIGS = {
                "--single", "8", "--dtype", "bf16"],
               ["--height", "64", "--width", "64", "--txt-len", "256"]),
 }
+# WAN configs: name -> (wan_reference.random_weights arguments, latent [T, H, W], text tokens).
+# WAN 2.1 T2V with the real key names and the real head width 128: dim 512 = 4 heads of 128
+# (the head count follows from dim / 128, as for the real 1.3B and 14B, so the file carries no
+# config metadata), 4 blocks, ffn 1024, umT5's text width 4096, bf16 (~33 MiB). A latent of
+# 3 x 32 x 32 (patch 1x2x2: 3 * 16 * 16 = 768 video tokens) and 512 text tokens (umT5's padded
+# length) make a step of ~0.3 s on this 2-core machine.
+WAN_CONFIGS = {
+    "wan": (dict(dim=512, ffn_dim=1024, num_layers=4, text_dim=4096), (3, 32, 32), 512),
+}
 MODES = ("stream", "pipeline", "auto")
 ALLOCATION = "cuda:0,40%;cuda:1,35%;cpu,*"
 EMULATE = "cuda:0=8gb,cuda:1=8gb,cpu=16gb"
-CONSTANT = ("context", "y", "guidance")
+# The inputs the ComfyUI node sends with the first step of a run only, per family
+# (comfyui/tensorfleet_model.py: FLUX_CONSTANT_INPUTS, WAN_CONSTANT_INPUTS).
+CONSTANT = {"flux": ("context", "y", "guidance"), "wan": ("context", "clip_fea")}
 
 
 def run(cmd, **kw):
@@ -121,12 +135,12 @@ def same_bits(a, b):
             torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
 
 
-def sampling_run(client, name, inputs, run_id, steps, reference):
+def sampling_run(client, name, inputs, run_id, steps, reference, constant):
     """One sampling run; returns (client ms of steps 2.., ForwardResults of steps 2..)."""
     walls, results = [], []
     for step in range(steps):
         t0 = time.perf_counter()
-        out = client.forward(name, inputs, run_id=run_id, constant_inputs=CONSTANT,
+        out = client.forward(name, inputs, run_id=run_id, constant_inputs=constant,
                              end_run=step + 1 == steps)["out"]
         wall = (time.perf_counter() - t0) * 1e3
         if not same_bits(out, reference):
@@ -137,21 +151,53 @@ def sampling_run(client, name, inputs, run_id, steps, reference):
     return walls, results
 
 
-def bench_config(args, label, workdir):
+def make_flux(args, label, model, inputs_path):
+    """A Flux model and inputs by `fleet gen-model` / `fleet gen-inputs`; returns the shape text."""
     model_flags, input_flags = CONFIGS[label]
     fleet = args.build / "bin" / "fleet"
+    run([fleet, "gen-model", *model_flags, "--seed", "7", model])
+    run([fleet, "gen-inputs", model, *input_flags, "--seed", "1", inputs_path])
+    return "latent 64x64, 256 text tokens"
+
+
+def make_wan(label, model, inputs_path):
+    """A WAN 2.1 T2V model (wan_reference.random_weights, stored bf16) and its inputs as ComfyUI
+    hands them over (x and context in the model dtype, timestep float32 in [0, 1000));
+    returns the shape text."""
+    shape, latent, text = WAN_CONFIGS[label]
+    weights = wan_reference.random_weights("t2v", seed=7, **shape)
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in weights.items()}, model)
+    channels = wan_reference.VARIANT_CHANNELS["t2v"][0]
+    g = torch.Generator().manual_seed(1)
+    save_safetensors({
+        "x": torch.randn(1, channels, *latent, generator=g).to(torch.bfloat16),
+        "context": (0.5 * torch.randn(1, text, shape["text_dim"], generator=g)).to(torch.bfloat16),
+        "timestep": torch.rand(1, generator=g) * 1000,
+    }, inputs_path)
+    t, h, w = latent
+    return "dim %d = %d heads of 128, %d blocks, ffn %d, latent %dx%dx%d = %d tokens, %d text " \
+        "tokens of %d" % (shape["dim"], shape["dim"] // 128, shape["num_layers"],
+                          shape["ffn_dim"], t, h, w, t * (h // 2) * (w // 2), text,
+                          shape["text_dim"])
+
+
+def bench_config(args, label, workdir):
+    family = "wan" if label in WAN_CONFIGS else "flux"
     (workdir / "models").mkdir(parents=True)
     model = workdir / "models" / ("step-%s.safetensors" % label)
     inputs_path = workdir / "inputs.safetensors"
-    run([fleet, "gen-model", *model_flags, "--seed", "7", model])
-    run([fleet, "gen-inputs", model, *input_flags, "--seed", "1", inputs_path])
+    if family == "wan":
+        what = make_wan(label, model, inputs_path)
+    else:
+        what = make_flux(args, label, model, inputs_path)
     inputs, _ = load_safetensors(inputs_path)
+    constant = [n for n in CONSTANT[family] if n in inputs]
     ref_path = workdir / "reference.safetensors"
     run_local(args.build, model, inputs_path, ref_path, 0, args.threads)
     reference = load_safetensors(ref_path)[0]["out"]
     size = model.stat().st_size
-    print("\n== %s: %s (%.0f MiB), latent 64x64, 256 text tokens, %d threads per process"
-          % (label, model.name, size / 2**20, args.threads), flush=True)
+    print("\n== %s: %s (%s, %.0f MiB), %s, %d threads per process"
+          % (label, model.name, family, size / 2**20, what, args.threads), flush=True)
 
     cluster = Cluster(args.build, workdir, args.threads)
     try:
@@ -160,8 +206,12 @@ def bench_config(args, label, workdir):
             spec = wire.ModelSpec(path=model.name, compute_device="cuda:0",
                                   expert_mode_allocations=ALLOCATION, mode=mode,
                                   eject_models=False, keep_loaded=True)
-            client.load_model(spec, "step-" + mode)
-            sampling_run(client, "step-" + mode, inputs, "warmup-" + mode, 2, reference)
+            info = client.load_model(spec, "step-" + mode)
+            if info.family != family:
+                raise SystemExit("FAIL: %s loaded as family '%s', not '%s'"
+                                 % (model.name, info.family, family))
+            sampling_run(client, "step-" + mode, inputs, "warmup-" + mode, 2, reference,
+                         constant)
         local_rounds, mode_rounds = [], {m: [] for m in MODES}
         for r in range(args.rounds):
             local = run_local(args.build, model, inputs_path, workdir / "out.safetensors",
@@ -170,7 +220,8 @@ def bench_config(args, label, workdir):
             order = MODES[r % 3:] + MODES[:r % 3]  # rotate: no mode always runs first
             for mode in order:
                 walls, results = sampling_run(client, "step-" + mode, inputs,
-                                              "bench-%s-%d" % (mode, r), args.steps, reference)
+                                              "bench-%s-%d" % (mode, r), args.steps, reference,
+                                              constant)
                 mode_rounds[mode].append((statistics.median(walls), results))
             print("   round %d: run-local %.1f ms, %s" % (
                 r + 1, local_rounds[-1], ", ".join("%s %.1f ms" % (m, mode_rounds[m][-1][0])
@@ -214,7 +265,8 @@ def bench_config(args, label, workdir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", type=pathlib.Path, default=REPO / "build")
-    ap.add_argument("--configs", default="small,large")
+    ap.add_argument("--configs", default="small,large",
+                    help="comma list of: %s" % ", ".join([*CONFIGS, *WAN_CONFIGS]))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="steps per sampling run (>= 2)")
     ap.add_argument("--threads", type=int, default=2, help="libtorch threads per process")
@@ -224,8 +276,9 @@ def main():
     if args.steps < 2:
         ap.error("--steps must be >= 2 (step 1 carries the constant inputs and is not timed)")
     for label in args.configs.split(","):
-        if label not in CONFIGS:
-            ap.error("unknown config '%s' (have: %s)" % (label, ", ".join(CONFIGS)))
+        if label not in CONFIGS and label not in WAN_CONFIGS:
+            ap.error("unknown config '%s' (have: %s)"
+                     % (label, ", ".join([*CONFIGS, *WAN_CONFIGS])))
     top = pathlib.Path(tempfile.mkdtemp(prefix="fleet-step-bench-"))
     try:
         for label in args.configs.split(","):

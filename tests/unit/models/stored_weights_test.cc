@@ -5,6 +5,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/equal.h>
+#include <ATen/Context.h>
 #include <ATen/ops/randn.h>
 #include <gtest/gtest.h>
 
@@ -275,6 +276,11 @@ TEST(DeviceExpansion, TorchOpsEqualTheCpuKernelsBitForBit) {
     ASSERT_EQ(got.scalar_type(), at::kFloat);
     EXPECT_EQ(std::memcmp(got.data_ptr<float>(), want.data(), want.size() * 4), 0)
         << formats::GgmlTypeInfo(static_cast<uint32_t>(type))->name;
+    if (at::hasCUDA()) {  // a CUDA libtorch: the same ops on the GPU
+      at::Tensor gpu = DequantizeWithTorchOps(type, bytes.to(at::Device("cuda:0")), {n}).cpu();
+      EXPECT_EQ(std::memcmp(gpu.data_ptr<float>(), want.data(), want.size() * 4), 0)
+          << "on cuda:0: " << formats::GgmlTypeInfo(static_cast<uint32_t>(type))->name;
+    }
   }
   EXPECT_FALSE(ExpandsWithTorchOps(formats::GgmlType::kIQ2_XXS));
   at::Tensor codes = at::empty({256}, at::kByte);
