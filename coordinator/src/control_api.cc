@@ -137,11 +137,52 @@ StatusOr<ModelSpec> ReadSpec(Get get) {
   return spec;
 }
 
+// Request bodies nest at most this deep. nlohmann::json's dump and comparisons recurse, so a
+// body of a few hundred KB of brackets (under the size limit) would overflow the stack.
+constexpr int kMaxBodyDepth = 32;
+
+bool NestsDeeperThan(std::string_view text, int limit) {
+  int depth = 0;
+  bool in_string = false, escaped = false;
+  for (char ch : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (ch == '\\') {
+        escaped = true;
+      } else if (ch == '"') {
+        in_string = false;
+      }
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '[' || ch == '{') {
+      if (++depth > limit) return true;
+    } else if (ch == ']' || ch == '}') {
+      --depth;
+    }
+  }
+  return false;
+}
+
+// A request body as a JSON object (an empty body is an empty object), or InvalidArgument.
+StatusOr<json> ParseBody(const std::string& body) {
+  if (body.empty()) return json::object();
+  if (NestsDeeperThan(body, kMaxBodyDepth)) {
+    return InvalidArgumentError("request body nests deeper than " + std::to_string(kMaxBodyDepth) +
+                                " levels");
+  }
+  json j = json::parse(body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return InvalidArgumentError("request body is not a JSON object");
+  return j;
+}
+
 StatusOr<ModelSpec> SpecFromBody(const std::string& body) {
-  json j = json::object();
-  if (!body.empty()) {
-    j = json::parse(body, nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return InvalidArgumentError("request body is not a JSON object");
+  FLEET_ASSIGN_OR_RETURN(json j, ParseBody(body));
+  for (const auto& [key, value] : j.items()) {
+    if (value.is_structured()) {
+      return InvalidArgumentError("field '" + key + "' must be a string, number or boolean, got " +
+                                  (value.is_array() ? "an array" : "an object"));
+    }
   }
   return ReadSpec([&](const char* name) -> std::optional<std::string> {
     if (!j.contains(name) || j[name].is_null()) return std::nullopt;
@@ -203,8 +244,9 @@ HttpHandler MakeControlApi(Coordinator* c) {
       if (!post) return ErrorResponse(InvalidArgumentError(req.method + " " + p + ": use POST"));
       bool ready_only = false;
       if (!req.body.empty()) {
-        json b = json::parse(req.body, nullptr, false);
-        if (b.is_discarded() || !b.is_object()) return ErrorResponse(InvalidArgumentError("request body is not a JSON object"));
+        auto parsed = ParseBody(req.body);
+        if (!parsed.ok()) return ErrorResponse(parsed.status());
+        const json& b = *parsed;
         if (b.contains("ready")) {
           if (!b["ready"].is_boolean()) return ErrorResponse(InvalidArgumentError("\"ready\" must be true or false"));
           ready_only = b["ready"].get<bool>();

@@ -34,9 +34,10 @@ std::string BuildDir() {
 
 std::string Fleet() { return BuildDir() + "/bin/fleet"; }
 
-// GET http://HOST:PORT/path over a plain socket (the control API closes after each answer).
-// Returns "<status code> <body>", or "" when the server cannot be reached.
-std::string HttpGet(const std::string& host_port, const std::string& path) {
+// METHOD http://HOST:PORT/path with `body` over a plain socket (the control API closes after
+// each answer). Returns "<status code> <body>", or "" when the server cannot be reached.
+std::string HttpCall(const std::string& method, const std::string& host_port,
+                     const std::string& path, const std::string& body = "") {
   const auto colon = host_port.rfind(':');
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -47,15 +48,29 @@ std::string HttpGet(const std::string& host_port, const std::string& path) {
     if (fd >= 0) close(fd);
     return "";
   }
-  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: " + host_port + "\r\nConnection: close\r\n\r\n";
-  (void)!write(fd, request.data(), request.size());
+  std::string request = method + " " + path + " HTTP/1.1\r\nHost: " + host_port +
+                        "\r\nConnection: close\r\n";
+  if (!body.empty()) {
+    request += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+               "\r\n";
+  }
+  request += "\r\n" + body;
+  for (size_t sent = 0; sent < request.size();) {
+    const ssize_t n = write(fd, request.data() + sent, request.size() - sent);
+    if (n <= 0) break;
+    sent += static_cast<size_t>(n);
+  }
   std::string response;
   char buf[4096];
   for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) response.append(buf, static_cast<size_t>(n));
   close(fd);
-  const auto body = response.find("\r\n\r\n");
-  if (response.size() < 12 || body == std::string::npos) return "";
-  return response.substr(9, 3) + " " + response.substr(body + 4);
+  const auto at = response.find("\r\n\r\n");
+  if (response.size() < 12 || at == std::string::npos) return "";
+  return response.substr(9, 3) + " " + response.substr(at + 4);
+}
+
+std::string HttpGet(const std::string& host_port, const std::string& path) {
+  return HttpCall("GET", host_port, path);
 }
 
 // Runs `fleet ARGS...` to completion; returns its exit status.
@@ -432,6 +447,33 @@ TEST(CoordinatorHeadroom, ActivationsOfTheInputSizeArePlannedAndRecheckedOnTheFi
   EXPECT_NE(large.status().message().find("1024x1024"), std::string::npos) << large.status();
   EXPECT_NE(large.status().message().find("cuda:0"), std::string::npos) << large.status();
   EXPECT_TRUE((*client)->Forward("m", ReadTensors(c.dir + "/small.safetensors")).ok());
+}
+
+// Hostile control-API bodies: a deeply nested one (well under the size limit; nlohmann's dump
+// recursed on it and crashed the coordinator) and structured values where the loader inputs are
+// scalars get a 400 naming the problem, and the coordinator keeps serving.
+TEST(CoordinatorControlApi, NestedAndStructuredBodiesAreRefusedAndTheCoordinatorStaysUp) {
+  auto cluster = Cluster::Start("cuda:0=1gb", "hostile");
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  const std::string deep = std::string(200000, '[') + std::string(200000, ']');
+  const std::string load = "/v2/repository/models/m/load";
+  for (const std::string& body :
+       {R"({"path": "m.safetensors", "virtual_vram_gb": )" + deep + "}", deep,
+        std::string(R"({"path": "m.safetensors", "x": )") + std::string(100000, '{') + "}"}) {
+    const std::string answer = HttpCall("POST", c.http, load, body);
+    EXPECT_EQ(answer.substr(0, 3), "400") << answer.substr(0, 200);
+    EXPECT_NE(answer.find("nests deeper than 32 levels"), std::string::npos) << answer.substr(0, 200);
+  }
+  const std::string index = HttpCall("POST", c.http, "/v2/repository/index", deep);
+  EXPECT_NE(index.find("nests deeper than 32 levels"), std::string::npos) << index.substr(0, 200);
+  const std::string array =
+      HttpCall("POST", c.http, load, R"({"path": "m.safetensors", "virtual_vram_gb": [1, 2]})");
+  EXPECT_EQ(array.substr(0, 3), "400") << array;
+  EXPECT_NE(array.find("field 'virtual_vram_gb' must be a string, number or boolean, got an array"),
+            std::string::npos)
+      << array;
+  EXPECT_EQ(HttpGet(c.http, "/v2/health/live").substr(0, 3), "200");
 }
 
 // Models that fit together stay together; one that does not makes room by evicting others,
