@@ -328,7 +328,11 @@ class JobPeer:
         x = inputs["x"].astype(np.float32)
         out = x + np.float32(inputs["context"].astype(np.float32).sum()) + \
             np.float32(inputs["y"].astype(np.float32).sum())
-        out = np.ascontiguousarray(out)
+        self._send_output(peer, rid, out, step_seconds=0.001)
+
+    def _send_output(self, peer, rid, out, step_seconds=None):
+        """A ForwardResponse carrying `out` (float32) as the output "out" in one frame."""
+        out = np.ascontiguousarray(out, dtype=np.float32)
 
         def resp(b):
             n = b.CreateString("out")
@@ -349,7 +353,8 @@ class JobPeer:
             v = b.EndVector()
             g.ForwardResponseStart(b)
             g.ForwardResponseAddOutputs(b, v)
-            g.ForwardResponseAddStepSeconds(b, 0.001)
+            if step_seconds is not None:
+                g.ForwardResponseAddStepSeconds(b, step_seconds)
             return g.ForwardResponseEnd(b)
         self._send(peer, rid, g.JobResponseBody.ForwardResponse, resp, [out.tobytes()])
 

@@ -120,29 +120,7 @@ class WanPeer(JobPeer):
             np.float32(inputs["context"].astype(np.float32).sum())
         if "clip_fea" in inputs:
             out = out + np.float32(inputs["clip_fea"].astype(np.float32).sum())
-        out = np.ascontiguousarray(out)
-
-        def resp(b):
-            n = b.CreateString("out")
-            g.TensorDescStartShapeVector(b, out.ndim)
-            for d in reversed(out.shape):
-                b.PrependInt64(d)
-            shp = b.EndVector()
-            g.TensorDescStart(b)
-            g.TensorDescAddName(b, n)
-            g.TensorDescAddDtype(b, g.DType.F32)
-            g.TensorDescAddShape(b, shp)
-            g.TensorDescAddNbytes(b, out.nbytes)
-            g.TensorDescAddPayload(b, g.PayloadKind.Frame)
-            g.TensorDescAddFrame(b, 1)
-            t = g.TensorDescEnd(b)
-            g.ForwardResponseStartOutputsVector(b, 1)
-            b.PrependUOffsetTRelative(t)
-            v = b.EndVector()
-            g.ForwardResponseStart(b)
-            g.ForwardResponseAddOutputs(b, v)
-            return g.ForwardResponseEnd(b)
-        self._send(peer, rid, g.JobResponseBody.ForwardResponse, resp, [out.tobytes()])
+        self._send_output(peer, rid, out)
 
 
 @pytest.fixture
