@@ -364,20 +364,14 @@ def describe_wan(info, spec_dtype, local_path):
 
 # ------------------------------------------------------------------------------- the proxy
 
-class TensorfleetFlux(torch.nn.Module):
-    """ComfyUI's `diffusion_model` for a Flux model that runs on a Tensorfleet cluster.
-
-    It has no parameters. Its state_dict lists the real weight names with empty placeholders so
-    that ComfyUI's LoRA and model-merge code bind their patches to this model (instead of
-    silently finding no matching keys); such patches are then refused at sampling time.
-    """
+class _RemoteDiffusionModel(torch.nn.Module):
+    """What every family's proxy shares: no parameters, a state dict of the real weight names as
+    empty placeholders (so ComfyUI's LoRA and merge code bind to them and are refused at sampling
+    time), and a weak link to the BaseModel it serves, to find the current patcher."""
 
     def __init__(self, runner, cfg):
         super().__init__()
         self.dtype = cfg["dtype"]
-        self.patch_size = 2
-        self.guidance_embed = cfg["guidance_embed"]
-        self.vec_in_dim = cfg["vec_in_dim"]
         self._runner = runner
         self._weight_names = list(cfg["weight_names"])
         self._placeholder = torch.empty(0, dtype=self.dtype)
@@ -393,6 +387,21 @@ class TensorfleetFlux(torch.nn.Module):
     def _patcher(self):
         base = self._base() if self._base is not None else None
         return getattr(base, "current_patcher", None) if base is not None else None
+
+
+class TensorfleetFlux(_RemoteDiffusionModel):
+    """ComfyUI's `diffusion_model` for a Flux model that runs on a Tensorfleet cluster.
+
+    It has no parameters. Its state_dict lists the real weight names with empty placeholders so
+    that ComfyUI's LoRA and model-merge code bind their patches to this model (instead of
+    silently finding no matching keys); such patches are then refused at sampling time.
+    """
+
+    def __init__(self, runner, cfg):
+        super().__init__(runner, cfg)
+        self.patch_size = 2
+        self.guidance_embed = cfg["guidance_embed"]
+        self.vec_in_dim = cfg["vec_in_dim"]
 
     def forward(self, x, timestep, context=None, y=None, guidance=None, control=None,
                 transformer_options={}, **kwargs):
@@ -414,7 +423,7 @@ class TensorfleetFlux(torch.nn.Module):
 _WAN_INFORMATIONAL_KWARGS = _INFORMATIONAL_KWARGS | {"denoise_mask"}
 
 
-class TensorfleetWan(torch.nn.Module):
+class TensorfleetWan(_RemoteDiffusionModel):
     """ComfyUI's `diffusion_model` for a WAN 2.1 / 2.2 model that runs on a Tensorfleet cluster,
     called as ComfyUI's WanModel is: forward(x, timestep, context, clip_fea=None,
     time_dim_concat=None, transformer_options={}, **kwargs).
@@ -430,33 +439,17 @@ class TensorfleetWan(torch.nn.Module):
     """
 
     def __init__(self, runner, cfg):
-        super().__init__()
-        self.dtype = cfg["dtype"]
+        super().__init__(runner, cfg)
         self.model_type = cfg["comfy_model_type"]
         self.patch_size = tuple(cfg["patch_size"])
         for key in _WAN_INT_KEYS:
             setattr(self, key, cfg[key])
         self.image_embedding = cfg["i2v"]
         self.ref_conv = None
-        self._runner = runner
-        self._weight_names = list(cfg["weight_names"])
         self.weight_shapes = dict(cfg["weight_shapes"])
-        self._placeholder = torch.empty(0, dtype=self.dtype)
         shape = [cfg["dim"], cfg["in_dim"]] + list(cfg["patch_size"])
         self.patch_embedding = types.SimpleNamespace(
             weight=torch.empty(shape, dtype=torch.float32, device="meta"))
-        self._base = None  # weakref to the BaseModel (not a submodule: no cycle)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for n in self._weight_names:
-            destination[prefix + n] = self._placeholder
-
-    def attach(self, base_model):
-        object.__setattr__(self, "_base", weakref.ref(base_model))
-
-    def _patcher(self):
-        base = self._base() if self._base is not None else None
-        return getattr(base, "current_patcher", None) if base is not None else None
 
     def forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None,
                 transformer_options={}, **kwargs):
