@@ -102,10 +102,11 @@ int main(int argc, char** argv) {
               static_cast<long long>(rows), chunked.seconds, chunked.peak_mib);
   std::printf("chunked / unchunked: time %.2fx, peak memory %.3fx\n",
               chunked.seconds / whole.seconds, chunked.peak_mib / whole.peak_mib);
-  const int64_t long_rows = fleet::families::AttentionChunkRows(long_heads, long_tokens, long_tokens);
+  const int64_t long_rows =
+      fleet::families::AttentionChunkRows(long_heads, long_tokens, long_tokens);
   Result longer = Measure(long_heads, long_tokens, 0, threads);
-  const double full =
-      static_cast<double>(long_heads) * static_cast<double>(long_tokens) * long_tokens * 12 / (1 << 20);
+  const double full = static_cast<double>(long_heads) * static_cast<double>(long_tokens) *
+                      long_tokens * 12 / (1 << 20);
   std::printf(
       "%lld tokens x %lld heads, chunks of %4lld rows: %7.2f s  peak +%8.0f MiB (budget %.0f MiB; "
       "unchunked scores would take %.0f MiB)\n",

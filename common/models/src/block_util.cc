@@ -199,6 +199,34 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& pe) {
   return out.reshape(sizes).to(x.scalar_type());
 }
 
+StatusOr<at::Tensor> PrepareFloatingWeight(std::string_view family, std::string_view name,
+                                           const at::Tensor& stored, at::ScalarType dtype) {
+  const std::string where = std::string(family) + ": weight '" + std::string(name) + "'";
+  if (!stored.defined()) return InvalidArgumentError(where + " is undefined");
+  if (!at::isFloatingType(stored.scalar_type())) {
+    return InvalidArgumentError(where + " has dtype " +
+                                std::string(DtypeName(stored.scalar_type())) +
+                                ", expected a floating dtype");
+  }
+  at::Tensor out;
+  FLEET_RETURN_IF_ERROR(GuardTorch(name, [&]() -> Status {
+    out = ConvertWeight(stored, dtype);
+    return Status::OK();
+  }));
+  return out;
+}
+
+StatusOr<at::Tensor> FindActivation(const TensorMap& state, std::string_view name,
+                                    std::initializer_list<int64_t> shape, at::ScalarType dtype) {
+  FLEET_ASSIGN_OR_RETURN(at::Tensor t, Find(state, "state", name, shape));
+  if (t.scalar_type() != dtype) {
+    return InvalidArgumentError("state '" + std::string(name) + "' has dtype " +
+                                std::string(DtypeName(t.scalar_type())) + ", expected " +
+                                std::string(DtypeName(dtype)));
+  }
+  return t;
+}
+
 at::Tensor ConvertWeight(const at::Tensor& stored, at::ScalarType dtype) {
   if (!at::isFloatingType(stored.scalar_type())) return stored;
   return stored.to(dtype).contiguous();

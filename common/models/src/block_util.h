@@ -65,6 +65,15 @@ at::Tensor GeluTanh(const at::Tensor& x);
 /// Converts a floating weight to `dtype` (contiguous); other dtypes pass through.
 at::Tensor ConvertWeight(const at::Tensor& stored, at::ScalarType dtype);
 
+/// Model::PrepareWeight of the families: a defined floating tensor converted to `dtype`, or
+/// InvalidArgument "<family>: weight '<name>' ..." saying what is wrong.
+StatusOr<at::Tensor> PrepareFloatingWeight(std::string_view family, std::string_view name,
+                                           const at::Tensor& stored, at::ScalarType dtype);
+
+/// A state tensor of `dtype` with the given shape (-1 = any), or InvalidArgument naming it.
+StatusOr<at::Tensor> FindActivation(const TensorMap& state, std::string_view name,
+                                    std::initializer_list<int64_t> shape, at::ScalarType dtype);
+
 /// Reads one block's weights through the accessor by suffix, checking shape, dtype and device.
 class BlockWeights {
  public:

@@ -6,9 +6,9 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/bitwise_left_shift.h>
 #include <ATen/ops/bitwise_or.h>
 #include <ATen/ops/bitwise_right_shift.h>
-#include <ATen/ops/bitwise_left_shift.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/stack.h>
@@ -49,16 +49,18 @@ at::Tensor Q4_K(const at::Tensor& b) {
   const int64_t n = b.size(0);
   at::Tensor s = Int(Bytes(b, 4, 12));
   at::Tensor lo = s.narrow(1, 0, 4), mid = s.narrow(1, 4, 4), hi = s.narrow(1, 8, 4);
-  at::Tensor sc = at::cat({at::bitwise_and(lo, 63),
-                           at::bitwise_or(at::bitwise_and(hi, 15),
-                                          at::bitwise_left_shift(at::bitwise_right_shift(lo, 6), 4))},
-                          1);
-  at::Tensor m = at::cat({at::bitwise_and(mid, 63),
-                          at::bitwise_or(at::bitwise_right_shift(hi, 4),
-                                         at::bitwise_left_shift(at::bitwise_right_shift(mid, 6), 4))},
-                         1);
-  at::Tensor d1 = Half(b, 0) * sc.to(at::kFloat);    // [n, 8]
-  at::Tensor m1 = Half(b, 2) * m.to(at::kFloat);     // [n, 8]
+  at::Tensor sc =
+      at::cat({at::bitwise_and(lo, 63),
+               at::bitwise_or(at::bitwise_and(hi, 15),
+                              at::bitwise_left_shift(at::bitwise_right_shift(lo, 6), 4))},
+              1);
+  at::Tensor m =
+      at::cat({at::bitwise_and(mid, 63),
+               at::bitwise_or(at::bitwise_right_shift(hi, 4),
+                              at::bitwise_left_shift(at::bitwise_right_shift(mid, 6), 4))},
+              1);
+  at::Tensor d1 = Half(b, 0) * sc.to(at::kFloat);  // [n, 8]
+  at::Tensor m1 = Half(b, 2) * m.to(at::kFloat);   // [n, 8]
   at::Tensor qs = Int(Bytes(b, 16, 128)).view({n, 4, 32});
   // Sub-block 2g is the low nibbles of bytes [32g, 32g + 32), 2g + 1 their high nibbles.
   at::Tensor q = at::stack({at::bitwise_and(qs, 15), at::bitwise_right_shift(qs, 4)}, 2)
@@ -84,6 +86,13 @@ at::Tensor Q6_K(const at::Tensor& b) {
   return (scale * q.view({n, 2, 4, 2, 16})).view({n, 256});
 }
 
+// The 256 values of an fp8 format, by code, as float32 on the CPU.
+StatusOr<at::Tensor> Fp8Table(bool e5m2) {
+  at::Tensor codes = at::arange(0, 256, at::TensorOptions().dtype(at::kInt)).to(at::kByte);
+  return tensor::UpcastF8(codes, e5m2 ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3,
+                          at::kFloat);
+}
+
 }  // namespace
 
 bool ExpandsWithTorchOps(formats::GgmlType type) {
@@ -98,23 +107,31 @@ at::Tensor DequantizeWithTorchOps(formats::GgmlType type, const at::Tensor& byte
   const at::Tensor blocks = bytes.view({-1, traits.type_size});
   at::Tensor out;
   switch (type) {
-    case T::kQ8_0: out = Q8_0(blocks); break;
-    case T::kQ4_0: out = Q4_0(blocks); break;
-    case T::kQ4_K: out = Q4_K(blocks); break;
-    case T::kQ6_K: out = Q6_K(blocks); break;
-    default: TORCH_CHECK(false, "no libtorch expansion for this GGUF type");
+    case T::kQ8_0:
+      out = Q8_0(blocks);
+      break;
+    case T::kQ4_0:
+      out = Q4_0(blocks);
+      break;
+    case T::kQ4_K:
+      out = Q4_K(blocks);
+      break;
+    case T::kQ6_K:
+      out = Q6_K(blocks);
+      break;
+    default:
+      TORCH_CHECK(false, "no libtorch expansion for this GGUF type");
   }
   return out.reshape(shape);
 }
 
 StatusOr<at::Tensor> UpcastF8WithTorchOps(const at::Tensor& bytes, bool e5m2) {
-  // Every fp8 value, exactly, from the host decoder; then a gather on the bytes' device.
-  at::Tensor codes = at::arange(0, 256, at::TensorOptions().dtype(at::kInt)).to(at::kByte);
-  FLEET_ASSIGN_OR_RETURN(
-      at::Tensor table,
-      tensor::UpcastF8(codes, e5m2 ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3,
-                       at::kFloat));
-  return at::index_select(table.to(bytes.device()), 0, bytes.reshape({-1}).to(at::kLong))
+  // Every fp8 value, exactly, from the host decoder, made once per format (this runs for every
+  // fp8 weight a block reads); then a gather on the bytes' device.
+  static const StatusOr<at::Tensor> kTables[2] = {Fp8Table(false), Fp8Table(true)};
+  const StatusOr<at::Tensor>& table = kTables[e5m2 ? 1 : 0];
+  if (!table.ok()) return table.status();
+  return at::index_select(table->to(bytes.device()), 0, bytes.reshape({-1}).to(at::kLong))
       .view(bytes.sizes());
 }
 

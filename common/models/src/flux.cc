@@ -247,20 +247,7 @@ class FluxModel final : public Model {
 
   StatusOr<at::Tensor> PrepareWeight(std::string_view name,
                                      const at::Tensor& stored) const override {
-    if (!stored.defined()) {
-      return InvalidArgumentError("flux: weight '" + std::string(name) + "' is undefined");
-    }
-    if (!at::isFloatingType(stored.scalar_type())) {
-      return InvalidArgumentError("flux: weight '" + std::string(name) + "' has dtype " +
-                                  std::string(DtypeName(stored.scalar_type())) +
-                                  ", expected a floating dtype");
-    }
-    at::Tensor out;
-    FLEET_RETURN_IF_ERROR(GuardTorch(name, [&]() -> Status {
-      out = ConvertWeight(stored, dtype_);
-      return Status::OK();
-    }));
-    return out;
+    return PrepareFloatingWeight("flux", name, stored, dtype_);
   }
 
  private:
@@ -272,13 +259,7 @@ class FluxModel final : public Model {
   // Takes a state tensor of the compute dtype with the given shape (-1 = any).
   StatusOr<at::Tensor> Activation(const TensorMap& state, std::string_view name,
                                   std::initializer_list<int64_t> shape) const {
-    FLEET_ASSIGN_OR_RETURN(at::Tensor t, Find(state, "state", name, shape));
-    if (t.scalar_type() != dtype_) {
-      return InvalidArgumentError("state '" + std::string(name) + "' has dtype " +
-                                  std::string(DtypeName(t.scalar_type())) + ", expected " +
-                                  std::string(DtypeName(dtype_)));
-    }
-    return t;
+    return FindActivation(state, name, shape, dtype_);
   }
 
   // vec [B, D] and pe [1, 1, T, d/2, 2, 2] shared by every transformer block.

@@ -29,7 +29,7 @@
 namespace fleet::models::internal {
 namespace {
 
-constexpr int64_t kClipDim = 1280;  // CLIP-H vision features of WAN 2.1 I2V (img_emb's input)
+constexpr int64_t kClipDim = 1280;   // CLIP-H vision features of WAN 2.1 I2V (img_emb's input)
 constexpr double kImgEmbEps = 1e-5;  // img_emb's LayerNorms use torch's default eps
 
 struct WanConfig {
@@ -155,8 +155,8 @@ at::Tensor RopeTable(int64_t tn, int64_t hn, int64_t wn, const std::array<int64_
   std::vector<at::Tensor> parts;
   for (size_t a = 0; a < 3; ++a) {
     const int64_t width = axes[a];
-    at::Tensor scale = at::linspace(0.0, static_cast<double>(width - 2) / static_cast<double>(width),
-                                    width / 2, f64);
+    at::Tensor scale = at::linspace(
+        0.0, static_cast<double>(width - 2) / static_cast<double>(width), width / 2, f64);
     at::Tensor omega = at::reciprocal(at::pow(kTheta, scale));
     at::Tensor angle = ids[a]->unsqueeze(1) * omega.unsqueeze(0);  // [N, width/2]
     at::Tensor c = at::cos(angle), s = at::sin(angle);
@@ -217,18 +217,7 @@ class WanModel final : public Model {
   // every other floating weight is converted to the compute dtype.
   StatusOr<at::Tensor> PrepareWeight(std::string_view name,
                                      const at::Tensor& stored) const override {
-    if (!stored.defined() || !at::isFloatingType(stored.scalar_type())) {
-      return InvalidArgumentError("wan: weight '" + std::string(name) + "' has dtype " +
-                                  (stored.defined() ? std::string(DtypeName(stored.scalar_type()))
-                                                    : std::string("(none)")) +
-                                  ", expected a floating dtype");
-    }
-    at::Tensor out;
-    FLEET_RETURN_IF_ERROR(GuardTorch(name, [&]() -> Status {
-      out = ConvertWeight(stored, IsPatchEmbedding(name) ? at::kFloat : dtype_);
-      return Status::OK();
-    }));
-    return out;
+    return PrepareFloatingWeight("wan", name, stored, IsPatchEmbedding(name) ? at::kFloat : dtype_);
   }
 
  private:
@@ -238,13 +227,7 @@ class WanModel final : public Model {
 
   StatusOr<at::Tensor> Activation(const TensorMap& state, std::string_view name,
                                   std::initializer_list<int64_t> shape) const {
-    FLEET_ASSIGN_OR_RETURN(at::Tensor t, Find(state, "state", name, shape));
-    if (t.scalar_type() != dtype_) {
-      return InvalidArgumentError("state '" + std::string(name) + "' has dtype " +
-                                  std::string(DtypeName(t.scalar_type())) + ", expected " +
-                                  std::string(DtypeName(dtype_)));
-    }
-    return t;
+    return FindActivation(state, name, shape, dtype_);
   }
 
   // The grid state: T, H, W of the input latent, then the token grid tn, hn, wn.
@@ -446,7 +429,8 @@ class WanModel final : public Model {
     FLEET_ASSIGN_OR_RETURN(at::Tensor f0b, w.Get("ffn.0.bias", {c_.ffn}));
     FLEET_ASSIGN_OR_RETURN(at::Tensor f2w, w.Get("ffn.2.weight", {d, c_.ffn}));
     FLEET_ASSIGN_OR_RETURN(at::Tensor f2b, w.Get("ffn.2.bias", {d}));
-    at::Tensor f = Linear(GeluTanh(Linear(Modulate(x, mod[3], mod[4], c_.eps), f0w, f0b)), f2w, f2b);
+    at::Tensor f =
+        Linear(GeluTanh(Linear(Modulate(x, mod[3], mod[4], c_.eps), f0w, f0b)), f2w, f2b);
     state["tokens"] = AddGated(x, f, mod[5]);
     return Status::OK();
   }
@@ -472,10 +456,12 @@ class WanModel final : public Model {
     at::Tensor shift = PerToken(m.select(2, 0), n), scale = PerToken(m.select(2, 1), n);
     // Not an addcmul here: WanModel's Head multiplies and adds in two steps.
     at::Tensor normed = LayerNorm(x, c_.eps);
-    at::Tensor out = Linear(Fp16Safe(normed, [&](const at::Tensor& v) {
-                              return v * (scale.to(v.scalar_type()) + 1) + shift.to(v.scalar_type());
-                            }),
-                            hw, hb);
+    at::Tensor out =
+        Linear(Fp16Safe(normed,
+                        [&](const at::Tensor& v) {
+                          return v * (scale.to(v.scalar_type()) + 1) + shift.to(v.scalar_type());
+                        }),
+               hw, hb);
     // Unpatchify: features (pt, ph, pw, c), c fastest -> [B, C, T, H, W], cropped.
     const auto& p = c_.patch;
     out = out.view({batch, tn, hn, wn, p[0], p[1], p[2], c_.out_dim})
