@@ -11,6 +11,7 @@ Thread safety: a Client may be shared between threads; calls are serialised by a
 
 import collections
 import logging
+import math
 import threading
 import time
 
@@ -317,7 +318,7 @@ class Client:
         return self._expect(reply, "StatusResponse", "Status")
 
     def forward(self, model, inputs, run_id="", constant_inputs=(), end_run=False, timeout=None,
-                should_cancel=None, as_torch=None):
+                should_cancel=None, as_torch=None, loras=()):
         """Runs one model step. Returns {output name: tensor}.
 
         inputs: {name: torch tensor | numpy array}. Flux: x, timestep (float32), context, y,
@@ -329,9 +330,19 @@ class Client:
         should_cancel: a callable polled while waiting; when it returns true the in-flight
           Forward is cancelled on the coordinator and CancelledError is raised.
         as_torch: return torch tensors (default: if any input is a torch tensor).
+        loras: LoRA files to patch the model with for this step, stacked in order: paths
+          relative to a model root, or (path, strength) pairs (strength 1.0 by default). The
+          loaded weights are not modified; the next step may use other LoRAs or strengths.
         """
         if not isinstance(model, str) or not model:
             raise InvalidArgumentError("forward: model must be a non-empty model name", "Forward")
+        lora_refs = []
+        for lora in loras:
+            path, strength = (lora, 1.0) if isinstance(lora, str) else lora
+            if not isinstance(path, str) or not path or not math.isfinite(float(strength)):
+                raise InvalidArgumentError("forward: LoRA %r: expected a path or (path, finite "
+                                           "strength)" % (lora,), "Forward")
+            lora_refs.append((path, float(strength)))
         if as_torch is None:
             as_torch = any(_tensors.is_torch_tensor(v) for v in inputs.values())
         unknown = [c for c in constant_inputs if c not in inputs]
@@ -359,7 +370,7 @@ class Client:
                     reply, data = self._call(
                         lambda rid: wire.forward_request(rid, model, descs, run_id,
                                                          list(constant_inputs), end_run,
-                                                         _timeout_ms(timeout)),
+                                                         _timeout_ms(timeout), lora_refs),
                         "Forward", _client_wait(timeout), frames,
                         should_cancel=should_cancel)
                 except FailedPreconditionError as e:

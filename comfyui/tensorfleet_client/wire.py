@@ -263,9 +263,9 @@ def _tensor_desc(b, name, wire_dtype, shape, nbytes, frame):
 
 
 def forward_request(request_id, model, tensors, run_id="", constant_inputs=(), end_run=False,
-                    timeout_ms=0):
+                    timeout_ms=0, loras=()):
     """`tensors`: [(name, wire dtype, shape, nbytes, frame)]; frame is 1-based, 0 for an empty
-    tensor (no payload)."""
+    tensor (no payload). `loras`: [(path relative to a model root, strength)], stacked in order."""
     b = flatbuffers.Builder(1024)
     model_off = b.CreateString(model)
     run_off = b.CreateString(run_id)
@@ -280,6 +280,17 @@ def forward_request(request_id, model, tensors, run_id="", constant_inputs=(), e
     for c in reversed(const_offs):
         b.PrependUOffsetTRelative(c)
     const_off = b.EndVector()
+    lora_offs = []
+    for path, strength in loras:
+        path_off = b.CreateString(path)
+        g.LoraRefStart(b)
+        g.LoraRefAddPath(b, path_off)
+        g.LoraRefAddStrength(b, float(strength))
+        lora_offs.append(g.LoraRefEnd(b))
+    g.ForwardRequestStartLorasVector(b, len(lora_offs))
+    for off in reversed(lora_offs):
+        b.PrependUOffsetTRelative(off)
+    loras_off = b.EndVector()
     g.ForwardRequestStart(b)
     g.ForwardRequestAddModel(b, model_off)
     g.ForwardRequestAddInputs(b, inputs_off)
@@ -287,6 +298,7 @@ def forward_request(request_id, model, tensors, run_id="", constant_inputs=(), e
     g.ForwardRequestAddConstantInputs(b, const_off)
     g.ForwardRequestAddEndRun(b, bool(end_run))
     g.ForwardRequestAddTimeoutMs(b, int(timeout_ms))
+    g.ForwardRequestAddLoras(b, loras_off)
     return _finish(b, request_id, g.JobRequestBody.ForwardRequest, g.ForwardRequestEnd(b))
 
 

@@ -12,6 +12,7 @@
 #include "fleet/device/device.h"
 #include "fleet/families/family.h"
 #include "fleet/families/layout.h"
+#include "fleet/families/lora_keys.h"
 #include "fleet/formats/dtype.h"
 #include "fleet/formats/model_file.h"
 #include "fleet/log/log.h"
@@ -44,6 +45,7 @@ std::string_view ModelStateName(ModelState state) {
 namespace {
 
 constexpr size_t kMaxRunsPerModel = 8;  // sampling runs whose constant inputs stay cached
+constexpr size_t kMaxPatchSetsPerModel = 4;  // LoRA combinations kept mapped and on workers
 
 // Bytes a worker keeps of `t`: GGUF blocks, fp8 and the scales of scaled-fp8 layers as stored
 // (expanded at use), F32/F16/BF16 as fp8 when the weight dtype says so, other floating weights
@@ -160,7 +162,27 @@ struct LoadedModel {
   std::vector<std::string> runs;       // cached sampling runs, most recent last
   std::string last_schedule_json;
   uint64_t checked_activation_bytes = 0;  // the largest activation estimate known to fit
+  // LoRA combinations (patch sets) by id, most recently used last, and which workers have them.
+  struct PatchSetEntry {
+    std::string id;
+    std::shared_ptr<const std::vector<worker::LoraFileRef>> loras;
+  };
+  std::vector<PatchSetEntry> patch_sets;
+  std::map<std::string, std::set<std::string>> patches_on;          // device -> ids it holds
+  std::map<std::string, std::vector<std::string>> patches_to_drop;  // device -> ids to drop
 };
+
+// FNV-1a over `text`: a patch set's id (stable across coordinator restarts and processes).
+std::string Fnv1aHex(std::string_view text) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  char out[17];
+  std::snprintf(out, sizeof(out), "%016llx", static_cast<unsigned long long>(h));
+  return out;
+}
 
 struct Coordinator::Impl {
   Coordinator* self = nullptr;
@@ -223,6 +245,93 @@ struct Coordinator::Impl {
     std::string where;
     for (const auto& r : roots) where += (where.empty() ? "" : ", ") + r;
     return NotFoundError("model '" + path + "' not found under the model roots (" + where + ")");
+  }
+
+  // The patch set for `loras` on model `m`: mapped once per combination (the LoRA files' keys onto
+  // the model's weights) and kept, most recent last, up to kMaxPatchSetsPerModel. The id covers
+  // each file's path, size and modification time and its strength, so an edited file is a new set.
+  StatusOr<LoadedModel::PatchSetEntry> PatchSetFor(LoadedModel& m,
+                                                   const std::vector<LoraRef>& loras) {
+    std::string key;
+    std::vector<std::string> full_paths;
+    for (const LoraRef& l : loras) {
+      if (!std::isfinite(l.strength)) {
+        return InvalidArgumentError("LoRA '" + l.path + "': strength " +
+                                    std::to_string(l.strength) + " is not finite");
+      }
+      FLEET_ASSIGN_OR_RETURN(std::string full, ResolvePath(l.path));
+      std::error_code ec;
+      const auto size = fs::file_size(full, ec);
+      const auto mtime = fs::last_write_time(full, ec).time_since_epoch().count();
+      char strength[32];
+      std::snprintf(strength, sizeof(strength), "%a", l.strength);
+      key += l.path + '\0' + std::to_string(size) + '\0' + std::to_string(mtime) + '\0' +
+             strength + '\0';
+      full_paths.push_back(full);
+    }
+    const std::string id = Fnv1aHex(key);
+    {
+      std::lock_guard lock(mu);
+      auto it = std::find_if(m.patch_sets.begin(), m.patch_sets.end(),
+                             [&](const auto& e) { return e.id == id; });
+      if (it != m.patch_sets.end()) {
+        LoadedModel::PatchSetEntry e = *it;
+        m.patch_sets.erase(it);
+        m.patch_sets.push_back(e);
+        return e;
+      }
+    }
+    families::WeightShapes shapes;
+    for (const auto& [unit, tensors] : m.unit_tensors) {
+      for (const auto& t : tensors) {
+        const std::string name = t.name.substr(m.layout.prefix.size());
+        if (!formats::IsQuantParameter(name)) shapes[name] = t.shape;
+      }
+    }
+    auto refs = std::make_shared<std::vector<worker::LoraFileRef>>();
+    for (size_t i = 0; i < loras.size(); ++i) {
+      FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(full_paths[i]));
+      std::vector<std::string> keys;
+      for (const auto& info : file->tensors()) keys.push_back(info.name);
+      FLEET_ASSIGN_OR_RETURN(families::LoraMapping mapping,
+                             families::MapLoraKeys(m.layout.family, m.layout.config_json, shapes,
+                                                   keys, loras[i].path));
+      if (!mapping.unmatched.empty() || !mapping.text_encoder.empty()) {
+        FLEET_LOG(WARNING, "lora") << loras[i].path << " on '" << m.name << "': "
+                                   << mapping.modules.size() << " modules patch the model; "
+                                   << mapping.unmatched.size() << " match no weight, "
+                                   << mapping.text_encoder.size()
+                                   << " are for a text encoder (not applied)";
+      }
+      refs->push_back({loras[i].path, loras[i].strength, std::move(mapping.modules)});
+    }
+    std::lock_guard lock(mu);
+    m.patch_sets.push_back({id, refs});
+    while (m.patch_sets.size() > kMaxPatchSetsPerModel) {
+      const std::string old = m.patch_sets.front().id;
+      m.patch_sets.erase(m.patch_sets.begin());
+      for (auto& [device, ids] : m.patches_on) {
+        if (ids.erase(old) != 0) m.patches_to_drop[device].push_back(old);
+      }
+    }
+    return m.patch_sets.back();
+  }
+
+  // Gives `device` the patch set (and drops the sets the model no longer keeps there).
+  Status EnsurePatches(LoadedModel& m, const std::string& device,
+                       const LoadedModel::PatchSetEntry& set) {
+    std::vector<std::string> drop;
+    {
+      std::lock_guard lock(mu);
+      if (m.patches_on[device].count(set.id) != 0) return Status::OK();
+      drop = std::move(m.patches_to_drop[device]);
+      m.patches_to_drop.erase(device);
+    }
+    FLEET_ASSIGN_OR_RETURN(auto link, Link(device));
+    FLEET_RETURN_IF_ERROR((*link).SetPatches(m.name, set.id, *set.loras, drop));
+    std::lock_guard lock(mu);
+    m.patches_on[device].insert(set.id);
+    return Status::OK();
   }
 
   // Devices of the cluster, with capacity left once `keep` models stay resident.
@@ -970,6 +1079,13 @@ StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request
                                    " on this coordinator; send the constant inputs again");
   }
 
+  std::optional<LoadedModel::PatchSetEntry> patches;
+  if (!request.loras.empty()) {
+    auto set = impl_->PatchSetFor(*m, request.loras);
+    if (!set.ok()) return set.status().WithContext("model '" + m->name + "'");
+    patches = std::move(*set);
+  }
+
   auto schedule = impl_->ScheduleFor(*m);
   if (!schedule.ok()) return schedule.status();
   {
@@ -1063,8 +1179,13 @@ StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request
         here = runs_on;
         touched.insert(here);
       }
+      if (patches) {
+        Status given = impl_->EnsurePatches(*m, here, *patches);
+        if (!given.ok()) return fail(given, here);
+      }
       FLEET_ASSIGN_OR_RETURN(auto worker, impl_->Link(here));
-      auto ran = worker->RunBlocks(job, m->name, steps, static_cast<uint32_t>(depth), request.run_id);
+      auto ran = worker->RunBlocks(job, m->name, steps, static_cast<uint32_t>(depth), request.run_id,
+                                   patches ? patches->id : "");
       if (!ran.ok()) return fail(ran.status(), here);
       mark("run " + std::to_string(steps.size()) + " blocks on " + here + " (compute " +
            std::to_string(static_cast<int>(ran->compute_seconds * 1e3)) + " ms)");

@@ -434,6 +434,14 @@ struct JobServer::Impl {
     if (f->constant_inputs()) {
       for (const auto* s : *f->constant_inputs()) request.constant_inputs.push_back(s->str());
     }
+    if (f->loras()) {
+      if (f->loras()->size() > kMaxLoras) {
+        return ErrorReply(id, InvalidArgumentError("a Forward may stack at most " +
+                                                   std::to_string(kMaxLoras) + " LoRAs, not " +
+                                                   std::to_string(f->loras()->size())));
+      }
+      for (const auto* l : *f->loras()) request.loras.push_back({Str(l->path()), l->strength()});
+    }
     const size_t data_frames = frames->size() - 1;
     if (f->inputs()) {
       if (f->inputs()->size() > limits.max_tensors) return ErrorReply(id, InvalidArgumentError("too many input tensors"));

@@ -2,6 +2,7 @@
 //
 //   fleet-run-local MODEL --inputs IN.safetensors --out OUT.safetensors
 //       [--dtype float32|bfloat16|float16] [--threads N] [--trace TRACE.safetensors] [--device D]
+//       [--lora FILE[:STRENGTH]]... [--dump-weights WEIGHTS.safetensors]
 #include <ATen/Parallel.h>
 
 #include <chrono>
@@ -25,7 +26,8 @@ int Fail(const fleet::Status& s, int code) {
 int main(int argc, char** argv) {
   using namespace fleet;
   std::string inputs, out, dtype_text, trace_path, device = "cpu", weight_dtype = "default";
-  std::string dequant_dtype = "default";
+  std::string dequant_dtype = "default", dump_weights;
+  std::vector<std::string> loras;
   int64_t threads = 2, repeat = 1;
   bool tune_allocator = true;
   config::OptionSet set("fleet-run-local",
@@ -40,6 +42,12 @@ int main(int argc, char** argv) {
   set.Add("dequant_dtype", &dequant_dtype,
           "ComfyUI-GGUF's dequant_dtype: default, target, float32, float16 or bfloat16 (the dtype "
           "GGUF weights expand into before the compute dtype)");
+  set.Add("lora", &loras,
+          "A LoRA file to patch the model with, FILE or FILE:STRENGTH (default 1.0); repeat the "
+          "flag to stack several, applied in order");
+  set.Add("dump_weights", &dump_weights,
+          "Write every weight as the blocks see it (patched, compute dtype) to this safetensors "
+          "file; --inputs and --out are then optional");
   set.Add("threads", &threads, "libtorch intra-op threads");
   set.Add("device", &device, "Where to run: cpu or cuda:N (CUDA needs a CUDA build of libtorch)");
   set.Add("trace", &trace_path, "Also write the state after every block ('<block>/<name>')");
@@ -61,7 +69,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fleet-run-local: expected one MODEL path, got %zu\n", positional.size());
     return 2;
   }
-  if (inputs.empty() || out.empty()) {
+  const bool dump_only = !dump_weights.empty() && inputs.empty() && out.empty();
+  if (!dump_only && (inputs.empty() || out.empty())) {
     std::fprintf(stderr, "fleet-run-local: --inputs and --out are required\n");
     return 2;
   }
@@ -88,6 +97,19 @@ int main(int argc, char** argv) {
   auto runner =
       run_local::LocalRunner::Create(positional[0], dtype, device, weight_dtype, dequant_dtype);
   if (!runner.ok()) return Fail(runner.status(), 2);
+  for (const std::string& arg : loras) {
+    auto lora = models::ParseLoraArgument(arg);
+    if (!lora.ok()) return Fail(lora.status(), 2);
+    Status s = (*runner)->AddLora(lora->first, lora->second);
+    if (!s.ok()) return Fail(s, 2);
+  }
+  if (!dump_weights.empty()) {
+    auto weights = (*runner)->Weights();
+    if (!weights.ok()) return Fail(weights.status(), 2);
+    Status s = run_local::WriteTensors(*weights, dump_weights);
+    if (!s.ok()) return Fail(s, 1);
+    if (dump_only) return 0;
+  }
   auto input = run_local::ReadTensors(inputs);
   if (!input.ok()) return Fail(input.status(), 2);
 

@@ -196,8 +196,8 @@ Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) cons
     }
   }
   for (size_t i = 0; i < names.size(); ++i) {
-    FLEET_RETURN_IF_ERROR(
-        model_->RunBlock(i, models::StoredWeights(*model_, blocks_[i], dequant_), state));
+    const models::StoredWeights stored(*model_, blocks_[i], dequant_);
+    FLEET_RETURN_IF_ERROR(model_->RunBlock(i, models::PatchedWeights(stored, patches_), state));
     if (trace) {
       for (const auto& [name, t] : state) {
         if (i > 0 && model_->IsRunConstant(name)) continue;
@@ -206,6 +206,44 @@ Status LocalRunner::Run(models::TensorMap& state, models::TensorMap* trace) cons
     }
   }
   return Status::OK();
+}
+
+Status LocalRunner::AddLora(const std::string& path, double strength) {
+  families::WeightShapes shapes;
+  for (const models::WeightStore& store : blocks_) {
+    for (const auto& [name, w] : store) {
+      if (formats::IsQuantParameter(name)) continue;
+      shapes[name] = w.form == models::StoredWeight::Form::kResident ? w.data.sizes().vec()
+                                                                     : w.shape;
+    }
+  }
+  FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(path));
+  std::vector<std::string> keys;
+  for (const auto& info : file->tensors()) keys.push_back(info.name);
+  FLEET_ASSIGN_OR_RETURN(families::LoraMapping mapping,
+                         families::MapLoraKeys(model_->family(), model_->config_json(), shapes,
+                                               keys, path));
+  if (!mapping.unmatched.empty() || !mapping.text_encoder.empty()) {
+    FLEET_LOG(WARNING, "run-local")
+        << path << ": " << mapping.modules.size() << " modules patch the model; "
+        << mapping.unmatched.size() << " match no weight (first: '"
+        << (mapping.unmatched.empty() ? "" : mapping.unmatched.front()) << "'), "
+        << mapping.text_encoder.size() << " are for a text encoder (not applied)";
+  }
+  return models::AddLoraPatches(*file, mapping.modules, strength, device_, patches_);
+}
+
+StatusOr<models::TensorMap> LocalRunner::Weights() const {
+  models::TensorMap out;
+  for (const models::WeightStore& store : blocks_) {
+    const models::StoredWeights stored(*model_, store, dequant_);
+    const models::PatchedWeights patched(stored, patches_);
+    for (const auto& [name, w] : store) {
+      if (formats::IsQuantParameter(name)) continue;
+      FLEET_ASSIGN_OR_RETURN(out[name], patched.Get(name));
+    }
+  }
+  return out;
 }
 
 }  // namespace fleet::run_local

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "fleet/formats/model_file.h"
+#include "fleet/models/lora.h"
 #include "fleet/models/model.h"
 #include "fleet/models/stored_weights.h"
 #include "fleet/status/status.h"
@@ -43,6 +44,14 @@ class LocalRunner {
 
   const models::Model& model() const { return *model_; }
 
+  /// Applies the LoRA file at `path` at `strength` on top of those added before (the order
+  /// ComfyUI's LoRA loaders stack them in). Modules that match no weight are logged; a file
+  /// none of whose modules match, or a bad module, is an error and adds nothing.
+  Status AddLora(const std::string& path, double strength);
+
+  /// Every weight as blocks see it (patched, in the compute dtype), by name.
+  StatusOr<models::TensorMap> Weights() const;
+
   /// Runs every block on `state`. When `trace` is given, it receives "<block>/<name>" copies of
   /// the state after each block (the run-constant "pe" only after the stem).
   Status Run(models::TensorMap& state, models::TensorMap* trace = nullptr) const;
@@ -55,6 +64,7 @@ class LocalRunner {
   // Per block (parallel to model_->block_names()), keyed without the file prefix: floating
   // weights prepared, GGUF and fp8 weights in their stored form, expanded at use.
   std::vector<models::WeightStore> blocks_;
+  models::PatchSet patches_;  // AddLora's
   at::Device device_ = at::kCPU;
   std::optional<at::ScalarType> dequant_;  // none: GGUF expands straight to the compute dtype
 };

@@ -427,7 +427,8 @@ StatusOr<std::vector<HostTensor>> WorkerClient::GetTensors(const std::string& jo
 StatusOr<RunBlocksResult> WorkerClient::RunBlocks(const std::string& job, const std::string& model,
                                                   const std::vector<BlockStep>& steps,
                                                   uint32_t prefetch_depth,
-                                                  const std::string& run_id) {
+                                                  const std::string& run_id,
+                                                  const std::string& patches) {
   flatbuffers::FlatBufferBuilder fbb;
   fbb.ForceDefaults(true);  // CallLocked patches the id in place
   std::vector<flatbuffers::Offset<wire::BlockStep>> s;
@@ -439,7 +440,8 @@ StatusOr<RunBlocksResult> WorkerClient::RunBlocks(const std::string& job, const 
   }
   auto body =
       wire::CreateRunBlocksRequest(fbb, fbb.CreateString(job), fbb.CreateString(model),
-                                   fbb.CreateVector(s), prefetch_depth, fbb.CreateString(run_id));
+                                   fbb.CreateVector(s), prefetch_depth, fbb.CreateString(run_id),
+                                   fbb.CreateString(patches));
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::RunBlocksRequest, body.Union());
   FLEET_ASSIGN_OR_RETURN(Reply reply, Call(fbb, {}, options_.timeout));
   const auto* r = reply.response->body_as_RunBlocksResponse();
@@ -485,6 +487,30 @@ Status WorkerClient::ReleaseWeights(uint64_t lease) {
   fbb.ForceDefaults(true);  // CallLocked patches the id in place
   auto body = wire::CreateReleaseWeightsRequest(fbb, lease);
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::ReleaseWeightsRequest, body.Union());
+  return Call(fbb, {}, options_.timeout).status();
+}
+
+Status WorkerClient::SetPatches(const std::string& model, const std::string& id,
+                                const std::vector<LoraFileRef>& loras,
+                                const std::vector<std::string>& drop) {
+  flatbuffers::FlatBufferBuilder fbb;
+  fbb.ForceDefaults(true);  // CallLocked patches the id in place
+  std::vector<flatbuffers::Offset<wire::LoraFile>> files;
+  for (const LoraFileRef& lora : loras) {
+    std::vector<flatbuffers::Offset<wire::LoraModuleRef>> modules;
+    for (const families::LoraModule& m : lora.modules) {
+      std::vector<std::string> keys;
+      for (const auto& [suffix, key] : m.parts) keys.push_back(key);
+      modules.push_back(wire::CreateLoraModuleRef(
+          fbb, fbb.CreateString(m.prefix), fbb.CreateString(m.target), fbb.CreateVector(m.shape),
+          Strings(fbb, keys), m.offset_dim, m.offset_start, m.offset_length, m.swap_halves));
+    }
+    files.push_back(wire::CreateLoraFile(fbb, fbb.CreateString(lora.path), lora.strength,
+                                         fbb.CreateVector(modules)));
+  }
+  auto body = wire::CreateSetPatchesRequest(fbb, fbb.CreateString(model), fbb.CreateString(id),
+                                            fbb.CreateVector(files), Strings(fbb, drop));
+  protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::SetPatchesRequest, body.Union());
   return Call(fbb, {}, options_.timeout).status();
 }
 

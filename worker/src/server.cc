@@ -24,6 +24,8 @@
 #include "fleet/formats/dtype.h"
 #include "fleet/log/log.h"
 #include "fleet/metrics/metrics.h"
+#include "fleet/formats/model_file.h"
+#include "fleet/models/lora.h"
 #include "fleet/models/model.h"
 #include "fleet/models/stored_weights.h"
 #include "fleet/protocol/protocol.h"
@@ -223,7 +225,13 @@ struct WorkerServer::Impl {
     std::unordered_map<std::string, size_t> index;  // block name -> index
     std::map<std::string, Block> blocks;
     uint64_t bytes = 0;
+    // SetPatches' patch sets by id; RunBlocks names one. The coordinator drops what it no longer
+    // uses; a set past kMaxPatchSets is refused.
+    std::map<std::string, std::shared_ptr<const models::PatchSet>> patch_sets;
   };
+  static constexpr size_t kMaxPatchSets = 16;
+  static constexpr size_t kMaxLoraFiles = 64;        // per patch set
+  static constexpr uint64_t kMaxLoraBytes = 16ull << 30;  // the tensors of one patch set
   struct Job {
     models::TensorMap tensors;
   };
@@ -393,6 +401,7 @@ struct WorkerServer::Impl {
   Status HandleReleaseWeights(Task& task, const wire::ReleaseWeightsRequest& r, Frames& out);
   Status HandleDropJob(Task& task, const wire::DropJobRequest& r, Frames& out);
   Status HandleEndRun(Task& task, const wire::EndRunRequest& r, Frames& out);
+  Status HandleSetPatches(Task& task, const wire::SetPatchesRequest& r, Frames& out);
 
   flatbuffers::Offset<wire::StatsResponse> BuildStats(flatbuffers::FlatBufferBuilder& fbb);
 
@@ -497,6 +506,7 @@ void WorkerServer::Impl::OnRequest(Frames frames) {
   // Requests that never block (no file I/O, no compute, no call to a peer) run right here:
   // each hop to a handler thread costs a wake-up, which adds up on the shm fast path.
   const bool blocks = type == wire::WorkerRequestBody::LoadBlockRequest ||
+                      type == wire::WorkerRequestBody::SetPatchesRequest ||
                       type == wire::WorkerRequestBody::RunBlocksRequest ||
                       type == wire::WorkerRequestBody::SendTensorsRequest;
   if (!blocks) {
@@ -635,6 +645,8 @@ Status WorkerServer::Impl::Dispatch(Task& task, Frames& out) {
       return HandleDropJob(task, *req->body_as_DropJobRequest(), out);
     case wire::WorkerRequestBody::EndRunRequest:
       return HandleEndRun(task, *req->body_as_EndRunRequest(), out);
+    case wire::WorkerRequestBody::SetPatchesRequest:
+      return HandleSetPatches(task, *req->body_as_SetPatchesRequest(), out);
     default:
       return UnimplementedError(
           "request type " + std::to_string(static_cast<int>(req->body_type())) +
@@ -1247,6 +1259,8 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   std::optional<at::ScalarType> dequant;
   models::TensorMap state;
   std::set<std::string> from_cache;
+  static const models::PatchSet kNoPatches;
+  std::shared_ptr<const models::PatchSet> patches;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = models_.find(model_name);
@@ -1254,6 +1268,14 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
     model = it->second.model;
     dequant = it->second.dequant;
+    if (const std::string id = Str(r.patches()); !id.empty()) {
+      auto p = it->second.patch_sets.find(id);
+      if (p == it->second.patch_sets.end()) {
+        return FailedPreconditionError("patch set '" + id + "' of model '" + model_name +
+                                       "' is not on " + config.id + " (SetPatches first)");
+      }
+      patches = p->second;
+    }
     auto j = jobs.find(job);
     if (j == jobs.end())
       return NotFoundError("job '" + job + "' has no tensors on " + config.id +
@@ -1427,7 +1449,10 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       weights = std::move(fetched.weights);
     }
     const auto t0 = Clock::now();
-    status = model->RunBlock(step.index, models::StoredWeights(*model, weights, dequant), state);
+    const models::StoredWeights stored(*model, weights, dequant);
+    status = model->RunBlock(step.index,
+                             models::PatchedWeights(stored, patches ? *patches : kNoPatches),
+                             state);
     const double dt = Seconds(Clock::now() - t0);
     weights.clear();
     if (!step.donor.empty()) release(fetched);
@@ -1596,6 +1621,88 @@ Status WorkerServer::Impl::HandleEndRun(Task& task, const wire::EndRunRequest& r
     std::lock_guard<std::mutex> lock(mu);
     runs.erase(Str(r.run_id()));
     UpdateActivationGaugeLocked();
+  }
+  return Ack(task, out);
+}
+
+Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRequest& r,
+                                            Frames& out) {
+  const std::string model_name = Str(r.model()), id = Str(r.id());
+  at::Device at_device = at::kCPU;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = models_.find(model_name);
+    if (it == models_.end()) {
+      return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
+    }
+    if (r.drop()) {
+      for (const auto* d : *r.drop()) it->second.patch_sets.erase(d->str());
+    }
+    if (id.empty() || it->second.patch_sets.count(id) != 0) return Ack(task, out);
+    if (it->second.patch_sets.size() >= kMaxPatchSets) {
+      return ResourceExhaustedError("model '" + model_name + "' has " +
+                                    std::to_string(kMaxPatchSets) + " patch sets on " +
+                                    config.id + " already; drop one first");
+    }
+    at_device = device;
+  }
+  if (r.loras() == nullptr || r.loras()->size() == 0 || r.loras()->size() > kMaxLoraFiles) {
+    return InvalidArgumentError("patch set '" + id + "' needs 1 to " +
+                                std::to_string(kMaxLoraFiles) + " LoRA files");
+  }
+  auto patches = std::make_shared<models::PatchSet>();
+  for (const auto* lora : *r.loras()) {
+    const std::string rel = Str(lora->path());
+    FLEET_ASSIGN_OR_RETURN(std::string path, ResolveModelPath(config.model_roots, rel));
+    FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(path));
+    std::vector<families::LoraModule> modules;
+    uint64_t bytes = 0;
+    if (lora->modules() != nullptr) {
+      for (const auto* m : *lora->modules()) {
+        families::LoraModule module;
+        module.prefix = Str(m->prefix());
+        module.target = Str(m->target());
+        if (m->shape()) module.shape.assign(m->shape()->begin(), m->shape()->end());
+        module.offset_dim = m->offset_dim();
+        module.offset_start = m->offset_start();
+        module.offset_length = m->offset_length();
+        module.swap_halves = m->swap_halves();
+        if (m->keys()) {
+          for (const auto* k : *m->keys()) {
+            const std::string key = k->str();
+            std::string prefix, suffix;
+            const formats::TensorInfo* info = file->Find(key);
+            if (!families::SplitLoraKey(key, &prefix, &suffix) || prefix != module.prefix ||
+                info == nullptr) {
+              return InvalidArgumentError(rel + ": '" + key + "' is not a part of module '" +
+                                          module.prefix + "' in the file");
+            }
+            bytes += info->nbytes;
+            module.parts[suffix] = key;
+          }
+        }
+        if (module.parts.empty() || module.shape.size() > 8) {
+          return InvalidArgumentError(rel + ": module '" + module.prefix +
+                                      "' names no tensors or a shape of more than 8 dimensions");
+        }
+        modules.push_back(std::move(module));
+      }
+    }
+    if (bytes > kMaxLoraBytes) {
+      return ResourceExhaustedError(rel + ": " + std::to_string(bytes) +
+                                    " bytes of LoRA tensors, more than a patch set may hold (" +
+                                    std::to_string(kMaxLoraBytes) + ")");
+    }
+    FLEET_RETURN_IF_ERROR(
+        models::AddLoraPatches(*file, modules, lora->strength(), at_device, *patches));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = models_.find(model_name);
+    if (it == models_.end()) {
+      return NotFoundError("model '" + model_name + "' was evicted from " + config.id);
+    }
+    it->second.patch_sets.emplace(id, std::move(patches));
   }
   return Ack(task, out);
 }

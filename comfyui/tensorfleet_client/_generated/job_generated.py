@@ -78,6 +78,7 @@ class WorkerRequestBody(object):
     ReleaseWeightsRequest = 12
     DropJobRequest = 13
     EndRunRequest = 14
+    SetPatchesRequest = 15
 
 
 class WorkerResponseBody(object):
@@ -1487,13 +1488,21 @@ class RunBlocksRequest(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
-def RunBlocksRequestStart(builder): builder.StartObject(5)
+    # RunBlocksRequest
+    def Patches(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+def RunBlocksRequestStart(builder): builder.StartObject(6)
 def RunBlocksRequestAddJob(builder, job): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(job), 0)
 def RunBlocksRequestAddModel(builder, model): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
 def RunBlocksRequestAddSteps(builder, steps): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(steps), 0)
 def RunBlocksRequestStartStepsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
 def RunBlocksRequestAddPrefetchDepth(builder, prefetchDepth): builder.PrependUint32Slot(3, prefetchDepth, 0)
 def RunBlocksRequestAddRunId(builder, runId): builder.PrependUOffsetTRelativeSlot(4, flatbuffers.number_types.UOffsetTFlags.py_type(runId), 0)
+def RunBlocksRequestAddPatches(builder, patches): builder.PrependUOffsetTRelativeSlot(5, flatbuffers.number_types.UOffsetTFlags.py_type(patches), 0)
 def RunBlocksRequestEnd(builder): return builder.EndObject()
 
 
@@ -1819,6 +1828,289 @@ class EndRunRequest(object):
 def EndRunRequestStart(builder): builder.StartObject(1)
 def EndRunRequestAddRunId(builder, runId): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(runId), 0)
 def EndRunRequestEnd(builder): return builder.EndObject()
+
+
+class LoraModuleRef(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = LoraModuleRef()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsLoraModuleRef(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    @classmethod
+    def LoraModuleRefBufferHasIdentifier(cls, buf, offset, size_prefixed=False):
+        return flatbuffers.util.BufferHasIdentifier(buf, offset, b"\x46\x4A\x52\x51", size_prefixed=size_prefixed)
+
+    # LoraModuleRef
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # LoraModuleRef
+    def Prefix(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # LoraModuleRef
+    def Target(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # LoraModuleRef
+    def Shape(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 8))
+        return 0
+
+    # LoraModuleRef
+    def ShapeAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Int64Flags, o)
+        return 0
+
+    # LoraModuleRef
+    def ShapeLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # LoraModuleRef
+    def ShapeIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        return o == 0
+
+    # LoraModuleRef
+    def Keys(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # LoraModuleRef
+    def KeysLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # LoraModuleRef
+    def KeysIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        return o == 0
+
+    # LoraModuleRef
+    def OffsetDim(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return 0
+
+    # LoraModuleRef
+    def OffsetStart(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return 0
+
+    # LoraModuleRef
+    def OffsetLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return -1
+
+    # LoraModuleRef
+    def SwapHalves(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
+def LoraModuleRefStart(builder): builder.StartObject(8)
+def LoraModuleRefAddPrefix(builder, prefix): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(prefix), 0)
+def LoraModuleRefAddTarget(builder, target): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(target), 0)
+def LoraModuleRefAddShape(builder, shape): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(shape), 0)
+def LoraModuleRefStartShapeVector(builder, numElems): return builder.StartVector(8, numElems, 8)
+def LoraModuleRefAddKeys(builder, keys): builder.PrependUOffsetTRelativeSlot(3, flatbuffers.number_types.UOffsetTFlags.py_type(keys), 0)
+def LoraModuleRefStartKeysVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def LoraModuleRefAddOffsetDim(builder, offsetDim): builder.PrependInt64Slot(4, offsetDim, 0)
+def LoraModuleRefAddOffsetStart(builder, offsetStart): builder.PrependInt64Slot(5, offsetStart, 0)
+def LoraModuleRefAddOffsetLength(builder, offsetLength): builder.PrependInt64Slot(6, offsetLength, -1)
+def LoraModuleRefAddSwapHalves(builder, swapHalves): builder.PrependBoolSlot(7, swapHalves, 0)
+def LoraModuleRefEnd(builder): return builder.EndObject()
+
+
+class LoraFile(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = LoraFile()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsLoraFile(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    @classmethod
+    def LoraFileBufferHasIdentifier(cls, buf, offset, size_prefixed=False):
+        return flatbuffers.util.BufferHasIdentifier(buf, offset, b"\x46\x4A\x52\x51", size_prefixed=size_prefixed)
+
+    # LoraFile
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # LoraFile
+    def Path(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # LoraFile
+    def Strength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Float64Flags, o + self._tab.Pos)
+        return 0.0
+
+    # LoraFile
+    def Modules(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            obj = LoraModuleRef()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # LoraFile
+    def ModulesLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # LoraFile
+    def ModulesIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        return o == 0
+
+def LoraFileStart(builder): builder.StartObject(3)
+def LoraFileAddPath(builder, path): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(path), 0)
+def LoraFileAddStrength(builder, strength): builder.PrependFloat64Slot(1, strength, 0.0)
+def LoraFileAddModules(builder, modules): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(modules), 0)
+def LoraFileStartModulesVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def LoraFileEnd(builder): return builder.EndObject()
+
+
+class SetPatchesRequest(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = SetPatchesRequest()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsSetPatchesRequest(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    @classmethod
+    def SetPatchesRequestBufferHasIdentifier(cls, buf, offset, size_prefixed=False):
+        return flatbuffers.util.BufferHasIdentifier(buf, offset, b"\x46\x4A\x52\x51", size_prefixed=size_prefixed)
+
+    # SetPatchesRequest
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # SetPatchesRequest
+    def Model(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # SetPatchesRequest
+    def Id(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # SetPatchesRequest
+    def Loras(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            obj = LoraFile()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # SetPatchesRequest
+    def LorasLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # SetPatchesRequest
+    def LorasIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        return o == 0
+
+    # SetPatchesRequest
+    def Drop(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # SetPatchesRequest
+    def DropLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # SetPatchesRequest
+    def DropIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        return o == 0
+
+def SetPatchesRequestStart(builder): builder.StartObject(4)
+def SetPatchesRequestAddModel(builder, model): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
+def SetPatchesRequestAddId(builder, id): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(id), 0)
+def SetPatchesRequestAddLoras(builder, loras): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(loras), 0)
+def SetPatchesRequestStartLorasVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def SetPatchesRequestAddDrop(builder, drop): builder.PrependUOffsetTRelativeSlot(3, flatbuffers.number_types.UOffsetTFlags.py_type(drop), 0)
+def SetPatchesRequestStartDropVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def SetPatchesRequestEnd(builder): return builder.EndObject()
 
 
 class Ack(object):
@@ -2532,6 +2824,48 @@ def PlanResponseStartEvictsVector(builder, numElems): return builder.StartVector
 def PlanResponseEnd(builder): return builder.EndObject()
 
 
+class LoraRef(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = LoraRef()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsLoraRef(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    @classmethod
+    def LoraRefBufferHasIdentifier(cls, buf, offset, size_prefixed=False):
+        return flatbuffers.util.BufferHasIdentifier(buf, offset, b"\x46\x4A\x52\x51", size_prefixed=size_prefixed)
+
+    # LoraRef
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # LoraRef
+    def Path(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # LoraRef
+    def Strength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Float64Flags, o + self._tab.Pos)
+        return 1.0
+
+def LoraRefStart(builder): builder.StartObject(2)
+def LoraRefAddPath(builder, path): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(path), 0)
+def LoraRefAddStrength(builder, strength): builder.PrependFloat64Slot(1, strength, 1.0)
+def LoraRefEnd(builder): return builder.EndObject()
+
+
 class ForwardRequest(object):
     __slots__ = ['_tab']
 
@@ -2626,7 +2960,31 @@ class ForwardRequest(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
-def ForwardRequestStart(builder): builder.StartObject(6)
+    # ForwardRequest
+    def Loras(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            obj = LoraRef()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # ForwardRequest
+    def LorasLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # ForwardRequest
+    def LorasIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        return o == 0
+
+def ForwardRequestStart(builder): builder.StartObject(7)
 def ForwardRequestAddModel(builder, model): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
 def ForwardRequestAddInputs(builder, inputs): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(inputs), 0)
 def ForwardRequestStartInputsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
@@ -2635,6 +2993,8 @@ def ForwardRequestAddConstantInputs(builder, constantInputs): builder.PrependUOf
 def ForwardRequestStartConstantInputsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
 def ForwardRequestAddEndRun(builder, endRun): builder.PrependBoolSlot(4, endRun, 0)
 def ForwardRequestAddTimeoutMs(builder, timeoutMs): builder.PrependUint32Slot(5, timeoutMs, 0)
+def ForwardRequestAddLoras(builder, loras): builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(loras), 0)
+def ForwardRequestStartLorasVector(builder, numElems): return builder.StartVector(4, numElems, 4)
 def ForwardRequestEnd(builder): return builder.EndObject()
 
 

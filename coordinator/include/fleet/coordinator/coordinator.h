@@ -101,6 +101,15 @@ struct PlanResult {
 /// A tensor handed in or out: contiguous little-endian bytes that `owner` keeps alive.
 using HostTensor = worker::HostTensor;
 
+/// A LoRA to patch a model with for one Forward.
+struct LoraRef {
+  std::string path;  // relative to a model root
+  double strength = 1.0;
+};
+
+/// At most this many LoRAs stacked on one Forward.
+inline constexpr size_t kMaxLoras = 32;
+
 struct ForwardRequest {
   std::string model;
   std::vector<HostTensor> inputs;
@@ -109,6 +118,7 @@ struct ForwardRequest {
   bool end_run = false;
   std::chrono::milliseconds timeout{0};  // 0: --request-timeout
   std::shared_ptr<std::atomic<bool>> cancelled;  // set to abort between ranges
+  std::vector<LoraRef> loras;  // stacked in order; empty: the model as loaded
 };
 
 struct ForwardResult {

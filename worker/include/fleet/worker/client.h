@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "fleet/families/lora_keys.h"
 #include "fleet/protocol/protocol.h"
 #include "fleet/status/status.h"
 #include "fleet/transport/bulk.h"
@@ -75,6 +76,14 @@ struct FileTensorSpec {
 struct BlockStep {
   std::string block;
   std::string donor;  // empty = resident; else the donor worker's endpoint
+};
+
+/// A LoRA file for SetPatches: the file (relative to a model root), its strength and the
+/// modules of it that patch the model (families::MapLoraKeys's).
+struct LoraFileRef {
+  std::string path;
+  double strength = 1.0;
+  std::vector<families::LoraModule> modules;
 };
 
 struct RunBlocksResult {
@@ -157,7 +166,12 @@ class WorkerClient {
                                                const std::vector<std::string>& names);
   StatusOr<RunBlocksResult> RunBlocks(const std::string& job, const std::string& model,
                                       const std::vector<BlockStep>& steps,
-                                      uint32_t prefetch_depth = 1, const std::string& run_id = "");
+                                      uint32_t prefetch_depth = 1, const std::string& run_id = "",
+                                      const std::string& patches = "");
+  /// Gives the worker patch set `id` of `model` (the LoRAs stacked in order) and drops the sets
+  /// in `drop`; an `id` the worker holds already is kept as it is.
+  Status SetPatches(const std::string& model, const std::string& id,
+                    const std::vector<LoraFileRef>& loras, const std::vector<std::string>& drop);
   /// Asks the worker to push `names` of `job` to the worker at `peer` (as `peer_job`).
   StatusOr<SendResult> SendTensors(const std::string& job, const std::vector<std::string>& names,
                                    const std::string& peer, const std::string& peer_job);
