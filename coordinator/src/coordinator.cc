@@ -265,8 +265,8 @@ struct Coordinator::Impl {
       const auto mtime = fs::last_write_time(full, ec).time_since_epoch().count();
       char strength[32];
       std::snprintf(strength, sizeof(strength), "%a", l.strength);
-      key += l.path + '\0' + std::to_string(size) + '\0' + std::to_string(mtime) + '\0' +
-             strength + '\0';
+      key += l.path + '\0' + std::to_string(size) + '\0' + std::to_string(mtime) + '\0' + strength +
+             '\0';
       full_paths.push_back(full);
     }
     const std::string id = Fnv1aHex(key);
@@ -297,11 +297,10 @@ struct Coordinator::Impl {
                              families::MapLoraKeys(m.layout.family, m.layout.config_json, shapes,
                                                    keys, loras[i].path));
       if (!mapping.unmatched.empty() || !mapping.text_encoder.empty()) {
-        FLEET_LOG(WARNING, "lora") << loras[i].path << " on '" << m.name << "': "
-                                   << mapping.modules.size() << " modules patch the model; "
-                                   << mapping.unmatched.size() << " match no weight, "
-                                   << mapping.text_encoder.size()
-                                   << " are for a text encoder (not applied)";
+        FLEET_LOG(WARNING, "lora")
+            << loras[i].path << " on '" << m.name << "': " << mapping.modules.size()
+            << " modules patch the model; " << mapping.unmatched.size() << " match no weight, "
+            << mapping.text_encoder.size() << " are for a text encoder (not applied)";
       }
       refs->push_back({loras[i].path, loras[i].strength, std::move(mapping.modules)});
     }
@@ -1184,8 +1183,8 @@ StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request
         if (!given.ok()) return fail(given, here);
       }
       FLEET_ASSIGN_OR_RETURN(auto worker, impl_->Link(here));
-      auto ran = worker->RunBlocks(job, m->name, steps, static_cast<uint32_t>(depth), request.run_id,
-                                   patches ? patches->id : "");
+      auto ran = worker->RunBlocks(job, m->name, steps, static_cast<uint32_t>(depth),
+                                   request.run_id, patches ? patches->id : "");
       if (!ran.ok()) return fail(ran.status(), here);
       mark("run " + std::to_string(steps.size()) + " blocks on " + here + " (compute " +
            std::to_string(static_cast<int>(ran->compute_seconds * 1e3)) + " ms)");

@@ -436,9 +436,9 @@ struct JobServer::Impl {
     }
     if (f->loras()) {
       if (f->loras()->size() > kMaxLoras) {
-        return ErrorReply(id, InvalidArgumentError("a Forward may stack at most " +
-                                                   std::to_string(kMaxLoras) + " LoRAs, not " +
-                                                   std::to_string(f->loras()->size())));
+        return ErrorReply(
+            id, InvalidArgumentError("a Forward may stack at most " + std::to_string(kMaxLoras) +
+                                     " LoRAs, not " + std::to_string(f->loras()->size())));
       }
       for (const auto* l : *f->loras()) request.loras.push_back({Str(l->path()), l->strength()});
     }

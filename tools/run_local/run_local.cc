@@ -213,16 +213,16 @@ Status LocalRunner::AddLora(const std::string& path, double strength) {
   for (const models::WeightStore& store : blocks_) {
     for (const auto& [name, w] : store) {
       if (formats::IsQuantParameter(name)) continue;
-      shapes[name] = w.form == models::StoredWeight::Form::kResident ? w.data.sizes().vec()
-                                                                     : w.shape;
+      shapes[name] =
+          w.form == models::StoredWeight::Form::kResident ? w.data.sizes().vec() : w.shape;
     }
   }
   FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(path));
   std::vector<std::string> keys;
   for (const auto& info : file->tensors()) keys.push_back(info.name);
-  FLEET_ASSIGN_OR_RETURN(families::LoraMapping mapping,
-                         families::MapLoraKeys(model_->family(), model_->config_json(), shapes,
-                                               keys, path));
+  FLEET_ASSIGN_OR_RETURN(
+      families::LoraMapping mapping,
+      families::MapLoraKeys(model_->family(), model_->config_json(), shapes, keys, path));
   if (!mapping.unmatched.empty() || !mapping.text_encoder.empty()) {
     FLEET_LOG(WARNING, "run-local")
         << path << ": " << mapping.modules.size() << " modules patch the model; "

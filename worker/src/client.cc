@@ -438,10 +438,9 @@ StatusOr<RunBlocksResult> WorkerClient::RunBlocks(const std::string& job, const 
         step.donor.empty() ? wire::WeightSite::Resident : wire::WeightSite::Stream,
         fbb.CreateString(step.donor)));
   }
-  auto body =
-      wire::CreateRunBlocksRequest(fbb, fbb.CreateString(job), fbb.CreateString(model),
-                                   fbb.CreateVector(s), prefetch_depth, fbb.CreateString(run_id),
-                                   fbb.CreateString(patches));
+  auto body = wire::CreateRunBlocksRequest(fbb, fbb.CreateString(job), fbb.CreateString(model),
+                                           fbb.CreateVector(s), prefetch_depth,
+                                           fbb.CreateString(run_id), fbb.CreateString(patches));
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::RunBlocksRequest, body.Union());
   FLEET_ASSIGN_OR_RETURN(Reply reply, Call(fbb, {}, options_.timeout));
   const auto* r = reply.response->body_as_RunBlocksResponse();

@@ -22,9 +22,9 @@
 #include "fleet/device/device.h"
 #include "fleet/formats/dequant.h"
 #include "fleet/formats/dtype.h"
+#include "fleet/formats/model_file.h"
 #include "fleet/log/log.h"
 #include "fleet/metrics/metrics.h"
-#include "fleet/formats/model_file.h"
 #include "fleet/models/lora.h"
 #include "fleet/models/model.h"
 #include "fleet/models/stored_weights.h"
@@ -230,7 +230,7 @@ struct WorkerServer::Impl {
     std::map<std::string, std::shared_ptr<const models::PatchSet>> patch_sets;
   };
   static constexpr size_t kMaxPatchSets = 16;
-  static constexpr size_t kMaxLoraFiles = 64;        // per patch set
+  static constexpr size_t kMaxLoraFiles = 64;             // per patch set
   static constexpr uint64_t kMaxLoraBytes = 16ull << 30;  // the tensors of one patch set
   struct Job {
     models::TensorMap tensors;
@@ -1450,9 +1450,8 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
     }
     const auto t0 = Clock::now();
     const models::StoredWeights stored(*model, weights, dequant);
-    status = model->RunBlock(step.index,
-                             models::PatchedWeights(stored, patches ? *patches : kNoPatches),
-                             state);
+    status = model->RunBlock(
+        step.index, models::PatchedWeights(stored, patches ? *patches : kNoPatches), state);
     const double dt = Seconds(Clock::now() - t0);
     weights.clear();
     if (!step.donor.empty()) release(fetched);
@@ -1641,8 +1640,8 @@ Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRe
     if (id.empty() || it->second.patch_sets.count(id) != 0) return Ack(task, out);
     if (it->second.patch_sets.size() >= kMaxPatchSets) {
       return ResourceExhaustedError("model '" + model_name + "' has " +
-                                    std::to_string(kMaxPatchSets) + " patch sets on " +
-                                    config.id + " already; drop one first");
+                                    std::to_string(kMaxPatchSets) + " patch sets on " + config.id +
+                                    " already; drop one first");
     }
     at_device = device;
   }

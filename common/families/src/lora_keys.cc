@@ -75,18 +75,17 @@ void AddDiffusers(const std::string& name, const Target& t, Aliases& aliases) {
 
 // ComfyUI's flux_to_diffusers: per-block renames, q/k/v into the fused qkv (and linear1)
 // weights at row offsets, and the top-level renames.
-void AddFlux(const WeightShapes& weights, int64_t hidden, int64_t mlp_hidden,
-             Aliases& aliases) {
+void AddFlux(const WeightShapes& weights, int64_t hidden, int64_t mlp_hidden, Aliases& aliases) {
   static const std::regex kDouble(R"(double_blocks\.(\d+)\.(.+)\.weight)");
   static const std::regex kSingle(R"(single_blocks\.(\d+)\.(.+)\.weight)");
   static const std::regex kSingleScale(R"(single_blocks\.(\d+)\.norm\.(query|key)_norm\.scale)");
   static const std::regex kDoubleScale(
       R"(double_blocks\.(\d+)\.(img|txt)_attn\.norm\.(query|key)_norm\.scale)");
   static const std::map<std::string, std::string, std::less<>> kDoubleRenames = {
-      {"img_attn.proj", "attn.to_out.0"},         {"img_mod.lin", "norm1.linear"},
-      {"txt_mod.lin", "norm1_context.linear"},   {"txt_attn.proj", "attn.to_add_out"},
-      {"img_mlp.0", "ff.net.0.proj"},             {"img_mlp.2", "ff.net.2"},
-      {"txt_mlp.0", "ff_context.net.0.proj"},     {"txt_mlp.2", "ff_context.net.2"}};
+      {"img_attn.proj", "attn.to_out.0"},      {"img_mod.lin", "norm1.linear"},
+      {"txt_mod.lin", "norm1_context.linear"}, {"txt_attn.proj", "attn.to_add_out"},
+      {"img_mlp.0", "ff.net.0.proj"},          {"img_mlp.2", "ff.net.2"},
+      {"txt_mlp.0", "ff_context.net.0.proj"},  {"txt_mlp.2", "ff_context.net.2"}};
   static const std::map<std::string, std::string, std::less<>> kSingleRenames = {
       {"modulation.lin", "norm.linear"}, {"linear2", "proj_out"}};
   static const std::map<std::string, std::string, std::less<>> kTopRenames = {
@@ -154,15 +153,24 @@ void AddFlux(const WeightShapes& weights, int64_t hidden, int64_t mlp_hidden,
 void AddWan(const WeightShapes& weights, Aliases& aliases) {
   static const std::regex kBlock(R"(blocks\.(\d+)\.(.+)\.weight)");
   static const std::map<std::string, std::string, std::less<>> kBlockRenames = {
-      {"self_attn.q", "attn1.to_q"},        {"self_attn.k", "attn1.to_k"},
-      {"self_attn.v", "attn1.to_v"},        {"self_attn.o", "attn1.to_out.0"},
-      {"self_attn.norm_q", "attn1.norm_q"}, {"self_attn.norm_k", "attn1.norm_k"},
-      {"cross_attn.q", "attn2.to_q"},       {"cross_attn.k", "attn2.to_k"},
-      {"cross_attn.v", "attn2.to_v"},       {"cross_attn.o", "attn2.to_out.0"},
-      {"cross_attn.norm_q", "attn2.norm_q"}, {"cross_attn.norm_k", "attn2.norm_k"},
-      {"cross_attn.k_img", "attn2.add_k_proj"}, {"cross_attn.v_img", "attn2.add_v_proj"},
-      {"cross_attn.norm_k_img", "attn2.norm_added_k"}, {"ffn.0", "ffn.net.0.proj"},
-      {"ffn.2", "ffn.net.2"},               {"norm3", "norm2"}};
+      {"self_attn.q", "attn1.to_q"},
+      {"self_attn.k", "attn1.to_k"},
+      {"self_attn.v", "attn1.to_v"},
+      {"self_attn.o", "attn1.to_out.0"},
+      {"self_attn.norm_q", "attn1.norm_q"},
+      {"self_attn.norm_k", "attn1.norm_k"},
+      {"cross_attn.q", "attn2.to_q"},
+      {"cross_attn.k", "attn2.to_k"},
+      {"cross_attn.v", "attn2.to_v"},
+      {"cross_attn.o", "attn2.to_out.0"},
+      {"cross_attn.norm_q", "attn2.norm_q"},
+      {"cross_attn.norm_k", "attn2.norm_k"},
+      {"cross_attn.k_img", "attn2.add_k_proj"},
+      {"cross_attn.v_img", "attn2.add_v_proj"},
+      {"cross_attn.norm_k_img", "attn2.norm_added_k"},
+      {"ffn.0", "ffn.net.0.proj"},
+      {"ffn.2", "ffn.net.2"},
+      {"norm3", "norm2"}};
   static const std::map<std::string, std::string, std::less<>> kTopRenames = {
       {"time_embedding.0", "condition_embedder.time_embedder.linear_1"},
       {"time_embedding.2", "condition_embedder.time_embedder.linear_2"},
@@ -227,7 +235,8 @@ StatusOr<LoraMapping> MapLoraKeys(std::string_view family, std::string_view conf
     if (!config.is_object() || !config.contains("hidden_size") ||
         !config["hidden_size"].is_number_integer() || !config.contains("mlp_hidden_dim") ||
         !config["mlp_hidden_dim"].is_number_integer()) {
-      return InvalidArgumentError(at + ": the flux configuration lacks hidden_size or mlp_hidden_dim");
+      return InvalidArgumentError(at +
+                                  ": the flux configuration lacks hidden_size or mlp_hidden_dim");
     }
     AddFlux(weights, config["hidden_size"].get<int64_t>(), config["mlp_hidden_dim"].get<int64_t>(),
             aliases);

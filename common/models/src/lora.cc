@@ -39,9 +39,9 @@ StatusOr<at::Tensor> ReadPart(const formats::ModelFile& file, const std::string&
   FLEET_ASSIGN_OR_RETURN(at::Tensor t, tensor::ViewOrCopy(file, *info));
   if (info->dtype == "F8_E4M3" || info->dtype == "F8_E5M2") {
     FLEET_ASSIGN_OR_RETURN(
-        t, tensor::UpcastF8(t, info->dtype == "F8_E5M2" ? tensor::F8Format::kE5M2
-                                                        : tensor::F8Format::kE4M3,
-                            at::kFloat));
+        t, tensor::UpcastF8(
+               t, info->dtype == "F8_E5M2" ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3,
+               at::kFloat));
   } else if (!at::isFloatingType(t.scalar_type())) {
     return InvalidArgumentError("tensor '" + key + "' has dtype " + info->dtype +
                                 ", expected a floating dtype");
@@ -64,6 +64,19 @@ constexpr std::pair<std::string_view, std::string_view> kLoraPairs[] = {
     {".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"},
     {".lora_B.default.weight", ".lora_A.default.weight"},
 };
+
+// A LoRA's up and down in the first spelling whose up is present (up null when none is).
+struct UpDown {
+  const at::Tensor* up = nullptr;
+  const at::Tensor* down = nullptr;
+  std::string_view down_name = ".lora_down.weight";
+};
+UpDown FindUpDown(const Adapter& a) {
+  for (const auto& [u, d] : kLoraPairs) {
+    if (const at::Tensor* up = Part(a, u)) return {up, Part(a, d), d};
+  }
+  return {};
+}
 
 // The size along dim 0 and the element count of what a patch must produce: the weight, or the
 // slice an offset patch lands in.
@@ -94,8 +107,8 @@ Status CheckSize(const LoraModule& m, const std::vector<int64_t>& slice, int64_t
 Status NeedMatrix(const at::Tensor* t, std::string_view suffix) {
   if (t == nullptr) return InvalidArgumentError("'" + std::string(suffix) + "' is missing");
   if (t->dim() < 2) {
-    return InvalidArgumentError("'" + std::string(suffix) + "' has shape " +
-                                ShapeText(t->sizes()) + ", expected at least 2 dimensions");
+    return InvalidArgumentError("'" + std::string(suffix) + "' has shape " + ShapeText(t->sizes()) +
+                                ", expected at least 2 dimensions");
   }
   return Status::OK();
 }
@@ -115,16 +128,9 @@ Status CheckAdapter(const LoraModule& m, const Adapter& a, const std::vector<int
       return Status::OK();
     }
     case Adapter::Kind::kLora: {
-      const at::Tensor* up = nullptr;
-      const at::Tensor* down = nullptr;
-      for (const auto& [u, d] : kLoraPairs) {
-        if ((up = Part(a, u)) != nullptr) {
-          down = Part(a, d);
-          FLEET_RETURN_IF_ERROR(NeedMatrix(down, d));
-          break;
-        }
-      }
+      const auto [up, down, down_name] = FindUpDown(a);
       FLEET_RETURN_IF_ERROR(NeedMatrix(up, "up"));
+      FLEET_RETURN_IF_ERROR(NeedMatrix(down, down_name));
       int64_t rank = down->size(0);
       int64_t in = down->numel() / std::max<int64_t>(rank, 1);
       if (const at::Tensor* mid = Part(a, ".lora_mid.weight")) {
@@ -159,8 +165,8 @@ Status CheckAdapter(const LoraModule& m, const Adapter& a, const std::vector<int
       const at::Tensor& w2a = *Part(a, ".hada_w2_a");
       const at::Tensor& w2b = *Part(a, ".hada_w2_b");
       if (w1a.dim() != 2 || w1b.dim() != 2 || w2a.dim() != 2 || w2b.dim() != 2 ||
-          w1a.size(1) != w1b.size(0) || w2a.size(1) != w2b.size(0) ||
-          w1a.size(0) != w2a.size(0) || w1b.size(1) != w2b.size(1)) {
+          w1a.size(1) != w1b.size(0) || w2a.size(1) != w2b.size(0) || w1a.size(0) != w2a.size(0) ||
+          w1b.size(1) != w2b.size(1)) {
         return InvalidArgumentError("LoHa parts of shapes " + ShapeText(w1a.sizes()) + " x " +
                                     ShapeText(w1b.sizes()) + " and " + ShapeText(w2a.sizes()) +
                                     " x " + ShapeText(w2b.sizes()) + " do not fit together");
@@ -222,8 +228,8 @@ StatusOr<Adapter::Kind> KindOf(const LoraModule& m) {
   return InvalidArgumentError("it has no adapter weights (only " + m.parts.begin()->first + ")");
 }
 
-StatusOr<std::shared_ptr<Adapter>> ReadAdapter(const formats::ModelFile& file,
-                                               const LoraModule& m, at::Device device) {
+StatusOr<std::shared_ptr<Adapter>> ReadAdapter(const formats::ModelFile& file, const LoraModule& m,
+                                               at::Device device) {
   auto a = std::make_shared<Adapter>();
   FLEET_ASSIGN_OR_RETURN(a->kind, KindOf(m));
   // The parts the kind uses (a set or a diff ignores the others, as ComfyUI does).
@@ -241,8 +247,8 @@ StatusOr<std::shared_ptr<Adapter>> ReadAdapter(const formats::ModelFile& file,
       a->alpha = alpha;
       continue;
     }
-    const bool diff_part = suffix == ".diff" || suffix == ".w_norm" || suffix == ".diff_b" ||
-                           suffix == ".b_norm";
+    const bool diff_part =
+        suffix == ".diff" || suffix == ".w_norm" || suffix == ".diff_b" || suffix == ".b_norm";
     if ((a->kind == Adapter::Kind::kSet && suffix != ".set_weight") ||
         (a->kind == Adapter::Kind::kDiff && !diff_part) ||
         (a->kind != Adapter::Kind::kDiff && a->kind != Adapter::Kind::kSet && diff_part)) {
@@ -275,14 +281,7 @@ at::Tensor AdapterDiff(const Adapter& a, at::IntArrayRef shape, double* alpha) {
   *alpha = 1.0;
   switch (a.kind) {
     case Adapter::Kind::kLora: {
-      const at::Tensor* up = nullptr;
-      const at::Tensor* down = nullptr;
-      for (const auto& [u, d] : kLoraPairs) {
-        if ((up = Part(a, u)) != nullptr) {
-          down = Part(a, d);
-          break;
-        }
-      }
+      const auto [up, down, down_name] = FindUpDown(a);
       at::Tensor mat1 = F32(*up), mat2 = F32(*down);
       if (const at::Tensor* mid = Part(a, ".lora_mid.weight")) {
         at::Tensor mat3 = F32(*mid);
@@ -383,8 +382,8 @@ Status AddLoraPatches(const formats::ModelFile& file, const std::vector<LoraModu
   PatchSet added;
   try {
     for (const LoraModule& m : modules) {
-      const std::string where = file.path() + ": module '" + m.prefix + "' (for '" + m.target +
-                                "')";
+      const std::string where =
+          file.path() + ": module '" + m.prefix + "' (for '" + m.target + "')";
       auto slice = SliceShape(m);
       if (!slice.ok()) return slice.status().WithContext(where);
       auto adapter = ReadAdapter(file, m, device);
@@ -392,8 +391,9 @@ Status AddLoraPatches(const formats::ModelFile& file, const std::vector<LoraModu
       FLEET_RETURN_IF_ERROR(CheckAdapter(m, **adapter, *slice).WithContext(where));
       if ((*adapter)->dora_scale.defined()) {
         const at::Tensor& d = (*adapter)->dora_scale;
-        const bool fits = d.size(0) == (*slice)[0] ||
-                          (slice->size() > 1 && d.numel() == (*slice)[1]);
+        const bool fits =
+            d.dim() >= 1 && !slice->empty() &&
+            (d.size(0) == (*slice)[0] || (slice->size() > 1 && d.numel() == (*slice)[1]));
         if (!fits) {
           return InvalidArgumentError("'.dora_scale' of shape " + ShapeText(d.sizes()) +
                                       " fits neither axis of " + ShapeText(*slice))
@@ -425,9 +425,9 @@ StatusOr<at::Tensor> ApplyPatches(std::string_view name, const at::Tensor& base,
     // A float32 copy (ComfyUI: cast_to_device(weight, device, float32, copy=True)).
     at::Tensor weight = base.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
     for (const WeightPatch& p : patches) {
-      at::Tensor w = p.offset_length >= 0 ? weight.narrow(p.offset_dim, p.offset_start,
-                                                          p.offset_length)
-                                          : weight;
+      at::Tensor w = p.offset_length >= 0
+                         ? weight.narrow(p.offset_dim, p.offset_start, p.offset_length)
+                         : weight;
       const Adapter& a = *p.adapter;
       switch (a.kind) {
         case Adapter::Kind::kSet:

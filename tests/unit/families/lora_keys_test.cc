@@ -4,8 +4,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "fleet/families/lora_keys.h"
 #include "fleet/families/layout.h"
+#include "fleet/families/lora_keys.h"
 #include "keys.h"
 
 namespace fleet::families {
@@ -69,14 +69,13 @@ TEST(LoraKeysTest, FluxConventionsLandOnTheSameWeights) {
   expect("diffusion_model.double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.qkv.weight", 0,
          -1);
   expect("lora_unet_double_blocks_1_img_attn_qkv", "double_blocks.1.img_attn.qkv.weight", 0, -1);
-  expect("transformer.transformer_blocks.2.attn.to_k", "double_blocks.2.img_attn.qkv.weight", h,
-         h);
+  expect("transformer.transformer_blocks.2.attn.to_k", "double_blocks.2.img_attn.qkv.weight", h, h);
   expect("transformer.transformer_blocks.2.attn.add_v_proj", "double_blocks.2.txt_attn.qkv.weight",
          2 * h, h);
   expect("transformer.single_transformer_blocks.3.proj_mlp", "single_blocks.3.linear1.weight",
          3 * h, 4 * h);
-  expect("lora_transformer_single_transformer_blocks_3_attn_to_q",
-         "single_blocks.3.linear1.weight", 0, h);
+  expect("lora_transformer_single_transformer_blocks_3_attn_to_q", "single_blocks.3.linear1.weight",
+         0, h);
   expect("lycoris_transformer_blocks_4_ff_net_0_proj", "double_blocks.4.img_mlp.0.weight", 0, -1);
   expect("diffusion_model.single_blocks.5.linear1_qkv", "single_blocks.5.linear1.weight", 0, 3 * h);
   expect("diffusion_model.double_blocks.6.img_mlp.0", "double_blocks.6.img_mlp.0.bias", 0, -1);
@@ -107,7 +106,8 @@ TEST(LoraKeysTest, WanNativeKohyaAndDiffusersNames) {
   auto mapping = MapLoraKeys(wan.family, wan.config, wan.weights, keys, "wan.safetensors");
   ASSERT_TRUE(mapping.ok()) << mapping.status().message();
   std::map<std::string, std::string> targets;
-  for (const auto& m : mapping->modules) targets[m.prefix + (m.parts.count(".diff_b") ? "#b" : "")] = m.target;
+  for (const auto& m : mapping->modules)
+    targets[m.prefix + (m.parts.count(".diff_b") ? "#b" : "")] = m.target;
   EXPECT_EQ(targets["diffusion_model.blocks.0.self_attn.q"], "blocks.0.self_attn.q.weight");
   EXPECT_EQ(targets["diffusion_model.blocks.0.self_attn.q#b"], "blocks.0.self_attn.q.bias");
   EXPECT_EQ(targets["diffusion_model.blocks.0.norm3"], "blocks.0.norm3.weight");

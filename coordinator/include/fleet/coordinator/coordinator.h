@@ -118,7 +118,7 @@ struct ForwardRequest {
   bool end_run = false;
   std::chrono::milliseconds timeout{0};  // 0: --request-timeout
   std::shared_ptr<std::atomic<bool>> cancelled;  // set to abort between ranges
-  std::vector<LoraRef> loras;  // stacked in order; empty: the model as loaded
+  std::vector<LoraRef> loras;                    // stacked in order; empty: the model as loaded
 };
 
 struct ForwardResult {

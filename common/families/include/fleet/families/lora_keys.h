@@ -8,7 +8,8 @@
 //   native     diffusion_model.double_blocks.0.img_attn.qkv   (also without "diffusion_model.")
 //   kohya      lora_unet_double_blocks_0_img_attn_qkv
 //   diffusers  transformer.transformer_blocks.0.attn.to_q     (Flux: lands in rows [0, h) of
-//              img_attn.qkv; also lycoris_ and lora_transformer_ spellings; WAN: blocks.0.attn1.to_q)
+//              img_attn.qkv; also lycoris_ and lora_transformer_ spellings; WAN:
+//              blocks.0.attn1.to_q)
 //
 // The coordinator maps a LoRA once for the whole model (it has the layout) and tells each worker
 // which modules patch which weights; fleet-run-local maps it the same way.
@@ -46,10 +47,10 @@ struct LoraModule {
 
 /// A LoRA file mapped onto a model.
 struct LoraMapping {
-  std::vector<LoraModule> modules;      // in file key order
-  std::vector<std::string> unmatched;   // module prefixes that name no weight of the model
+  std::vector<LoraModule> modules;        // in file key order
+  std::vector<std::string> unmatched;     // module prefixes that name no weight of the model
   std::vector<std::string> text_encoder;  // modules for a text encoder (lora_te*, text_encoders.*)
-  std::vector<std::string> unknown;     // keys that are no LoRA part at all
+  std::vector<std::string> unknown;       // keys that are no LoRA part at all
 };
 
 /// Weight shapes by name (without the file prefix, as blocks ask for them).
