@@ -8,8 +8,10 @@ that sends the step's inputs to the coordinator and returns its output:
   timestep ([B], or [B, latent frames] for the 2.2 TI2V 5B), context and, for models with an
   image embedding, clip_fea; ComfyUI's WAN config (WAN21_T2V, WAN21_I2V, WAN22_T2V, ...) as
   ComfyUI itself would pick it for the file.
-Anything the cluster cannot do yet (ControlNet residuals, reference latents, attention masks,
-LoRA / weight patches, transformer patches, ...) is refused with an error that names it;
+LoRA and other weight patches that ComfyUI's loaders put on the MODEL are sent to the
+coordinator (tensorfleet_patches) and applied in the cluster where the weights live. Anything
+the cluster cannot do yet (ControlNet residuals, reference latents, attention masks, hooked
+patches, adapters such as OFT, transformer patches, ...) is refused with an error that names it;
 nothing is dropped.
 
 Loading: the coordinator decides what stays. A model that fits beside the models loaded is
@@ -34,8 +36,9 @@ import weakref
 
 import torch
 
+from . import tensorfleet_patches
 from .tensorfleet_client import (CancelledError, NotFoundError, ResourceExhaustedError,
-                                 TensorfleetError)
+                                 TensorfleetError, UnimplementedError)
 
 log = logging.getLogger("tensorfleet")
 
@@ -414,7 +417,7 @@ class TensorfleetFlux(_RemoteDiffusionModel):
         inputs = {"x": x, "timestep": timestep.float(), "context": context, "y": y}
         if self.guidance_embed and guidance is not None:
             inputs["guidance"] = guidance
-        out = self._runner.forward(inputs)
+        out = self._runner.forward(inputs, self._patcher())
         return out.to(device=x.device)
 
 
@@ -473,7 +476,7 @@ class TensorfleetWan(_RemoteDiffusionModel):
         inputs = {"x": x, "timestep": timestep.float(), "context": context}
         if clip_fea is not None and self.image_embedding:
             inputs["clip_fea"] = clip_fea
-        out = self._runner.forward(inputs)
+        out = self._runner.forward(inputs, self._patcher())
         return out.to(device=x.device)
 
 
@@ -513,10 +516,11 @@ def check_supported(control, transformer_options, kwargs, patcher,
             problems.append("model patches (transformer_options['%s']: %s)"
                             % (key, ", ".join(named)))
     if patcher is not None:
-        weights = sorted(getattr(patcher, "patches", {}) or {})
-        if weights:
-            problems.append("LoRA / weight patches on the model (%d weights, e.g. '%s')"
-                            % (len(weights), weights[0]))
+        try:  # LoRA patches run in the cluster; what it cannot apply is named here
+            tensorfleet_patches.patch_set(getattr(patcher, "patches", None),
+                                          getattr(patcher, "patches_uuid", None))
+        except UnimplementedError as e:
+            problems.append(e.message)
         if any(getattr(patcher, "hook_patches", {}) or {}):
             problems.append("hooked LoRA / weight patches on the model (hook_patches)")
     if problems:
@@ -539,27 +543,52 @@ class _Runner:
         self.constant_inputs = tuple(constant_inputs)
         self.reloads = 0            # times the model was loaded again at a step
         self.reload_seconds = 0.0   # time those loads took (the cost of a swap)
+        self._patches_put = set()   # (client, patch set id) the coordinator was given
+        self._converted = None      # (patches_uuid, PatchSet) of the last patches seen
 
-    def forward(self, inputs):
+    def forward(self, inputs, patcher=None):
+        """One step; `patcher`'s weight patches (LoRA) go to the coordinator once per patch set
+        (PutPatches) and the step names them."""
         import comfy.model_management as mm  # noqa: PLC0415 - only inside ComfyUI
 
         consts = [n for n in self.constant_inputs if n in inputs]
         run_id = run_id_for(self.model_name, {n: inputs[n] for n in consts})
         client = self._client_for(self.address)
+        patches = self._patch_set(patcher)
         for attempt in (0, 1):
             try:
+                if patches is not None and (client, patches.id) not in self._patches_put:
+                    client.put_patches(self.model_name, patches.id, patches.groups,
+                                       patches.tensors)
+                    self._patches_put.add((client, patches.id))
                 out = client.forward(self.model_name, inputs, run_id=run_id,
                                      constant_inputs=consts,
-                                     should_cancel=mm.processing_interrupted)
+                                     should_cancel=mm.processing_interrupted,
+                                     patches=patches.id if patches is not None else "")
                 return out["out"]
             except CancelledError:
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException()
             except NotFoundError:
+                # The model is gone (reload it), or only its patch set (pushed out of the
+                # coordinator's four per model): either way the set is put again.
                 if attempt == 1:
                     raise
-                self._reload(client, mm)
+                self._patches_put.clear()
+                if self.model_name not in {m.name for m in client.list_models()}:
+                    self._reload(client, mm)
         raise AssertionError("unreachable")
+
+    def _patch_set(self, patcher):
+        """The patcher's weight patches as a tensorfleet_patches.PatchSet (None without any),
+        converted once per ComfyUI patches_uuid."""
+        patches = getattr(patcher, "patches", None) if patcher is not None else None
+        if not patches:
+            return None
+        uuid = getattr(patcher, "patches_uuid", None)
+        if uuid is None or self._converted is None or self._converted[0] != uuid:
+            self._converted = (uuid, tensorfleet_patches.patch_set(patches, uuid))
+        return self._converted[1]
 
     def _reload(self, client, mm):
         """The coordinator restarted or evicted the model (another model's load needed its

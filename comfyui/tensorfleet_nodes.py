@@ -414,7 +414,8 @@ class UnetLoaderGGUFAdvancedTensorfleet:
 
     def load_unet(self, unet_name, dequant_dtype="default", patch_dtype="default",
                   patch_on_device=False, **inputs):
-        # patch_dtype / patch_on_device only concern LoRA patches, which are refused for now.
+        # patch_dtype / patch_on_device concern LoRA patches: the cluster computes them in float32
+        # on the device that computes the block (docs/models.md), whatever these say.
         return _load(unet_name, dequant_dtype=dequant_dtype, **inputs)
 
 

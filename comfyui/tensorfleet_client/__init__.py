@@ -18,12 +18,13 @@ from .errors import (AlreadyExistsError, CancelledError, DataLossError, Deadline
                      FailedPreconditionError, InternalError, InvalidArgumentError, NotFoundError,
                      OutOfRangeError, ProtocolError, ResourceExhaustedError, TensorfleetError,
                      UnavailableError, UnimplementedError, VersionMismatchError)
-from .wire import PROTOCOL_MAJOR, PROTOCOL_MINOR, ForwardResult, ModelInfo, ModelSpec, Plan
+from .wire import (PROTOCOL_MAJOR, PROTOCOL_MINOR, ForwardResult, ModelInfo, ModelSpec, PatchModule,
+                   Plan)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "DEFAULT_ADDRESS", "RUN_CACHE_MISS", "ModelSpec", "ModelInfo", "Plan",
+    "Client", "DEFAULT_ADDRESS", "RUN_CACHE_MISS", "ModelSpec", "ModelInfo", "PatchModule", "Plan",
     "ForwardResult", "PROTOCOL_MAJOR", "PROTOCOL_MINOR", "TensorfleetError",
     "InvalidArgumentError", "NotFoundError", "AlreadyExistsError", "OutOfRangeError",
     "ResourceExhaustedError", "FailedPreconditionError", "UnavailableError",

@@ -35,6 +35,20 @@ class _ConnectionLost(Exception):
     """Internal: the connection dropped while a reply was awaited."""
 
 
+
+def _descriptors(encoded, names):
+    """Tensor descriptors (name, dtype, shape, nbytes, 1-based frame; 0 for no payload) and the
+    data frames of `names` among `encoded` ({name: to_wire(...)})."""
+    descs, frames = [], []
+    for n in names:
+        dt, shape, arr = encoded[n]
+        frame = 0
+        if arr.nbytes:
+            frames.append(arr)
+            frame = len(frames)
+        descs.append((n, dt, shape, arr.nbytes, frame))
+    return descs, frames
+
 class Client:
     """A connection to a coordinator's job API.
 
@@ -317,8 +331,22 @@ class Client:
                               self.timeout if timeout is None else timeout)
         return self._expect(reply, "StatusResponse", "Status")
 
+    def put_patches(self, model, patch_id, groups, tensors, timeout=None):
+        """Gives the coordinator weight patches for `model` under `patch_id`; Forwards name them
+        with patches=patch_id. An id the coordinator holds already is kept (nothing is re-read).
+
+        groups: [(strength, [wire.PatchModule])], the patches of one strength each (ComfyUI:
+          one LoRA loader's); tensors: {key: torch tensor | numpy array}, the modules' parts.
+        """
+        encoded = {name: _tensors.to_wire(name, value) for name, value in tensors.items()}
+        descs, frames = _descriptors(encoded, list(encoded))
+        reply, _ = self._call(
+            lambda rid: wire.put_patches_request(rid, model, patch_id, groups, descs),
+            "PutPatches", self.load_timeout if timeout is None else timeout, frames)
+        self._expect(reply, "Ack", "PutPatches")
+
     def forward(self, model, inputs, run_id="", constant_inputs=(), end_run=False, timeout=None,
-                should_cancel=None, as_torch=None, loras=()):
+                should_cancel=None, as_torch=None, loras=(), patches=""):
         """Runs one model step. Returns {output name: tensor}.
 
         inputs: {name: torch tensor | numpy array}. Flux: x, timestep (float32), context, y,
@@ -333,6 +361,8 @@ class Client:
         loras: LoRA files to patch the model with for this step, stacked in order: paths
           relative to a model root, or (path, strength) pairs (strength 1.0 by default). The
           loaded weights are not modified; the next step may use other LoRAs or strengths.
+        patches: a patch set given by put_patches (not with loras); a coordinator that no
+          longer has it answers NotFoundError.
         """
         if not isinstance(model, str) or not model:
             raise InvalidArgumentError("forward: model must be a non-empty model name", "Forward")
@@ -358,19 +388,13 @@ class Client:
             for attempt in (0, 1):
                 full = attempt == 1 or not run_id or key not in self._runs
                 names = [n for n in encoded if full or n not in constant_inputs]
-                descs, frames = [], []
-                for n in names:
-                    dt, shape, arr = encoded[n]
-                    frame = 0
-                    if arr.nbytes:
-                        frames.append(arr)
-                        frame = len(frames)
-                    descs.append((n, dt, shape, arr.nbytes, frame))
+                descs, frames = _descriptors(encoded, names)
                 try:
                     reply, data = self._call(
                         lambda rid: wire.forward_request(rid, model, descs, run_id,
                                                          list(constant_inputs), end_run,
-                                                         _timeout_ms(timeout), lora_refs),
+                                                         _timeout_ms(timeout), lora_refs,
+                                                         patches),
                         "Forward", _client_wait(timeout), frames,
                         should_cancel=should_cancel)
                 except FailedPreconditionError as e:

@@ -262,8 +262,68 @@ def _tensor_desc(b, name, wire_dtype, shape, nbytes, frame):
     return g.TensorDescEnd(b)
 
 
+def _offsets_vector(b, start_vector, offsets):
+    start_vector(b, len(offsets))
+    for off in reversed(offsets):
+        b.PrependUOffsetTRelative(off)
+    return b.EndVector()
+
+
+def put_patches_request(request_id, model, patch_id, groups, tensors):
+    """`groups`: [(strength, [PatchModule])]; `tensors`: [(name, wire dtype, shape, nbytes,
+    frame)] as for forward_request."""
+    b = flatbuffers.Builder(1024)
+    model_off, id_off = b.CreateString(model), b.CreateString(patch_id)
+    descs = [_tensor_desc(b, name, dt, shape, nbytes, frame)
+             for name, dt, shape, nbytes, frame in tensors]
+    tensors_off = _offsets_vector(b, g.PutPatchesRequestStartTensorsVector, descs)
+    files = []
+    for strength, modules in groups:
+        module_offs = []
+        for m in modules:
+            prefix_off, target_off = b.CreateString(m.prefix), b.CreateString(m.target)
+            keys_off = _offsets_vector(b, g.LoraModuleRefStartKeysVector,
+                                       [b.CreateString(k) for k in m.keys])
+            g.LoraModuleRefStart(b)
+            g.LoraModuleRefAddPrefix(b, prefix_off)
+            g.LoraModuleRefAddTarget(b, target_off)
+            g.LoraModuleRefAddKeys(b, keys_off)
+            dim, start, length = m.offset if m.offset is not None else (0, 0, -1)
+            g.LoraModuleRefAddOffsetDim(b, int(dim))
+            g.LoraModuleRefAddOffsetStart(b, int(start))
+            g.LoraModuleRefAddOffsetLength(b, int(length))
+            g.LoraModuleRefAddSwapHalves(b, bool(m.swap_halves))
+            module_offs.append(g.LoraModuleRefEnd(b))
+        modules_off = _offsets_vector(b, g.LoraFileStartModulesVector, module_offs)
+        path_off = b.CreateString("")
+        g.LoraFileStart(b)
+        g.LoraFileAddPath(b, path_off)
+        g.LoraFileAddStrength(b, float(strength))
+        g.LoraFileAddModules(b, modules_off)
+        files.append(g.LoraFileEnd(b))
+    loras_off = _offsets_vector(b, g.PutPatchesRequestStartLorasVector, files)
+    g.PutPatchesRequestStart(b)
+    g.PutPatchesRequestAddModel(b, model_off)
+    g.PutPatchesRequestAddId(b, id_off)
+    g.PutPatchesRequestAddLoras(b, loras_off)
+    g.PutPatchesRequestAddTensors(b, tensors_off)
+    return _finish(b, request_id, g.JobRequestBody.PutPatchesRequest, g.PutPatchesRequestEnd(b))
+
+
+@dataclass
+class PatchModule:
+    """One weight patch of a patch set: `keys` name its parts among the set's tensors as
+    "<prefix><part>" (".lora_up.weight", ".alpha", ".diff", ...; docs/models.md); `target` is
+    the weight without the file prefix; `offset` (dim, start, length) or None."""
+    prefix: str
+    target: str
+    keys: list = field(default_factory=list)
+    offset: tuple = None
+    swap_halves: bool = False
+
+
 def forward_request(request_id, model, tensors, run_id="", constant_inputs=(), end_run=False,
-                    timeout_ms=0, loras=()):
+                    timeout_ms=0, loras=(), patches=""):
     """`tensors`: [(name, wire dtype, shape, nbytes, frame)]; frame is 1-based, 0 for an empty
     tensor (no payload). `loras`: [(path relative to a model root, strength)], stacked in order."""
     b = flatbuffers.Builder(1024)
@@ -280,6 +340,7 @@ def forward_request(request_id, model, tensors, run_id="", constant_inputs=(), e
     for c in reversed(const_offs):
         b.PrependUOffsetTRelative(c)
     const_off = b.EndVector()
+    patches_off = b.CreateString(patches)
     lora_offs = []
     for path, strength in loras:
         path_off = b.CreateString(path)
@@ -299,6 +360,7 @@ def forward_request(request_id, model, tensors, run_id="", constant_inputs=(), e
     g.ForwardRequestAddEndRun(b, bool(end_run))
     g.ForwardRequestAddTimeoutMs(b, int(timeout_ms))
     g.ForwardRequestAddLoras(b, loras_off)
+    g.ForwardRequestAddPatches(b, patches_off)
     return _finish(b, request_id, g.JobRequestBody.ForwardRequest, g.ForwardRequestEnd(b))
 
 

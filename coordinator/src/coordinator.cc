@@ -166,6 +166,7 @@ struct LoadedModel {
   struct PatchSetEntry {
     std::string id;
     std::shared_ptr<const std::vector<worker::LoraFileRef>> loras;
+    std::shared_ptr<const std::vector<HostTensor>> tensors;  // PutPatches' parts
   };
   std::vector<PatchSetEntry> patch_sets;
   std::map<std::string, std::set<std::string>> patches_on;          // device -> ids it holds
@@ -281,13 +282,7 @@ struct Coordinator::Impl {
         return e;
       }
     }
-    families::WeightShapes shapes;
-    for (const auto& [unit, tensors] : m.unit_tensors) {
-      for (const auto& t : tensors) {
-        const std::string name = t.name.substr(m.layout.prefix.size());
-        if (!formats::IsQuantParameter(name)) shapes[name] = t.shape;
-      }
-    }
+    const families::WeightShapes shapes = WeightShapes(m);
     auto refs = std::make_shared<std::vector<worker::LoraFileRef>>();
     for (size_t i = 0; i < loras.size(); ++i) {
       FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(full_paths[i]));
@@ -305,7 +300,13 @@ struct Coordinator::Impl {
       refs->push_back({loras[i].path, loras[i].strength, std::move(mapping.modules)});
     }
     std::lock_guard lock(mu);
-    m.patch_sets.push_back({id, refs});
+    return KeepPatchSetLocked(m, {id, refs, nullptr});
+  }
+
+  // Adds `set` as the model's most recent patch set, dropping the least recent past
+  // kMaxPatchSetsPerModel (from the workers too, with their next SetPatches). REQUIRES: mu.
+  LoadedModel::PatchSetEntry KeepPatchSetLocked(LoadedModel& m, LoadedModel::PatchSetEntry set) {
+    m.patch_sets.push_back(std::move(set));
     while (m.patch_sets.size() > kMaxPatchSetsPerModel) {
       const std::string old = m.patch_sets.front().id;
       m.patch_sets.erase(m.patch_sets.begin());
@@ -314,6 +315,34 @@ struct Coordinator::Impl {
       }
     }
     return m.patch_sets.back();
+  }
+
+  // The model's patch set `id` (PutPatches'), made the most recent.
+  StatusOr<LoadedModel::PatchSetEntry> FindPatchSet(LoadedModel& m, const std::string& id) {
+    std::lock_guard lock(mu);
+    auto it = std::find_if(m.patch_sets.begin(), m.patch_sets.end(),
+                           [&](const auto& e) { return e.id == id; });
+    if (it == m.patch_sets.end()) {
+      return NotFoundError("patch set '" + id + "' of model '" + m.name +
+                           "' is not on this coordinator (PutPatches first)");
+    }
+    LoadedModel::PatchSetEntry e = *it;
+    m.patch_sets.erase(it);
+    m.patch_sets.push_back(e);
+    return e;
+  }
+
+  // The model's weight shapes by name without the file prefix (quantisation parameters left
+  // out): what LoRA modules target.
+  static families::WeightShapes WeightShapes(const LoadedModel& m) {
+    families::WeightShapes shapes;
+    for (const auto& [unit, tensors] : m.unit_tensors) {
+      for (const auto& t : tensors) {
+        const std::string name = t.name.substr(m.layout.prefix.size());
+        if (!formats::IsQuantParameter(name)) shapes[name] = t.shape;
+      }
+    }
+    return shapes;
   }
 
   // Gives `device` the patch set (and drops the sets the model no longer keeps there).
@@ -327,7 +356,9 @@ struct Coordinator::Impl {
       m.patches_to_drop.erase(device);
     }
     FLEET_ASSIGN_OR_RETURN(auto link, Link(device));
-    FLEET_RETURN_IF_ERROR((*link).SetPatches(m.name, set.id, *set.loras, drop));
+    static const std::vector<HostTensor> kNone;
+    FLEET_RETURN_IF_ERROR(
+        (*link).SetPatches(m.name, set.id, *set.loras, set.tensors ? *set.tensors : kNone, drop));
     std::lock_guard lock(mu);
     m.patches_on[device].insert(set.id);
     return Status::OK();
@@ -1027,6 +1058,66 @@ StatusOr<ForwardResult> Coordinator::Forward(const ForwardRequest& request) {
   return result;
 }
 
+Status Coordinator::PutPatches(const std::string& model, const std::string& id,
+                               std::vector<worker::LoraFileRef> loras,
+                               std::vector<HostTensor> tensors) {
+  if (id.empty() || id.size() > 128) {
+    return InvalidArgumentError("a patch set id has 1 to 128 characters, not " +
+                                std::to_string(id.size()));
+  }
+  if (loras.empty() || loras.size() > 64) {
+    return InvalidArgumentError("patch set '" + id + "' needs 1 to 64 groups of patches, not " +
+                                std::to_string(loras.size()));
+  }
+  std::shared_ptr<LoadedModel> m;
+  {
+    std::lock_guard lock(impl_->mu);
+    auto it = impl_->models.find(model);
+    if (it == impl_->models.end()) return NotFoundError("no model named '" + model + "' is loaded");
+    m = it->second;
+    for (const auto& e : m->patch_sets) {
+      if (e.id == id) return Status::OK();  // held already
+    }
+  }
+  std::map<std::string, const HostTensor*, std::less<>> by_name;
+  for (const HostTensor& t : tensors) {
+    if (!by_name.emplace(t.name, &t).second) {
+      return InvalidArgumentError("patch set '" + id + "': tensor '" + t.name + "' is sent twice");
+    }
+  }
+  const families::WeightShapes shapes = Impl::WeightShapes(*m);
+  for (worker::LoraFileRef& group : loras) {
+    if (!group.path.empty()) {
+      return InvalidArgumentError("patch set '" + id + "': PutPatches takes tensors, not files ('" +
+                                  group.path + "'); name LoRA files in a Forward's loras");
+    }
+    if (!std::isfinite(group.strength)) {
+      return InvalidArgumentError("patch set '" + id + "': strength " +
+                                  std::to_string(group.strength) + " is not finite");
+    }
+    for (families::LoraModule& module : group.modules) {
+      auto shape = shapes.find(module.target);
+      if (shape == shapes.end()) {
+        return InvalidArgumentError("patch set '" + id + "': module '" + module.prefix +
+                                    "' patches '" + module.target + "', which model '" + model +
+                                    "' does not have");
+      }
+      module.shape = shape->second;
+      for (const auto& [suffix, key] : module.parts) {
+        if (by_name.count(key) == 0) {
+          return InvalidArgumentError("patch set '" + id + "': module '" + module.prefix +
+                                      "' names tensor '" + key + "', which was not sent");
+        }
+      }
+    }
+  }
+  std::lock_guard lock(impl_->mu);
+  impl_->KeepPatchSetLocked(
+      *m, {id, std::make_shared<const std::vector<worker::LoraFileRef>>(std::move(loras)),
+           std::make_shared<const std::vector<HostTensor>>(std::move(tensors))});
+  return Status::OK();
+}
+
 StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request) {
   if (draining_.load())
     return UnavailableError("the coordinator is shutting down: not starting new Forwards");
@@ -1079,10 +1170,15 @@ StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request
   }
 
   std::optional<LoadedModel::PatchSetEntry> patches;
+  if (!request.loras.empty() && !request.patches.empty()) {
+    return InvalidArgumentError("a Forward names LoRA files or a patch set, not both");
+  }
   if (!request.loras.empty()) {
     auto set = impl_->PatchSetFor(*m, request.loras);
     if (!set.ok()) return set.status().WithContext("model '" + m->name + "'");
     patches = std::move(*set);
+  } else if (!request.patches.empty()) {
+    FLEET_ASSIGN_OR_RETURN(patches, impl_->FindPatchSet(*m, request.patches));
   }
 
   auto schedule = impl_->ScheduleFor(*m);

@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "fleet/families/family.h"
+#include "fleet/families/lora_keys.h"
 #include "fleet/log/log.h"
 #include "fleet/protocol/protocol.h"
 #include "job_generated.h"
@@ -168,6 +169,7 @@ struct JobServer::Impl {
       case wire::JobRequestBody::ForwardRequest: return "forward";
       case wire::JobRequestBody::CancelRequest: return "cancel";
       case wire::JobRequestBody::StatusRequest: return "status";
+      case wire::JobRequestBody::PutPatchesRequest: return "put_patches";
       default: return "unknown";
     }
   }
@@ -258,7 +260,8 @@ struct JobServer::Impl {
       return Send(identity, reply);
     }
     if (type != wire::JobRequestBody::LoadModelRequest && type != wire::JobRequestBody::UnloadModelRequest &&
-        type != wire::JobRequestBody::PlanRequest && type != wire::JobRequestBody::ForwardRequest) {
+        type != wire::JobRequestBody::PlanRequest && type != wire::JobRequestBody::ForwardRequest &&
+        type != wire::JobRequestBody::PutPatchesRequest) {
       Frames reply = Immediate(identity, id, req);
       CountReply(TypeName(type), reply);
       return Send(identity, reply);
@@ -417,9 +420,93 @@ struct JobServer::Impl {
       }
       case wire::JobRequestBody::ForwardRequest:
         return RunForward(id, frames, cancelled);
+      case wire::JobRequestBody::PutPatchesRequest:
+        return RunPutPatches(id, frames);
       default:
         return ErrorReply(id, InternalError("unexpected queued request"));
     }
+  }
+
+  // Tensors of a job request: descriptors of data frames (Frame payloads), checked against the
+  // limits and the frames; each keeps `frames` alive.
+  StatusOr<std::vector<HostTensor>> FrameTensors(
+      const flatbuffers::Vector<flatbuffers::Offset<wire::TensorDesc>>* descs,
+      const std::shared_ptr<Frames>& frames, const std::string& what) const {
+    std::vector<HostTensor> out;
+    if (descs == nullptr) return out;
+    if (descs->size() > limits.max_tensors) {
+      return InvalidArgumentError("too many " + what + " tensors (" +
+                                  std::to_string(descs->size()) + ")");
+    }
+    const size_t data_frames = frames->size() - 1;
+    for (size_t i = 0; i < descs->size(); ++i) {
+      const auto* d = descs->Get(i);
+      const std::string where = what + " " + std::to_string(i);
+      FLEET_RETURN_IF_ERROR(protocol::CheckTensorDesc(d, limits, data_frames, where));
+      if (d->payload() != wire::PayloadKind::Frame && d->nbytes() > 0) {
+        return InvalidArgumentError(where + " ('" + Str(d->name()) +
+                                    "'): tensors must travel in data frames on the job channel");
+      }
+      HostTensor t;
+      t.name = Str(d->name());
+      t.dtype = d->dtype();
+      if (d->shape()) t.shape.assign(d->shape()->begin(), d->shape()->end());
+      if (d->nbytes() > 0) {
+        // Frames are [header, data 1, data 2, ...]: the descriptor's frame index is 1-based.
+        const zmq::message_t& m = (*frames)[d->frame()];
+        if (m.size() != d->nbytes()) {
+          return InvalidArgumentError(where + " ('" + t.name + "'): data frame holds " +
+                                      std::to_string(m.size()) + " bytes, descriptor says " +
+                                      std::to_string(d->nbytes()));
+        }
+        t.data = static_cast<const uint8_t*>(m.data());
+        t.nbytes = m.size();
+      }
+      t.owner = frames;
+      out.push_back(std::move(t));
+    }
+    return out;
+  }
+
+  Frames RunPutPatches(uint64_t id, const std::shared_ptr<Frames>& frames) {
+    const auto* r =
+        flatbuffers::GetRoot<wire::JobRequest>((*frames)[0].data())->body_as_PutPatchesRequest();
+    auto tensors = FrameTensors(r->tensors(), frames, "patch");
+    if (!tensors.ok()) return ErrorReply(id, tensors.status());
+    std::vector<worker::LoraFileRef> loras;
+    if (r->loras()) {
+      for (const auto* l : *r->loras()) {
+        worker::LoraFileRef ref{Str(l->path()), l->strength(), {}};
+        if (l->modules()) {
+          for (const auto* m : *l->modules()) {
+            families::LoraModule module;
+            module.prefix = Str(m->prefix());
+            module.target = Str(m->target());
+            module.offset_dim = m->offset_dim();
+            module.offset_start = m->offset_start();
+            module.offset_length = m->offset_length();
+            module.swap_halves = m->swap_halves();
+            if (m->keys()) {
+              for (const auto* k : *m->keys()) {
+                std::string prefix, suffix;
+                if (!families::SplitLoraKey(k->str(), &prefix, &suffix) ||
+                    prefix != module.prefix) {
+                  return ErrorReply(id, InvalidArgumentError(
+                                            "patch key '" + k->str() + "' is not a part of module '" +
+                                            module.prefix + "' (see docs/models.md)"));
+                }
+                module.parts[suffix] = k->str();
+              }
+            }
+            ref.modules.push_back(std::move(module));
+          }
+        }
+        loras.push_back(std::move(ref));
+      }
+    }
+    Status s = coordinator->PutPatches(Str(r->model()), Str(r->id()), std::move(loras),
+                                       std::move(*tensors));
+    return s.ok() ? AckReply(id) : ErrorReply(id, s);
   }
 
   Frames RunForward(uint64_t id, const std::shared_ptr<Frames>& frames,
@@ -442,37 +529,10 @@ struct JobServer::Impl {
       }
       for (const auto* l : *f->loras()) request.loras.push_back({Str(l->path()), l->strength()});
     }
-    const size_t data_frames = frames->size() - 1;
-    if (f->inputs()) {
-      if (f->inputs()->size() > limits.max_tensors) return ErrorReply(id, InvalidArgumentError("too many input tensors"));
-      for (size_t i = 0; i < f->inputs()->size(); ++i) {
-        const auto* d = f->inputs()->Get(i);
-        std::string where = "input " + std::to_string(i);
-        Status ok = protocol::CheckTensorDesc(d, limits, data_frames, where);
-        if (!ok.ok()) return ErrorReply(id, ok);
-        if (d->payload() != wire::PayloadKind::Frame && d->nbytes() > 0) {
-          return ErrorReply(id, InvalidArgumentError(where + " ('" + Str(d->name()) +
-                                                     "'): tensors must travel in data frames on the job channel"));
-        }
-        HostTensor t;
-        t.name = Str(d->name());
-        t.dtype = d->dtype();
-        if (d->shape()) t.shape.assign(d->shape()->begin(), d->shape()->end());
-        if (d->nbytes() > 0) {
-          // Frames are [header, data 1, data 2, ...]: the descriptor's frame index is 1-based.
-          const zmq::message_t& m = (*frames)[d->frame()];
-          if (m.size() != d->nbytes()) {
-            return ErrorReply(id, InvalidArgumentError(where + " ('" + t.name + "'): data frame holds " +
-                                                       std::to_string(m.size()) + " bytes, descriptor says " +
-                                                       std::to_string(d->nbytes())));
-          }
-          t.data = static_cast<const uint8_t*>(m.data());
-          t.nbytes = m.size();
-        }
-        t.owner = frames;
-        request.inputs.push_back(std::move(t));
-      }
-    }
+    request.patches = Str(f->patches());
+    auto inputs = FrameTensors(f->inputs(), frames, "input");
+    if (!inputs.ok()) return ErrorReply(id, inputs.status());
+    request.inputs = std::move(*inputs);
     auto result = coordinator->Forward(request);
     if (!result.ok()) return ErrorReply(id, result.status());
     flatbuffers::FlatBufferBuilder fbb;

@@ -267,19 +267,23 @@ def test_unsupported_conditioning_is_refused_by_name(peer, models_dir, kwargs, n
     assert "Forward" not in [k for k, _ in peer.requests]
 
 
-def test_lora_patches_bind_to_the_model_and_are_refused(peer, models_dir):
+def test_lora_patches_bind_to_the_model_and_unsupported_adapters_are_refused(peer, models_dir):
     patcher = load(peer)
-    lora = patcher.clone()
     key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     # ComfyUI keeps only patches whose key is in the model's state_dict: it must be there.
+    lora = patcher.clone()
     assert lora.add_patches({key: ("lora", (torch.zeros(2, 2), torch.zeros(2, 2)))}, 0.8) == [key]
-    with pytest.raises(model_mod.UnsupportedConditioningError, match="LoRA / weight patches"):
-        lora.pre_run()
-    lora.model.current_patcher = lora
+    lora.pre_run()  # LoRA runs in the cluster (test_node_lora.py)
+    glora = patcher.clone()
+    glora.add_patches({key: ("glora", (torch.zeros(2, 2),) * 5)}, 1.0)
+    with pytest.raises(model_mod.UnsupportedConditioningError, match="GLORA adapter"):
+        glora.pre_run()
+    glora.model.current_patcher = glora
     c = conds()
     with pytest.raises(model_mod.UnsupportedConditioningError, match=key.replace(".", r"\.")):
-        lora.model.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
+        glora.model.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
     # the unpatched original still runs
+    patcher.model.current_patcher = patcher
     patcher.pre_run()
     patcher.model.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
 
@@ -301,8 +305,9 @@ def test_model_is_loaded_again_after_the_coordinator_forgot_it(peer, models_dir)
     c = conds()
     base.apply_model(c["x"], torch.ones(1), c_crossattn=c["context"], y=c["y"])
     kinds = [k for k, _ in peer.requests]
-    # the plan first, to report what the load evicts; then the load, with the loader's spec
-    assert kinds[-4:] == ["Forward", "Plan", "LoadModel", "Forward"]
+    # is it gone? then the plan, to report what the load evicts; then the load, with the
+    # loader's spec
+    assert kinds[-5:] == ["Forward", "ListModels", "Plan", "LoadModel", "Forward"]
     assert peer.requests[-3][1] == peer.requests[-2][1] == peer.requests[1][1]
 
 

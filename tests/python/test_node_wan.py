@@ -327,13 +327,16 @@ def test_wan_kwargs_and_patches_the_cluster_lacks_are_refused(wan_peer, wan_dir,
     assert "Forward" not in [k for k, _ in wan_peer.requests]
 
 
-def test_wan_lora_binds_and_is_refused(wan_peer, wan_dir):
+def test_wan_lora_binds_and_oft_is_refused(wan_peer, wan_dir):
     patcher = load(wan_peer, "wan22-t2v-low.safetensors")
     lora = patcher.clone()
     key = "diffusion_model.blocks.1.self_attn.q.weight"
     assert lora.add_patches({key: ("lora", (torch.zeros(2, 2), torch.zeros(2, 2)))}, 1.0) == [key]
-    with pytest.raises(model_mod.UnsupportedConditioningError, match="LoRA / weight patches"):
-        lora.pre_run()
+    lora.pre_run()  # LoRA runs in the cluster (test_node_lora.py)
+    oft = patcher.clone()
+    oft.add_patches({key: ("oft", (torch.zeros(2, 2), None, 1.0))}, 1.0)
+    with pytest.raises(model_mod.UnsupportedConditioningError, match="OFT adapter"):
+        oft.pre_run()
 
 
 def test_diffusion_model_wrappers_run_around_the_step_as_in_wanmodel(wan_peer, wan_dir):
@@ -372,7 +375,7 @@ def test_wan_model_is_loaded_again_with_the_cost_logged(wan_peer, wan_dir, caplo
     with caplog.at_level(logging.WARNING, logger="tensorfleet"):
         base.apply_model(rand(1, 16, 2, 4, 6), torch.ones(1), c_crossattn=rand(1, 5, TEXT))
     kinds = [k for k, _ in wan_peer.requests]
-    assert kinds[-4:] == ["Forward", "Plan", "LoadModel", "Forward"]
+    assert kinds[-5:] == ["Forward", "ListModels", "Plan", "LoadModel", "Forward"]
     assert wan_peer.requests[-2][1]["eject_models"] is True  # the loader's, as set
     assert list(wan_peer.models) == ["wan22-t2v-high"]
     assert runner.reloads == 1 and runner.reload_seconds > 0

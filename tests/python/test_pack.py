@@ -33,7 +33,8 @@ def test_archive_holds_a_drop_in(tmp_path):
         pyproject = z.read("pyproject.toml").decode()
         license_text = z.read("LICENSE").decode()
     for needed in ("pyproject.toml", "LICENSE", "README.md", "requirements.txt", "__init__.py",
-                   "tensorfleet_nodes.py", "tensorfleet_model.py", "tensorfleet_plan_image.py",
+                   "tensorfleet_nodes.py", "tensorfleet_model.py", "tensorfleet_patches.py",
+                   "tensorfleet_plan_image.py",
                    "tensorfleet_routes.py", "tensorfleet_client/__init__.py",
                    "tensorfleet_client/client.py", "tensorfleet_client/wire.py",
                    "tensorfleet_client/workflow_convert.py",

@@ -230,7 +230,8 @@ Status LocalRunner::AddLora(const std::string& path, double strength) {
         << (mapping.unmatched.empty() ? "" : mapping.unmatched.front()) << "'), "
         << mapping.text_encoder.size() << " are for a text encoder (not applied)";
   }
-  return models::AddLoraPatches(*file, mapping.modules, strength, device_, patches_);
+  return models::AddLoraPatches(path, models::FileParts(*file), mapping.modules, strength, device_,
+                                patches_);
 }
 
 StatusOr<models::TensorMap> LocalRunner::Weights() const {

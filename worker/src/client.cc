@@ -491,7 +491,9 @@ Status WorkerClient::ReleaseWeights(uint64_t lease) {
 
 Status WorkerClient::SetPatches(const std::string& model, const std::string& id,
                                 const std::vector<LoraFileRef>& loras,
+                                const std::vector<HostTensor>& tensors,
                                 const std::vector<std::string>& drop) {
+  std::lock_guard<std::mutex> lock(mu_);
   flatbuffers::FlatBufferBuilder fbb;
   fbb.ForceDefaults(true);  // CallLocked patches the id in place
   std::vector<flatbuffers::Offset<wire::LoraFile>> files;
@@ -507,10 +509,13 @@ Status WorkerClient::SetPatches(const std::string& model, const std::string& id,
     files.push_back(wire::CreateLoraFile(fbb, fbb.CreateString(lora.path), lora.strength,
                                          fbb.CreateVector(modules)));
   }
-  auto body = wire::CreateSetPatchesRequest(fbb, fbb.CreateString(model), fbb.CreateString(id),
-                                            fbb.CreateVector(files), Strings(fbb, drop));
+  Frames data;
+  FLEET_ASSIGN_OR_RETURN(auto descs, StageTensors(fbb, tensors, data));
+  auto body =
+      wire::CreateSetPatchesRequest(fbb, fbb.CreateString(model), fbb.CreateString(id),
+                                    fbb.CreateVector(files), Strings(fbb, drop), descs);
   protocol::FinishRequest(fbb, 0, wire::WorkerRequestBody::SetPatchesRequest, body.Union());
-  return Call(fbb, {}, options_.timeout).status();
+  return CallLocked(fbb, std::move(data), options_.timeout).status();
 }
 
 Status WorkerClient::DropJob(const std::string& job) {

@@ -1627,6 +1627,10 @@ Status WorkerServer::Impl::HandleEndRun(Task& task, const wire::EndRunRequest& r
 Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRequest& r,
                                             Frames& out) {
   const std::string model_name = Str(r.model()), id = Str(r.id());
+  // First, whatever happens: it hands back the shm ranges the tensors came in.
+  FLEET_ASSIGN_OR_RETURN(auto inbound, ReadInbound(task, r.tensors(), "SetPatches"));
+  models::TensorMap sent(std::make_move_iterator(inbound.begin()),
+                         std::make_move_iterator(inbound.end()));
   at::Device at_device = at::kCPU;
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -1650,12 +1654,25 @@ Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRe
                                 std::to_string(kMaxLoraFiles) + " LoRA files");
   }
   auto patches = std::make_shared<models::PatchSet>();
+  uint64_t bytes = 0;
   for (const auto* lora : *r.loras()) {
     const std::string rel = Str(lora->path());
-    FLEET_ASSIGN_OR_RETURN(std::string path, ResolveModelPath(config.model_roots, rel));
-    FLEET_ASSIGN_OR_RETURN(auto file, formats::ModelFile::Open(path));
+    std::unique_ptr<formats::ModelFile> file;
+    if (!rel.empty()) {
+      FLEET_ASSIGN_OR_RETURN(std::string path, ResolveModelPath(config.model_roots, rel));
+      FLEET_ASSIGN_OR_RETURN(file, formats::ModelFile::Open(path));
+    }
+    const std::string source = rel.empty() ? "patch set '" + id + "'" : rel;
+    // The bytes of part `key`, or nullopt when the file (or the request) has no such tensor.
+    auto part_bytes = [&](const std::string& key) -> std::optional<uint64_t> {
+      if (file) {
+        const formats::TensorInfo* info = file->Find(key);
+        return info ? std::optional<uint64_t>(info->nbytes) : std::nullopt;
+      }
+      auto t = sent.find(key);
+      return t != sent.end() ? std::optional<uint64_t>(t->second.nbytes()) : std::nullopt;
+    };
     std::vector<families::LoraModule> modules;
-    uint64_t bytes = 0;
     if (lora->modules() != nullptr) {
       for (const auto* m : *lora->modules()) {
         families::LoraModule module;
@@ -1670,30 +1687,30 @@ Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRe
           for (const auto* k : *m->keys()) {
             const std::string key = k->str();
             std::string prefix, suffix;
-            const formats::TensorInfo* info = file->Find(key);
-            if (!families::SplitLoraKey(key, &prefix, &suffix) || prefix != module.prefix ||
-                info == nullptr) {
-              return InvalidArgumentError(rel + ": '" + key + "' is not a part of module '" +
-                                          module.prefix + "' in the file");
+            const auto n = part_bytes(key);
+            if (!families::SplitLoraKey(key, &prefix, &suffix) || prefix != module.prefix || !n) {
+              return InvalidArgumentError(source + ": '" + key + "' is not a part of module '" +
+                                          module.prefix + "' there");
             }
-            bytes += info->nbytes;
+            bytes += *n;
             module.parts[suffix] = key;
           }
         }
         if (module.parts.empty() || module.shape.size() > 8) {
-          return InvalidArgumentError(rel + ": module '" + module.prefix +
+          return InvalidArgumentError(source + ": module '" + module.prefix +
                                       "' names no tensors or a shape of more than 8 dimensions");
         }
         modules.push_back(std::move(module));
       }
     }
     if (bytes > kMaxLoraBytes) {
-      return ResourceExhaustedError(rel + ": " + std::to_string(bytes) +
-                                    " bytes of LoRA tensors, more than a patch set may hold (" +
+      return ResourceExhaustedError("patch set '" + id + "': " + std::to_string(bytes) +
+                                    " bytes of LoRA tensors, more than a set may hold (" +
                                     std::to_string(kMaxLoraBytes) + ")");
     }
+    const models::PartReader read = file ? models::FileParts(*file) : models::TensorParts(sent);
     FLEET_RETURN_IF_ERROR(
-        models::AddLoraPatches(*file, modules, lora->strength(), at_device, *patches));
+        models::AddLoraPatches(source, read, modules, lora->strength(), at_device, *patches));
   }
   {
     std::lock_guard<std::mutex> lock(mu);

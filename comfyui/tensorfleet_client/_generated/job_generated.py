@@ -116,6 +116,7 @@ class JobRequestBody(object):
     ForwardRequest = 6
     CancelRequest = 7
     StatusRequest = 8
+    PutPatchesRequest = 9
 
 
 class JobResponseBody(object):
@@ -2103,13 +2104,39 @@ class SetPatchesRequest(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
         return o == 0
 
-def SetPatchesRequestStart(builder): builder.StartObject(4)
+    # SetPatchesRequest
+    def Tensors(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            obj = TensorDesc()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # SetPatchesRequest
+    def TensorsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # SetPatchesRequest
+    def TensorsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        return o == 0
+
+def SetPatchesRequestStart(builder): builder.StartObject(5)
 def SetPatchesRequestAddModel(builder, model): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
 def SetPatchesRequestAddId(builder, id): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(id), 0)
 def SetPatchesRequestAddLoras(builder, loras): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(loras), 0)
 def SetPatchesRequestStartLorasVector(builder, numElems): return builder.StartVector(4, numElems, 4)
 def SetPatchesRequestAddDrop(builder, drop): builder.PrependUOffsetTRelativeSlot(3, flatbuffers.number_types.UOffsetTFlags.py_type(drop), 0)
 def SetPatchesRequestStartDropVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def SetPatchesRequestAddTensors(builder, tensors): builder.PrependUOffsetTRelativeSlot(4, flatbuffers.number_types.UOffsetTFlags.py_type(tensors), 0)
+def SetPatchesRequestStartTensorsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
 def SetPatchesRequestEnd(builder): return builder.EndObject()
 
 
@@ -2984,7 +3011,14 @@ class ForwardRequest(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
         return o == 0
 
-def ForwardRequestStart(builder): builder.StartObject(7)
+    # ForwardRequest
+    def Patches(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+def ForwardRequestStart(builder): builder.StartObject(8)
 def ForwardRequestAddModel(builder, model): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
 def ForwardRequestAddInputs(builder, inputs): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(inputs), 0)
 def ForwardRequestStartInputsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
@@ -2995,7 +3029,102 @@ def ForwardRequestAddEndRun(builder, endRun): builder.PrependBoolSlot(4, endRun,
 def ForwardRequestAddTimeoutMs(builder, timeoutMs): builder.PrependUint32Slot(5, timeoutMs, 0)
 def ForwardRequestAddLoras(builder, loras): builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(loras), 0)
 def ForwardRequestStartLorasVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def ForwardRequestAddPatches(builder, patches): builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(patches), 0)
 def ForwardRequestEnd(builder): return builder.EndObject()
+
+
+class PutPatchesRequest(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = PutPatchesRequest()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsPutPatchesRequest(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    @classmethod
+    def PutPatchesRequestBufferHasIdentifier(cls, buf, offset, size_prefixed=False):
+        return flatbuffers.util.BufferHasIdentifier(buf, offset, b"\x46\x4A\x52\x51", size_prefixed=size_prefixed)
+
+    # PutPatchesRequest
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # PutPatchesRequest
+    def Model(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # PutPatchesRequest
+    def Id(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # PutPatchesRequest
+    def Loras(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            obj = LoraFile()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # PutPatchesRequest
+    def LorasLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # PutPatchesRequest
+    def LorasIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        return o == 0
+
+    # PutPatchesRequest
+    def Tensors(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            obj = TensorDesc()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # PutPatchesRequest
+    def TensorsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # PutPatchesRequest
+    def TensorsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        return o == 0
+
+def PutPatchesRequestStart(builder): builder.StartObject(4)
+def PutPatchesRequestAddModel(builder, model): builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
+def PutPatchesRequestAddId(builder, id): builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(id), 0)
+def PutPatchesRequestAddLoras(builder, loras): builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(loras), 0)
+def PutPatchesRequestStartLorasVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def PutPatchesRequestAddTensors(builder, tensors): builder.PrependUOffsetTRelativeSlot(3, flatbuffers.number_types.UOffsetTFlags.py_type(tensors), 0)
+def PutPatchesRequestStartTensorsVector(builder, numElems): return builder.StartVector(4, numElems, 4)
+def PutPatchesRequestEnd(builder): return builder.EndObject()
 
 
 class ForwardResponse(object):

@@ -30,21 +30,10 @@ int64_t Numel(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// A part's tensor: copied out of the file (the file may be closed after loading), fp8 upcast to
-// float32, on `device`.
-StatusOr<at::Tensor> ReadPart(const formats::ModelFile& file, const std::string& key,
-                              at::Device device) {
-  const formats::TensorInfo* info = file.Find(key);
-  if (info == nullptr) return InvalidArgumentError("no tensor '" + key + "'");
-  FLEET_ASSIGN_OR_RETURN(at::Tensor t, tensor::ViewOrCopy(file, *info));
-  if (info->dtype == "F8_E4M3" || info->dtype == "F8_E5M2") {
-    FLEET_ASSIGN_OR_RETURN(
-        t, tensor::UpcastF8(
-               t, info->dtype == "F8_E5M2" ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3,
-               at::kFloat));
-  } else if (!at::isFloatingType(t.scalar_type())) {
-    return InvalidArgumentError("tensor '" + key + "' has dtype " + info->dtype +
-                                ", expected a floating dtype");
+// A floating part on `device` (a copy: the source may go away after loading).
+StatusOr<at::Tensor> OnDevice(const std::string& key, const at::Tensor& t, at::Device device) {
+  if (!t.defined() || !at::isFloatingType(t.scalar_type())) {
+    return InvalidArgumentError("tensor '" + key + "' is not a floating tensor");
   }
   return t.to(device, t.scalar_type(), /*non_blocking=*/false, /*copy=*/true).contiguous();
 }
@@ -228,17 +217,17 @@ StatusOr<Adapter::Kind> KindOf(const LoraModule& m) {
   return InvalidArgumentError("it has no adapter weights (only " + m.parts.begin()->first + ")");
 }
 
-StatusOr<std::shared_ptr<Adapter>> ReadAdapter(const formats::ModelFile& file, const LoraModule& m,
+StatusOr<std::shared_ptr<Adapter>> ReadAdapter(const PartReader& read, const LoraModule& m,
                                                at::Device device) {
   auto a = std::make_shared<Adapter>();
   FLEET_ASSIGN_OR_RETURN(a->kind, KindOf(m));
   // The parts the kind uses (a set or a diff ignores the others, as ComfyUI does).
   for (const auto& [suffix, key] : m.parts) {
     if (suffix == ".alpha") {
-      FLEET_ASSIGN_OR_RETURN(at::Tensor t, ReadPart(file, key, at::kCPU));
-      if (t.numel() != 1) {
+      FLEET_ASSIGN_OR_RETURN(at::Tensor t, read(key));
+      if (!at::isFloatingType(t.scalar_type()) || t.numel() != 1) {
         return InvalidArgumentError("'.alpha' has " + std::to_string(t.numel()) +
-                                    " values, expected one");
+                                    " values, expected one floating value");
       }
       const double alpha = t.to(at::kDouble).item<double>();
       if (!std::isfinite(alpha)) {
@@ -254,7 +243,8 @@ StatusOr<std::shared_ptr<Adapter>> ReadAdapter(const formats::ModelFile& file, c
         (a->kind != Adapter::Kind::kDiff && a->kind != Adapter::Kind::kSet && diff_part)) {
       continue;
     }
-    FLEET_ASSIGN_OR_RETURN(at::Tensor t, ReadPart(file, key, device));
+    FLEET_ASSIGN_OR_RETURN(at::Tensor read_part, read(key));
+    FLEET_ASSIGN_OR_RETURN(at::Tensor t, OnDevice(key, read_part, device));
     if (suffix == ".dora_scale") {
       a->dora_scale = t;
     } else {
@@ -373,20 +363,43 @@ void WeightDecompose(const at::Tensor& dora_scale, at::Tensor& weight, at::Tenso
 
 }  // namespace
 
-Status AddLoraPatches(const formats::ModelFile& file, const std::vector<LoraModule>& modules,
-                      double strength, at::Device device, PatchSet& patches) {
+PartReader FileParts(const formats::ModelFile& file) {
+  return [&file](const std::string& key) -> StatusOr<at::Tensor> {
+    const formats::TensorInfo* info = file.Find(key);
+    if (info == nullptr) return InvalidArgumentError("no tensor '" + key + "'");
+    FLEET_ASSIGN_OR_RETURN(at::Tensor t, tensor::ViewOrCopy(file, *info));
+    if (info->dtype == "F8_E4M3" || info->dtype == "F8_E5M2") {
+      return tensor::UpcastF8(
+          t, info->dtype == "F8_E5M2" ? tensor::F8Format::kE5M2 : tensor::F8Format::kE4M3,
+          at::kFloat);
+    }
+    return t;
+  };
+}
+
+PartReader TensorParts(const TensorMap& tensors) {
+  return [&tensors](const std::string& key) -> StatusOr<at::Tensor> {
+    auto it = tensors.find(key);
+    if (it == tensors.end()) return InvalidArgumentError("no tensor '" + key + "'");
+    return it->second;
+  };
+}
+
+Status AddLoraPatches(std::string_view source, const PartReader& read,
+                      const std::vector<LoraModule>& modules, double strength, at::Device device,
+                      PatchSet& patches) {
+  const std::string from(source);
   if (!std::isfinite(strength)) {
-    return InvalidArgumentError(file.path() + ": LoRA strength " + std::to_string(strength) +
+    return InvalidArgumentError(from + ": LoRA strength " + std::to_string(strength) +
                                 " is not finite");
   }
   PatchSet added;
   try {
     for (const LoraModule& m : modules) {
-      const std::string where =
-          file.path() + ": module '" + m.prefix + "' (for '" + m.target + "')";
+      const std::string where = from + ": module '" + m.prefix + "' (for '" + m.target + "')";
       auto slice = SliceShape(m);
       if (!slice.ok()) return slice.status().WithContext(where);
-      auto adapter = ReadAdapter(file, m, device);
+      auto adapter = ReadAdapter(read, m, device);
       if (!adapter.ok()) return adapter.status().WithContext(where);
       FLEET_RETURN_IF_ERROR(CheckAdapter(m, **adapter, *slice).WithContext(where));
       if ((*adapter)->dora_scale.defined()) {
@@ -410,7 +423,7 @@ Status AddLoraPatches(const formats::ModelFile& file, const std::vector<LoraModu
       added[m.target].push_back(std::move(p));
     }
   } catch (const c10::Error& e) {
-    return InternalError(file.path() + ": reading LoRA: " + e.what_without_backtrace());
+    return InternalError(from + ": reading LoRA: " + e.what_without_backtrace());
   }
   for (auto& [name, list] : added) {
     auto& to = patches[name];

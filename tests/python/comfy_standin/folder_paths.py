@@ -1,14 +1,17 @@
 """Stand-in for ComfyUI's folder_paths.py: model folders by kind.
 
-Upstream: folder_paths.py (folder_names_and_paths, get_filename_list, get_full_path). Tests point
-folder_names_and_paths["diffusion_models"] at a temp folder.
+Upstream: folder_paths.py (folder_names_and_paths, get_filename_list, get_full_path,
+get_full_path_or_raise). Tests point folder_names_and_paths["diffusion_models"] (and "loras",
+which LoraLoader reads) at a temp folder.
 """
 
 import os
 
 # As ComfyUI: supported_pt_extensions, no .gguf.
-folder_names_and_paths = {"diffusion_models": ([], {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors",
-                                                    ".pkl", ".sft"})}
+supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+
+folder_names_and_paths = {"diffusion_models": ([], supported_pt_extensions),
+                          "loras": ([], supported_pt_extensions)}
 
 
 def get_filename_list(folder_name):
@@ -30,3 +33,11 @@ def get_full_path(folder_name, filename):
         if os.path.isfile(full):
             return full
     return None
+
+
+def get_full_path_or_raise(folder_name, filename):
+    full_path = get_full_path(folder_name, filename)
+    if full_path is None:
+        raise FileNotFoundError("Model in folder '{}' with filename '{}' not found.".format(
+            folder_name, filename))
+    return full_path

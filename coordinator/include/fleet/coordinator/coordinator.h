@@ -119,6 +119,7 @@ struct ForwardRequest {
   std::chrono::milliseconds timeout{0};  // 0: --request-timeout
   std::shared_ptr<std::atomic<bool>> cancelled;  // set to abort between ranges
   std::vector<LoraRef> loras;                    // stacked in order; empty: the model as loaded
+  std::string patches;  // a patch set given by PutPatches (not with `loras`)
 };
 
 struct ForwardResult {
@@ -159,6 +160,14 @@ class Coordinator {
   StatusOr<PlanResult> Plan(const ModelSpec& spec) const;
   /// Runs one Forward; counts it in fleet_coordinator_forwards_total when the model is loaded.
   StatusOr<ForwardResult> Forward(const ForwardRequest& request);
+  /// Keeps client-computed weight patches (ComfyUI's LoRA patches) for model `model` as patch
+  /// set `id`, which Forwards then name. Each of `loras` has an empty path, its strength and
+  /// modules whose keys name `tensors`; module shapes are taken from the model. An id held
+  /// already is kept as it is. InvalidArgument naming what is wrong (a target the model does
+  /// not have, a key with no tensor, a strength that is not finite), NotFound for a model that
+  /// is not loaded.
+  Status PutPatches(const std::string& model, const std::string& id,
+                    std::vector<worker::LoraFileRef> loras, std::vector<HostTensor> tensors);
   ClusterStatus Cluster() const;
   /// OK when model `name` is ready and every worker it needs is up; else Unavailable (or
   /// NotFound) saying why.

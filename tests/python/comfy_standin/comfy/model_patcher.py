@@ -1,9 +1,13 @@
 """Stand-in for comfy/model_patcher.py: ModelPatcher (constructor, clone, weight patches,
 model patches in model_options["transformer_options"], callbacks, pre_run).
 
-Upstream: comfy/model_patcher.py. add_patches keeps only keys present in model.state_dict()
-(which is why the node's proxy lists the real weight names); pre_run sets
-model.current_patcher and runs the ON_PRE_RUN callbacks; clone copies patches and callbacks.
+Upstream: comfy/model_patcher.py. add_patches(patches, strength_patch, strength_model) takes
+{key: patch} where a key is a state-dict key, (key, offset) or (key, offset, function), keeps
+only keys present in model.state_dict() (which is why the node's proxy lists the real weight
+names), appends (strength_patch, patch, strength_model, offset, function) to
+self.patches[key], gives the patcher a new patches_uuid and returns the keys it took (as given,
+tuples included); pre_run sets model.current_patcher and runs the ON_PRE_RUN callbacks; clone
+copies the patch lists, patches_uuid and callbacks.
 """
 
 import copy

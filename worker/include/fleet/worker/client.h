@@ -79,7 +79,8 @@ struct BlockStep {
 };
 
 /// A LoRA file for SetPatches: the file (relative to a model root), its strength and the
-/// modules of it that patch the model (families::MapLoraKeys's).
+/// modules of it that patch the model (families::MapLoraKeys's). An empty path: the modules'
+/// keys name tensors sent along (SetPatches' `tensors`).
 struct LoraFileRef {
   std::string path;
   double strength = 1.0;
@@ -168,10 +169,12 @@ class WorkerClient {
                                       const std::vector<BlockStep>& steps,
                                       uint32_t prefetch_depth = 1, const std::string& run_id = "",
                                       const std::string& patches = "");
-  /// Gives the worker patch set `id` of `model` (the LoRAs stacked in order) and drops the sets
-  /// in `drop`; an `id` the worker holds already is kept as it is.
+  /// Gives the worker patch set `id` of `model` (the LoRAs stacked in order, with `tensors`
+  /// for those without a path) and drops the sets in `drop`; an `id` the worker holds already
+  /// is kept as it is.
   Status SetPatches(const std::string& model, const std::string& id,
-                    const std::vector<LoraFileRef>& loras, const std::vector<std::string>& drop);
+                    const std::vector<LoraFileRef>& loras, const std::vector<HostTensor>& tensors,
+                    const std::vector<std::string>& drop);
   /// Asks the worker to push `names` of `job` to the worker at `peer` (as `peer_job`).
   StatusOr<SendResult> SendTensors(const std::string& job, const std::vector<std::string>& names,
                                    const std::string& peer, const std::string& peer_job);

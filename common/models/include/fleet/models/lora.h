@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -56,13 +57,23 @@ struct WeightPatch {
 /// Patches by weight name (as blocks ask for weights), each weight's in application order.
 using PatchSet = std::map<std::string, std::vector<WeightPatch>, std::less<>>;
 
-/// Reads `modules` (what families::MapLoraKeys found, or the part of it a worker runs) from the
-/// LoRA `file` and appends their patches at `strength` to `patches`, their tensors moved to
-/// `device`. Nothing is added on error. Errors name the file and the module: a strength or alpha
-/// that is not finite, parts that do not fit together (an up and down of different ranks, a LoHa
-/// or LoKr half missing), a patch whose size does not match its weight (or the slice an offset
-/// names), a tensor that is not floating.
-Status AddLoraPatches(const formats::ModelFile& file,
+/// Reads one part of a LoRA by its key: a tensor on any device (fp8 already upcast), or an
+/// error naming the key.
+using PartReader = std::function<StatusOr<at::Tensor>(const std::string& key)>;
+
+/// The parts of a LoRA file (copied out of it). REQUIRES: `file` outlives the reader.
+PartReader FileParts(const formats::ModelFile& file);
+/// Parts given as named tensors (a patch set sent over the wire). REQUIRES: `tensors` outlives
+/// the reader.
+PartReader TensorParts(const TensorMap& tensors);
+
+/// Reads `modules` (what families::MapLoraKeys found, or the part of it a worker runs) through
+/// `read` and appends their patches at `strength` to `patches`, their tensors copied to
+/// `device`. Nothing is added on error. Errors name `source` (the file) and the module: a
+/// strength or alpha that is not finite, parts that do not fit together (an up and down of
+/// different ranks, a LoHa or LoKr half missing), a patch whose size does not match its weight
+/// (or the slice an offset names), a tensor that is not floating.
+Status AddLoraPatches(std::string_view source, const PartReader& read,
                       const std::vector<families::LoraModule>& modules, double strength,
                       at::Device device, PatchSet& patches);
 
