@@ -3,11 +3,14 @@
 reloading the model from disk, measured in the same run.
 
     bench/lora/lora_bench.py [--build DIR] [--rounds 3] [--rank 16] [--threads 2]
+        [--modes stream,pipeline]
 
 Generates the `large` Flux of bench/step (hidden 1024, 4 double + 8 single blocks, bf16,
 ~0.6 GB), a rank-R LoRA (kohya names, bf16) on every 2-D weight of it, starts
-`fleet up --emulate` (coordinator + three CPU-backed workers), loads the model in stream mode
-with compute on cuda:0 and the demo's allocation, and per round measures:
+`fleet up --emulate` (coordinator + three CPU-backed workers), loads the model in each mode
+(stream: the blocks beyond cuda:0's share stream to it and are patched at each use; pipeline:
+every block computes where it is resident, so patched copies are kept) with compute on cuda:0
+and the demo's allocation, and per round measures:
 
 * reload: unload + load of the model (what a loader that patches at load time pays to change a
   LoRA: the weights are read from disk again);
@@ -51,12 +54,50 @@ def timed(f):
     return (time.perf_counter() - t0) * 1e3, value
 
 
+def bench_mode(c, mode, model, lora_rel, inputs, want, fresh, changed, args):
+    """One mode's rounds and ratios (see the module docstring)."""
+    spec = wire.ModelSpec(path=model.name, compute_device="cuda:0", mode=mode,
+                          expert_mode_allocations=step_bench.ALLOCATION, eject_models=False)
+    name = "lora-bench-" + mode
+    c.load_model(spec, name)
+
+    def step(loras, expect=None):
+        ms, out = timed(lambda: c.forward(name, inputs, loras=loras)["out"])
+        if expect is not None and not step_bench.same_bits(out, expect):
+            raise SystemExit("FAIL: a LoRA step differs from fleet-run-local")
+        return ms
+
+    step([])  # warm-up
+    rows = []
+    for r in range(args.rounds):
+        reload_ms = timed(lambda: (c.unload_model(name), c.load_model(spec, name)))[0]
+        plain = statistics.median(step([]) for _ in range(3))
+        first = step([(lora_rel, fresh[r])], want[fresh[r]])
+        steady = statistics.median(step([(lora_rel, fresh[r])], want[fresh[r]])
+                                   for _ in range(3))
+        change = step([(lora_rel, changed[r])], want[changed[r]]) - steady
+        rows.append(dict(reload=reload_ms, apply=first - steady, change=change, plain=plain,
+                         lora=steady))
+        print("%s round %d: reload %.0f ms, apply %.0f ms, change strength %.0f ms, step %.0f ms "
+              "without LoRA, %.0f ms with" % (mode, r + 1, reload_ms, first - steady, change,
+                                               plain, steady), flush=True)
+    c.unload_model(name)
+    med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+    print("%s medians: reload %.0f ms, apply %.0f ms, change %.0f ms, step %.0f / %.0f ms"
+          % (mode, med["reload"], med["apply"], med["change"], med["plain"], med["lora"]))
+    print("%s ratio apply / reload:        %.3f" % (mode, med["apply"] / med["reload"]))
+    print("%s ratio change / reload:       %.3f" % (mode, med["change"] / med["reload"]))
+    print("%s ratio step with / without:   %.3f\n" % (mode, med["lora"] / med["plain"]),
+          flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--build", type=pathlib.Path, default=REPO / "build")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--modes", default="stream,pipeline")
     args = p.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="lora-bench-"))
     try:
@@ -89,42 +130,12 @@ def main():
               "per process" % (model.stat().st_size / 2**20, args.rank, len(targets),
                                lora_bytes / 2**20, args.threads), flush=True)
         cluster = step_bench.Cluster(args.build, work, args.threads)
-        rows = []
         try:
             with Client(cluster.listen) as c:
-                spec = wire.ModelSpec(path=model.name, compute_device="cuda:0", mode="stream",
-                                      expert_mode_allocations=step_bench.ALLOCATION,
-                                      eject_models=False)
-                c.load_model(spec, "lora-bench")
-
-                def step(loras, expect=None):
-                    ms, out = timed(lambda: c.forward("lora-bench", inputs, loras=loras)["out"])
-                    if expect is not None and not step_bench.same_bits(out, expect):
-                        raise SystemExit("FAIL: a LoRA step differs from fleet-run-local")
-                    return ms
-
-                step([])  # warm-up
-                for r in range(args.rounds):
-                    reload_ms = timed(lambda: (c.unload_model("lora-bench"),
-                                               c.load_model(spec, "lora-bench")))[0]
-                    plain = statistics.median(step([]) for _ in range(3))
-                    first = step([(lora_rel, fresh[r])], want[fresh[r]])
-                    steady = statistics.median(step([(lora_rel, fresh[r])], want[fresh[r]])
-                                               for _ in range(3))
-                    change = step([(lora_rel, changed[r])], want[changed[r]]) - steady
-                    rows.append(dict(reload=reload_ms, apply=first - steady, change=change,
-                                     plain=plain, lora=steady))
-                    print("round %d: reload %.0f ms, apply %.0f ms, change strength %.0f ms, "
-                          "step %.0f ms without LoRA, %.0f ms with" %
-                          (r + 1, reload_ms, first - steady, change, plain, steady), flush=True)
+                for mode in args.modes.split(","):
+                    bench_mode(c, mode, model, lora_rel, inputs, want, fresh, changed, args)
         finally:
             cluster.stop()
-        med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-        print("\nmedians: reload %.0f ms, apply %.0f ms, change %.0f ms, step %.0f / %.0f ms"
-              % (med["reload"], med["apply"], med["change"], med["plain"], med["lora"]))
-        print("ratio apply / reload:        %.3f" % (med["apply"] / med["reload"]))
-        print("ratio change / reload:       %.3f" % (med["change"] / med["reload"]))
-        print("ratio step with / without:   %.3f" % (med["lora"] / med["plain"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

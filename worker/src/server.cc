@@ -217,6 +217,13 @@ struct WorkerServer::Impl {
     uint64_t bytes = 0;
     int pins = 0;  // leases + running computations
   };
+  // A patch set and the patched copies of resident weights it made: kept while the device has
+  // capacity to spare (counted in `patched`), dropped first when a load needs the room.
+  struct PatchSetState {
+    std::shared_ptr<const models::PatchSet> patches;
+    std::map<std::string, at::Tensor, std::less<>> patched;  // guarded by mu
+    uint64_t patched_bytes = 0;                              // guarded by mu
+  };
   struct ModelEntry {
     std::string family, config_json;
     wire::DType dtype = wire::DType::F32;
@@ -227,7 +234,7 @@ struct WorkerServer::Impl {
     uint64_t bytes = 0;
     // SetPatches' patch sets by id; RunBlocks names one. The coordinator drops what it no longer
     // uses; a set past kMaxPatchSets is refused.
-    std::map<std::string, std::shared_ptr<const models::PatchSet>> patch_sets;
+    std::map<std::string, std::shared_ptr<PatchSetState>> patch_sets;
   };
   static constexpr size_t kMaxPatchSets = 16;
   static constexpr size_t kMaxLoraFiles = 64;             // per patch set
@@ -294,6 +301,7 @@ struct WorkerServer::Impl {
   uint64_t next_lease = 1;
   uint64_t resident = 0;
   uint64_t pending = 0;  // capacity reserved by loads in progress
+  uint64_t patched = 0;  // patched weight copies (PatchSetState), given back on demand
 
   // Clients of peer workers (SendTensors targets, weight donors), by endpoint.
   std::mutex peers_mu;
@@ -371,6 +379,53 @@ struct WorkerServer::Impl {
     m->activation_bytes.Add({{"device", config.id}})
         .Set(static_cast<double>(ActivationBytesLocked()));
   }
+  // Forgets patched copies: of the weights in `names` (a block leaving), or all (names null).
+  void DropPatchedLocked(const std::string& model, const models::WeightStore* names = nullptr) {
+    auto it = models_.find(model);
+    if (it == models_.end()) return;
+    for (auto& [id, state] : it->second.patch_sets) {
+      for (auto w = state->patched.begin(); w != state->patched.end();) {
+        if (names != nullptr && names->count(w->first) == 0) {
+          ++w;
+          continue;
+        }
+        const uint64_t bytes = static_cast<uint64_t>(w->second.nbytes());
+        state->patched_bytes -= bytes;
+        patched -= bytes;
+        w = state->patched.erase(w);
+      }
+    }
+    UpdatePatchedGaugeLocked(model);
+  }
+  void DropAllPatchedLocked() {
+    for (const auto& [name, e] : models_) DropPatchedLocked(name);
+  }
+  void ErasePatchSetLocked(const std::string& model, ModelEntry& e, const std::string& id) {
+    auto it = e.patch_sets.find(id);
+    if (it == e.patch_sets.end()) return;
+    patched -= it->second->patched_bytes;
+    it->second->patched.clear();
+    it->second->patched_bytes = 0;
+    e.patch_sets.erase(it);
+    UpdatePatchedGaugeLocked(model);
+  }
+  // True while `state` is still one of `model`'s patch sets (not dropped meanwhile).
+  bool HoldsPatchSetLocked(const std::string& model,
+                           const std::shared_ptr<PatchSetState>& state) const {
+    auto it = models_.find(model);
+    if (it == models_.end()) return false;
+    for (const auto& [id, s] : it->second.patch_sets) {
+      if (s == state) return true;
+    }
+    return false;
+  }
+  void UpdatePatchedGaugeLocked(const std::string& model) {
+    auto it = models_.find(model);
+    if (it == models_.end()) return;
+    uint64_t bytes = 0;
+    for (const auto& [id, state] : it->second.patch_sets) bytes += state->patched_bytes;
+    m->patched_bytes.Add({{"device", config.id}, {"model", model}}).Set(static_cast<double>(bytes));
+  }
 
   // ---- request handlers ----
   Status Reply(Task& task, flatbuffers::FlatBufferBuilder& fbb, wire::WorkerResponseBody type,
@@ -402,6 +457,7 @@ struct WorkerServer::Impl {
   Status HandleDropJob(Task& task, const wire::DropJobRequest& r, Frames& out);
   Status HandleEndRun(Task& task, const wire::EndRunRequest& r, Frames& out);
   Status HandleSetPatches(Task& task, const wire::SetPatchesRequest& r, Frames& out);
+  class KeptPatches;
 
   flatbuffers::Offset<wire::StatsResponse> BuildStats(flatbuffers::FlatBufferBuilder& fbb);
 
@@ -914,6 +970,7 @@ Status WorkerServer::Impl::HandleLoadBlock(Task& task, const wire::LoadBlockRequ
       return fail(AlreadyExistsError(what + " is already resident on " + config.id));
     }
     const uint64_t capacity = config.capacity_bytes;
+    if (resident + pending + patched + estimate > capacity) DropAllPatchedLocked();
     if (resident + pending + estimate > capacity) {
       return fail(ResourceExhaustedError(
           "loading " + what + " needs " + config::FormatBytes(estimate) + " (" +
@@ -1069,6 +1126,7 @@ Status WorkerServer::Impl::HandleEvictBlock(Task& task, const wire::EvictBlockRe
                                      "' is in use (" + std::to_string(b->second.pins) +
                                      " weight leases or computations); retry once they finish");
     }
+    DropPatchedLocked(model_name, &b->second.weights);
     resident -= b->second.bytes;
     it->second.bytes -= b->second.bytes;
     it->second.blocks.erase(b);
@@ -1091,6 +1149,9 @@ Status WorkerServer::Impl::HandleEvictModel(Task& task, const wire::EvictModelRe
         return FailedPreconditionError("block '" + name + "' of model '" + model_name +
                                        "' is in use; retry once its leases are released");
       }
+    }
+    while (!it->second.patch_sets.empty()) {
+      ErasePatchSetLocked(model_name, it->second, it->second.patch_sets.begin()->first);
     }
     resident -= it->second.bytes;
     models_.erase(it);
@@ -1245,6 +1306,45 @@ Status WorkerServer::Impl::HandleGetTensors(Task& task, const wire::GetTensorsRe
                out);
 }
 
+// The accessor of a resident block under a patch set: a patched weight is computed once and
+// kept while the device has capacity to spare (LoadBlock takes the room back first), so steady
+// steps read it like any resident weight. The bits are those PatchedWeights computes.
+class WorkerServer::Impl::KeptPatches final : public models::WeightAccessor {
+ public:
+  KeptPatches(Impl& impl, std::string model, std::shared_ptr<PatchSetState> state,
+              const models::WeightAccessor& base)
+      : impl_(impl), model_(std::move(model)), state_(std::move(state)), base_(base) {}
+
+  StatusOr<at::Tensor> Get(std::string_view name) const override {
+    auto p = state_->patches->find(name);
+    if (p == state_->patches->end() || p->second.empty()) return base_.Get(name);
+    {
+      std::lock_guard<std::mutex> lock(impl_.mu);
+      auto kept = state_->patched.find(name);
+      if (kept != state_->patched.end()) return kept->second;
+    }
+    FLEET_ASSIGN_OR_RETURN(at::Tensor w, base_.Get(name));
+    FLEET_ASSIGN_OR_RETURN(at::Tensor patched, models::ApplyPatches(name, w, p->second));
+    const auto bytes = static_cast<uint64_t>(patched.nbytes());
+    std::lock_guard<std::mutex> lock(impl_.mu);
+    if (impl_.HoldsPatchSetLocked(model_, state_) &&
+        impl_.resident + impl_.pending + impl_.patched + bytes <= impl_.config.capacity_bytes &&
+        state_->patched.emplace(std::string(name), patched).second) {
+      state_->patched_bytes += bytes;
+      impl_.patched += bytes;
+      impl_.UpdatePatchedGaugeLocked(model_);
+    }
+    return patched;
+  }
+  bool Has(std::string_view name) const override { return base_.Has(name); }
+
+ private:
+  Impl& impl_;
+  const std::string model_;
+  const std::shared_ptr<PatchSetState> state_;
+  const models::WeightAccessor& base_;
+};
+
 Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequest& r,
                                            Frames& out) {
   const std::string job = Str(r.job()), model_name = Str(r.model()), run_id = Str(r.run_id());
@@ -1260,7 +1360,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   models::TensorMap state;
   std::set<std::string> from_cache;
   static const models::PatchSet kNoPatches;
-  std::shared_ptr<const models::PatchSet> patches;
+  std::shared_ptr<PatchSetState> patches;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = models_.find(model_name);
@@ -1450,8 +1550,13 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
     }
     const auto t0 = Clock::now();
     const models::StoredWeights stored(*model, weights, dequant);
-    status = model->RunBlock(
-        step.index, models::PatchedWeights(stored, patches ? *patches : kNoPatches), state);
+    if (patches && step.donor.empty()) {  // resident: patched copies may be kept
+      status = model->RunBlock(step.index, KeptPatches(*this, model_name, patches, stored), state);
+    } else {
+      status = model->RunBlock(
+          step.index, models::PatchedWeights(stored, patches ? *patches->patches : kNoPatches),
+          state);
+    }
     const double dt = Seconds(Clock::now() - t0);
     weights.clear();
     if (!step.donor.empty()) release(fetched);
@@ -1639,7 +1744,7 @@ Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRe
       return NotFoundError("model '" + model_name + "' is not loaded on " + config.id);
     }
     if (r.drop()) {
-      for (const auto* d : *r.drop()) it->second.patch_sets.erase(d->str());
+      for (const auto* d : *r.drop()) ErasePatchSetLocked(model_name, it->second, d->str());
     }
     if (id.empty() || it->second.patch_sets.count(id) != 0) return Ack(task, out);
     if (it->second.patch_sets.size() >= kMaxPatchSets) {
@@ -1718,7 +1823,9 @@ Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRe
     if (it == models_.end()) {
       return NotFoundError("model '" + model_name + "' was evicted from " + config.id);
     }
-    it->second.patch_sets.emplace(id, std::move(patches));
+    auto state = std::make_shared<PatchSetState>();
+    state->patches = std::move(patches);
+    it->second.patch_sets.emplace(id, std::move(state));
   }
   return Ack(task, out);
 }

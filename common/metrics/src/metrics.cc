@@ -65,6 +65,11 @@ WorkerMetrics::WorkerMetrics(prometheus::Registry& r)
                            .Name("fleet_worker_activation_bytes")
                            .Help("Bytes in the per-job tensor tables and the constant-input cache")
                            .Register(r)),
+      patched_bytes(BuildGauge()
+                        .Name("fleet_worker_patched_bytes")
+                        .Help("Bytes of LoRA-patched weight copies kept for resident blocks "
+                              "(given back when a load needs the room)")
+                        .Register(r)),
       shm_arena_bytes(BuildGauge()
                           .Name("fleet_worker_shm_arena_bytes")
                           .Help("Size of this worker's shared-memory arena")
@@ -175,6 +180,7 @@ std::vector<std::pair<std::string, std::string>> WorkerMetrics::Describe() const
           Entry(resident_bytes),
           Entry(blocks_resident),
           Entry(activation_bytes),
+          Entry(patched_bytes),
           Entry(shm_arena_bytes),
           Entry(transfer_bytes),
           Entry(transfer_duration),
@@ -236,6 +242,7 @@ template void RemoveSeries(prometheus::Family<prometheus::Histogram>&, const std
 void WorkerMetrics::RemoveModel(const std::string& model) {
   RemoveSeries(resident_bytes, "model", model);
   RemoveSeries(blocks_resident, "model", model);
+  RemoveSeries(patched_bytes, "model", model);
   RemoveSeries(block_compute_duration, "model", model);
   RemoveSeries(prefetch_stall, "model", model);
 }

@@ -251,6 +251,110 @@ TEST(Worker, RefusesLoadsPastCapacityWithTheNumbers) {
             std::string::npos);
 }
 
+// A LoRA on block 0 (sent with SetPatches as tensors, as the ComfyUI node's patches are): the
+// run equals the double-precision reference on the patched weight; the patched copy is kept while
+// the capacity has room (fleet_worker_patched_bytes), read back bit for bit, and given back when a
+// load needs the room; dropping the set restores the plain model.
+TEST(Worker, PatchedCopiesAreKeptWhileThereIsRoomAndGivenBackToLoads) {
+  const auto& m = Model();
+  const uint64_t block_bytes = (kDim * kDim + kDim) * 4;  // 16640
+  const uint64_t copy_bytes = kDim * kDim * 4;            // the patched weight, 16384
+  auto w = StartWorker({"--id", "cuda:3", "--capacity", std::to_string(4 * block_bytes + 100)});
+  ASSERT_TRUE(w);
+  auto c = ConnectTo(*w);
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(0), m.file, m.specs[0]).ok());
+  ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(1), m.file, m.specs[1]).ok());
+
+  constexpr int64_t kRank = 2;
+  const double strength = 0.75, alpha = 1.0;
+  std::vector<float> up(kDim * kRank), down(kRank * kDim);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> dist(0.f, 0.3f);
+  for (auto& v : up) v = dist(rng);
+  for (auto& v : down) v = dist(rng);
+  const float alpha_value = static_cast<float>(alpha);
+  families::LoraModule module;
+  module.prefix = "p0";
+  module.target = m.Block(0) + ".weight";
+  module.shape = {kDim, kDim};
+  module.parts = {{".lora_up.weight", "p0.lora_up.weight"},
+                  {".lora_down.weight", "p0.lora_down.weight"},
+                  {".alpha", "p0.alpha"}};
+  const std::vector<HostTensor> parts = {
+      HostTensor::Copy("p0.lora_up.weight", wire::DType::F32, {kDim, kRank}, up.data(),
+                       up.size() * 4),
+      HostTensor::Copy("p0.lora_down.weight", wire::DType::F32, {kRank, kDim}, down.data(),
+                       down.size() * 4),
+      HostTensor::Copy("p0.alpha", wire::DType::F32, {}, &alpha_value, 4)};
+  ASSERT_TRUE(c->SetPatches("toy", "s1", {{"", strength, {module}}}, parts, {}).ok());
+
+  // The reference: W0 + strength * alpha / rank * up @ down, in double.
+  ModelFixture patched_model;
+  for (int64_t o = 0; o < kDim; ++o) {
+    for (int64_t k = 0; k < kDim; ++k) {
+      double d = 0;
+      for (int64_t r = 0; r < kRank; ++r) d += double(up[o * kRank + r]) * down[r * kDim + k];
+      patched_model.w[0][o * kDim + k] =
+          static_cast<float>(m.w[0][o * kDim + k] + strength * alpha / kRank * d);
+    }
+  }
+  auto run = [&](const std::string& job, const std::string& patches) {
+    std::vector<double> x;
+    EXPECT_TRUE(c->PutTensors(job, {Input(3, &x)}).ok());
+    auto ran = c->RunBlocks(job, "toy", {{m.Block(0), ""}, {m.Block(1), ""}}, 1, "", patches);
+    EXPECT_TRUE(ran.ok()) << ran.status();
+    auto y = GetX(*c, job);
+    EXPECT_TRUE(y.ok()) << y.status();
+    return std::make_pair(x, y.ok() ? *y : std::vector<float>{});
+  };
+  auto patched_bytes = [&] {
+    auto text = HttpGet(w->metrics(), "/metrics");
+    EXPECT_TRUE(text.ok());
+    const std::string key = "fleet_worker_patched_bytes{device=\"cuda:3\",model=\"toy\"} ";
+    const auto at = text->find(key);
+    return at == std::string::npos ? -1.0 : std::stod(text->substr(at + key.size()));
+  };
+
+  const auto [x1, computed] = run("j1", "s1");
+  const auto ref = patched_model.Reference(x1, 3, 0, 2);
+  for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(computed[i], ref[i], 1e-5) << i;
+  const auto plain_ref = m.Reference(x1, 3, 0, 2);
+  double moved = 0;
+  for (size_t i = 0; i < ref.size(); ++i) moved = std::max(moved, std::abs(ref[i] - plain_ref[i]));
+  EXPECT_GT(moved, 1e-2) << "the LoRA must change the output";
+  EXPECT_EQ(patched_bytes(), double(copy_bytes));  // kept: 2 blocks + the copy fit
+  EXPECT_EQ(run("j2", "s1").second, computed);     // read back: the same bits
+
+  // Block 2 still fits beside the copy; block 3 does not, so the copy is given back first.
+  ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(2), m.file, m.specs[2]).ok());
+  EXPECT_EQ(patched_bytes(), double(copy_bytes));
+  ASSERT_TRUE(c->LoadBlockFromFile(m.Spec(), m.Block(3), m.file, m.specs[3]).ok());
+  EXPECT_EQ(patched_bytes(), 0.0);
+  EXPECT_EQ(run("j3", "s1").second, computed);  // computed again: the same bits, not kept
+  EXPECT_EQ(patched_bytes(), 0.0);
+
+  // Unknown sets are refused by name; dropping the set gives the plain model back.
+  auto unknown = c->RunBlocks("j4", "toy", {{m.Block(0), ""}}, 1, "", "nope");
+  EXPECT_EQ(unknown.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(unknown.status().message().find("patch set 'nope'"), std::string_view::npos);
+  ASSERT_TRUE(c->SetPatches("toy", "", {}, {}, {"s1"}).ok());
+  EXPECT_EQ(c->RunBlocks("j5", "toy", {{m.Block(0), ""}}, 1, "", "s1").status().code(),
+            StatusCode::kFailedPrecondition);  // s1 is gone
+  const auto [x6, plain] = run("j6", "");
+  const auto ref6 = m.Reference(x6, 3, 0, 2);
+  for (size_t i = 0; i < ref6.size(); ++i) ASSERT_NEAR(plain[i], ref6[i], 1e-5) << i;
+
+  // A patch that does not fit its weight is refused naming it, and nothing is kept.
+  module.offset_length = kDim + 1;
+  Status bad = c->SetPatches("toy", "s2", {{"", 1.0, {module}}}, parts, {});
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument) << bad;
+  EXPECT_NE(bad.message().find("p0"), std::string_view::npos) << bad;
+  EXPECT_EQ(c->RunBlocks("j7", "toy", {{m.Block(0), ""}}, 1, "", "s2").status().code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(w->Terminate(), 0);
+}
+
 TEST(Worker, ModelFilesStayInsideTheRootsAndAreVerified) {
   const auto& m = Model();
   auto w = StartWorker({"--id", "cpu", "--capacity", "1mb"});
