@@ -110,3 +110,45 @@ def test_unchanged_patches_are_sent_once_and_again_when_the_coordinator_lost_the
     got, _ = _step(patched, flux["inputs"])
     assert _bitwise_equal(got, first)
     assert runner.reloads == 0
+
+
+def test_wan_lora_loaders_equal_run_local(cluster, tmp_path):
+    """WAN 2.1 T2V through the node with a kohya LoRA (musubi-tuner's names) stacked on a native
+    one with bias diffs (the lightning LoRAs' form): each step equals run-local --lora."""
+    from test_node_wan import REF_SIZES, _write_model, rand  # noqa: PLC0415
+
+    folder_paths.folder_names_and_paths["diffusion_models"] = ([cluster.model_root],
+                                                               {".safetensors"})
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], {".safetensors"})
+    mm.interrupt_current_processing(False)
+    name = _write_model(cluster.model_root, "lora-node-wan.safetensors", "t2v", 13,
+                        **REF_SIZES["t2v"])
+    path = os.path.join(cluster.model_root, name)
+    base_weights, _ = load_safetensors(path)
+    lf.write_lora(loras / "wan-kohya.safetensors", base_weights, "wan", fmt="kohya",
+                  adapter="lora", rank=4, alpha=4.0, seed=6, dtype=torch.bfloat16)
+    lf.write_lora(loras / "wan-diff.safetensors", base_weights, "wan", fmt="native",
+                  adapter="diff", seed=7)
+    patcher = Loader().load_unet(name, coordinator=cluster.address, compute_dtype="float32",
+                                 compute_device="cuda:0", virtual_vram_gb=0,
+                                 expert_mode_allocations="cuda:0,50%;cuda:1,50%")[0]
+    only = comfy_nodes.LoraLoaderModelOnly()
+    patched = only.load_lora_model_only(
+        only.load_lora_model_only(patcher, "wan-kohya.safetensors", 0.8)[0],
+        "wan-diff.safetensors", 0.5)[0]
+    patched.pre_run()
+    model = patched.model
+    model.current_patcher = patched
+    x, context = rand(1, 16, 2, 4, 6, seed=8), rand(1, 7, REF_SIZES["t2v"]["text_dim"], seed=9)
+    for sigma in (0.9, 0.4):
+        s = torch.full((1,), sigma)
+        got = model.apply_model(x, s, c_crossattn=context)
+        out = _run_local(path, {"x": x, "timestep": s * 1000, "context": context}, tmp_path,
+                         [(loras / "wan-kohya.safetensors", 0.8),
+                          (loras / "wan-diff.safetensors", 0.5)], "wan%g" % sigma)
+        assert _bitwise_equal(got, x - out * sigma), "sigma %g" % sigma
+    plain = _run_local(path, {"x": x, "timestep": s * 1000, "context": context}, tmp_path, [],
+                       "wan-plain")
+    assert not _bitwise_equal(got, x - plain * sigma), "the LoRAs must change the step"
