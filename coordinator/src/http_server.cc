@@ -1,5 +1,6 @@
 #include "fleet/coordinator/http_server.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <boost/asio/ip/tcp.hpp>
@@ -79,6 +80,62 @@ std::string QueryParam(std::string_view query, std::string_view name) {
   return "";
 }
 
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Waits until `socket` is readable (or writable) or `deadline` passes; false on timeout.
+bool WaitFor(tcp::socket& socket, short events, Clock::time_point deadline) {
+  const auto left =
+      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  if (left <= 0) return false;
+  pollfd p{socket.native_handle(), events, 0};
+  return poll(&p, 1, static_cast<int>(std::min<long long>(left, 1 << 30))) > 0;
+}
+
+// Reads one request into `parser` by `deadline` (a whole request, not each read: a client that
+// sends a byte now and then is cut off too). False when the client closed, sent something
+// malformed or too large, or was too slow.
+bool ReadRequest(tcp::socket& socket, beast::flat_buffer& buffer,
+                 http::request_parser<http::string_body>& parser, Clock::time_point deadline) {
+  parser.eager(true);
+  beast::error_code ec;
+  while (true) {
+    if (buffer.size() > 0) {
+      const size_t used = parser.put(buffer.data(), ec);
+      buffer.consume(used);
+      if (ec == http::error::need_more) {
+        ec = {};
+      } else if (ec) {
+        return false;
+      }
+      if (parser.is_done()) return true;
+      if (used > 0) continue;
+    }
+    if (!WaitFor(socket, POLLIN, deadline)) return false;
+    const size_t n = socket.read_some(buffer.prepare(16 * 1024), ec);
+    if (ec) return false;
+    buffer.commit(n);
+  }
+}
+
+// Writes `res` by `deadline`; false when the client stopped reading or went away.
+bool WriteResponse(tcp::socket& socket, http::response<http::string_body>& res,
+                   Clock::time_point deadline) {
+  http::serializer<false, http::string_body> serializer{res};
+  beast::error_code ec;
+  while (!serializer.is_done()) {
+    if (!WaitFor(socket, POLLOUT, deadline)) return false;
+    http::write_some(socket, serializer, ec);
+    if (ec) return false;
+  }
+  return true;
+}
+
+bool IsHealthPath(std::string_view path) { return path.rfind("/v2/health/", 0) == 0; }
+
+}  // namespace
+
 struct HttpServer::Impl {
   HttpServerOptions options;
   HttpHandler handler;
@@ -90,6 +147,7 @@ struct HttpServer::Impl {
   std::condition_variable cv;
   std::set<std::shared_ptr<tcp::socket>> connections;  // guarded by mu
   int active = 0;                                       // guarded by mu
+  int probes = 0;  // of `active`, connections past max_connections; guarded by mu
 
   void AcceptLoop() {
     while (!stopping.load()) {
@@ -102,49 +160,65 @@ struct HttpServer::Impl {
         continue;
       }
       std::unique_lock lock(mu);
-      if (active >= options.max_connections) {
+      const bool probe_only = active - probes >= options.max_connections;
+      if (probe_only && probes >= options.probe_connections) {
         lock.unlock();
         Reject(*socket);
         continue;
       }
       ++active;
+      if (probe_only) ++probes;
       connections.insert(socket);
-      std::thread([this, socket] { Serve(socket); }).detach();
+      std::thread([this, socket, probe_only] { Serve(socket, probe_only); }).detach();
     }
   }
 
-  void Reject(tcp::socket& socket) {
-    http::response<http::string_body> res{http::status::service_unavailable, 11};
+  static http::response<http::string_body> TooManyConnections(unsigned version) {
+    http::response<http::string_body> res{http::status::service_unavailable, version};
     res.set(http::field::content_type, "application/json");
     res.body() = R"({"error":"too many connections","code":"ResourceExhausted"})";
+    res.keep_alive(false);
     res.prepare_payload();
+    return res;
+  }
+
+  void Reject(tcp::socket& socket) {
+    auto res = TooManyConnections(11);
+    WriteResponse(socket, res, Clock::now() + std::chrono::milliseconds(100));
     beast::error_code ec;
-    http::write(socket, res, ec);
     socket.shutdown(tcp::socket::shutdown_both, ec);
   }
 
   bool Authorized(const http::request<http::string_body>& req, std::string_view path) const {
     if (options.bearer_token.empty()) return true;
-    if (path.rfind("/v2/health/", 0) == 0) return true;
+    if (IsHealthPath(path)) return true;
     auto it = req.find(http::field::authorization);
     if (it == req.end()) return false;
     return it->value() == "Bearer " + options.bearer_token;
   }
 
-  void Serve(std::shared_ptr<tcp::socket> socket) {
+  void Serve(std::shared_ptr<tcp::socket> socket, bool probe_only) {
     beast::flat_buffer buffer;
     beast::error_code ec;
+    const auto timeout = probe_only ? std::min<std::chrono::milliseconds>(options.io_timeout,
+                                                                          std::chrono::seconds(2))
+                                    : options.io_timeout;
     while (!stopping.load()) {
       http::request_parser<http::string_body> parser;
       parser.body_limit(options.max_body_bytes);
       parser.header_limit(16 * 1024);
-      http::read(*socket, buffer, parser, ec);
-      if (ec) break;  // closed, malformed or too large: drop the connection
+      // Closed, malformed, too large or too slow: drop the connection.
+      if (!ReadRequest(*socket, buffer, parser, Clock::now() + timeout)) break;
       auto& req = parser.get();
       std::string target(req.target());
       size_t q = target.find('?');
       HttpRequest request{std::string(req.method_string()), PercentDecode(target.substr(0, q), false),
                           q == std::string::npos ? "" : target.substr(q + 1), req.body()};
+      if (probe_only && !IsHealthPath(request.path)) {
+        auto res = TooManyConnections(req.version());
+        WriteResponse(*socket, res, Clock::now() + timeout);
+        break;
+      }
       HttpResponse response;
       if (!Authorized(req, request.path)) {
         response = ErrorResponse(Status(StatusCode::kFailedPrecondition, "missing or wrong bearer token"));
@@ -160,17 +234,17 @@ struct HttpServer::Impl {
       res.set(http::field::server, "tensorfleet");
       res.set(http::field::content_type, response.content_type);
       if (response.status == 401) res.set(http::field::www_authenticate, "Bearer");
-      res.keep_alive(req.keep_alive());
+      res.keep_alive(req.keep_alive() && !probe_only);
       res.body() = std::move(response.body);
       res.prepare_payload();
-      http::write(*socket, res, ec);
-      if (ec || !res.keep_alive()) break;
+      if (!WriteResponse(*socket, res, Clock::now() + timeout) || !res.keep_alive()) break;
     }
     socket->shutdown(tcp::socket::shutdown_both, ec);
     socket->close(ec);
     std::lock_guard lock(mu);
     connections.erase(socket);
     --active;
+    if (probe_only) --probes;
     cv.notify_all();
   }
 };

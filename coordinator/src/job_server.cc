@@ -479,26 +479,9 @@ struct JobServer::Impl {
         worker::LoraFileRef ref{Str(l->path()), l->strength(), {}};
         if (l->modules()) {
           for (const auto* m : *l->modules()) {
-            families::LoraModule module;
-            module.prefix = Str(m->prefix());
-            module.target = Str(m->target());
-            module.offset_dim = m->offset_dim();
-            module.offset_start = m->offset_start();
-            module.offset_length = m->offset_length();
-            module.swap_halves = m->swap_halves();
-            if (m->keys()) {
-              for (const auto* k : *m->keys()) {
-                std::string prefix, suffix;
-                if (!families::SplitLoraKey(k->str(), &prefix, &suffix) ||
-                    prefix != module.prefix) {
-                  return ErrorReply(id, InvalidArgumentError(
-                                            "patch key '" + k->str() + "' is not a part of module '" +
-                                            module.prefix + "' (see docs/models.md)"));
-                }
-                module.parts[suffix] = k->str();
-              }
-            }
-            ref.modules.push_back(std::move(module));
+            auto module = worker::LoraModuleFromWire(*m);
+            if (!module.ok()) return ErrorReply(id, module.status());
+            ref.modules.push_back(std::move(*module));
           }
         }
         loras.push_back(std::move(ref));

@@ -489,6 +489,32 @@ Status WorkerClient::ReleaseWeights(uint64_t lease) {
   return Call(fbb, {}, options_.timeout).status();
 }
 
+StatusOr<families::LoraModule> LoraModuleFromWire(const wire::LoraModuleRef& m) {
+  families::LoraModule module;
+  module.prefix = m.prefix() ? m.prefix()->str() : "";
+  module.target = m.target() ? m.target()->str() : "";
+  if (m.shape()) module.shape.assign(m.shape()->begin(), m.shape()->end());
+  module.offset_dim = m.offset_dim();
+  module.offset_start = m.offset_start();
+  module.offset_length = m.offset_length();
+  module.swap_halves = m.swap_halves();
+  if (m.keys()) {
+    for (const auto* k : *m.keys()) {
+      std::string prefix, suffix;
+      if (!families::SplitLoraKey(k->str(), &prefix, &suffix) || prefix != module.prefix) {
+        return InvalidArgumentError("patch key '" + k->str() + "' is not a part of module '" +
+                                    module.prefix + "' (docs/models.md)");
+      }
+      module.parts[suffix] = k->str();
+    }
+  }
+  if (module.parts.empty() || module.shape.size() > 8) {
+    return InvalidArgumentError("module '" + module.prefix +
+                                "' names no tensors or a shape of more than 8 dimensions");
+  }
+  return module;
+}
+
 Status WorkerClient::SetPatches(const std::string& model, const std::string& id,
                                 const std::vector<LoraFileRef>& loras,
                                 const std::vector<HostTensor>& tensors,

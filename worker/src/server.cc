@@ -1780,30 +1780,11 @@ Status WorkerServer::Impl::HandleSetPatches(Task& task, const wire::SetPatchesRe
     std::vector<families::LoraModule> modules;
     if (lora->modules() != nullptr) {
       for (const auto* m : *lora->modules()) {
-        families::LoraModule module;
-        module.prefix = Str(m->prefix());
-        module.target = Str(m->target());
-        if (m->shape()) module.shape.assign(m->shape()->begin(), m->shape()->end());
-        module.offset_dim = m->offset_dim();
-        module.offset_start = m->offset_start();
-        module.offset_length = m->offset_length();
-        module.swap_halves = m->swap_halves();
-        if (m->keys()) {
-          for (const auto* k : *m->keys()) {
-            const std::string key = k->str();
-            std::string prefix, suffix;
-            const auto n = part_bytes(key);
-            if (!families::SplitLoraKey(key, &prefix, &suffix) || prefix != module.prefix || !n) {
-              return InvalidArgumentError(source + ": '" + key + "' is not a part of module '" +
-                                          module.prefix + "' there");
-            }
-            bytes += *n;
-            module.parts[suffix] = key;
-          }
-        }
-        if (module.parts.empty() || module.shape.size() > 8) {
-          return InvalidArgumentError(source + ": module '" + module.prefix +
-                                      "' names no tensors or a shape of more than 8 dimensions");
+        FLEET_ASSIGN_OR_RETURN(families::LoraModule module, LoraModuleFromWire(*m));
+        for (const auto& [suffix, key] : module.parts) {
+          const auto n = part_bytes(key);
+          if (!n) return InvalidArgumentError(source + ": no tensor '" + key + "' there");
+          bytes += *n;
         }
         modules.push_back(std::move(module));
       }

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <thread>
 
@@ -275,16 +276,25 @@ struct MetricsServer::Impl {
     if (fd >= 0) close(fd);
   }
 
+  // Waits until `client` is ready for `events` or `deadline` passes; false on timeout.
+  static bool WaitFor(int client, short events, std::chrono::steady_clock::time_point deadline) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          deadline - std::chrono::steady_clock::now())
+                          .count();
+    pollfd p{client, events, 0};
+    return left > 0 && poll(&p, 1, static_cast<int>(left)) > 0;
+  }
+
   void Serve(int client) {
-    // Read the request head (bounded in size and time); only the request line matters.
-    timeval tv{2, 0};
-    setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    // The whole exchange has 2 s (a scrape takes milliseconds): a client that trickles its
+    // request, or does not read the answer, cannot hold this one thread longer.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     std::string head;
     char buf[1024];
     while (head.find("\r\n\r\n") == std::string::npos && head.find("\n\n") == std::string::npos &&
            head.size() < 8192) {
-      const ssize_t n = recv(client, buf, sizeof(buf), 0);
+      if (!WaitFor(client, POLLIN, deadline)) break;
+      const ssize_t n = recv(client, buf, sizeof(buf), MSG_DONTWAIT);
       if (n <= 0) break;
       head.append(buf, static_cast<size_t>(n));
     }
@@ -302,8 +312,9 @@ struct MetricsServer::Impl {
                            "\r\nContent-Length: " + std::to_string(body.size()) +
                            "\r\nConnection: close\r\n\r\n" + body;
     size_t sent = 0;
-    while (sent < response.size()) {
-      const ssize_t n = send(client, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
+    while (sent < response.size() && WaitFor(client, POLLOUT, deadline)) {
+      const ssize_t n =
+          send(client, response.data() + sent, response.size() - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
       if (n <= 0) break;
       sent += static_cast<size_t>(n);
     }

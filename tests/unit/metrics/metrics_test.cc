@@ -7,9 +7,11 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <fstream>
 #include <set>
 #include <sstream>
+#include <thread>
 
 namespace fleet::metrics {
 namespace {
@@ -49,6 +51,47 @@ TEST(Metrics, EveryDocumentedFamilyIsDeclaredWithItsType) {
     EXPECT_EQ(it->second, type) << name;
   }
   EXPECT_EQ(declared.size(), documented.size()) << "a declared family is not documented";
+}
+
+int ConnectLocal(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
+  timeval tv{30, 0};  // a server that never closes fails the test instead of hanging it
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  return fd;
+}
+
+// One thread serves every scrape, so a client that trickles its request (each byte within any
+// per-read timeout) must be cut off by a deadline on the whole exchange.
+TEST(Metrics, ATricklingClientIsCutOffAndScrapesGoOn) {
+  auto registry = std::make_shared<prometheus::Registry>();
+  WorkerMetrics m(*registry);
+  auto server = MetricsServer::Start("127.0.0.1:0", registry);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string addr = (*server)->address();
+  const int port = std::stoi(addr.substr(addr.rfind(':') + 1));
+  const int slow = ConnectLocal(port);
+  const std::string request = "GET /metrics HTTP/1.0\r\nX-Slow: " + std::string(200, 'a');
+  size_t sent = 0;
+  while (sent < request.size() &&
+         send(slow, request.data() + sent, 1, MSG_NOSIGNAL) == 1) {  // 20 s at this pace
+    ++sent;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_LT(sent, request.size()) << "the server read a 20 s trickle to the end";
+  close(slow);
+  const int fd = ConnectLocal(port);
+  const std::string req = "GET /metrics HTTP/1.0\r\n\r\n";
+  ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+  std::string body;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
+  close(fd);
+  EXPECT_NE(body.find("200 OK"), std::string::npos) << body;
 }
 
 TEST(Metrics, ServerExposesTheRegistry) {

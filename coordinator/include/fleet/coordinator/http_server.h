@@ -1,7 +1,12 @@
 // A small HTTP/1.1 server (Boost.Beast) for the coordinator's control API.
 //
-// Each connection is served on its own thread with keep-alive; at most `max_connections` at once
-// (more are answered 503 and closed), so a slow model load never blocks /v2/health/live.
+// Each connection is served on its own thread with keep-alive; at most `max_connections` at once,
+// so a slow model load never blocks /v2/health/live. A request must arrive whole, and its
+// response leave, within `io_timeout` (a keep-alive connection idle that long is closed), so a
+// stalled or slow client holds a thread and a slot for a bounded time and never blocks Stop().
+// Past `max_connections`, up to `probe_connections` more are served one request each, for the
+// health endpoints only (a kubelet probe must not see 503 because clients hold every slot);
+// anything else there, and connections past both, get 503.
 // When a bearer token is configured, every request must carry `Authorization: Bearer <token>`
 // except the health endpoints (probes carry no secrets). Errors are JSON: {"error": "..."}.
 //
@@ -10,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -49,7 +55,9 @@ struct HttpServerOptions {
   uint16_t port = 0;                   // 0 picks a free port (read it back with port())
   std::string bearer_token;            // empty: no authentication
   int max_connections = 64;
+  int probe_connections = 8;
   size_t max_body_bytes = 1 << 20;
+  std::chrono::milliseconds io_timeout{10000};
 };
 
 class HttpServer {

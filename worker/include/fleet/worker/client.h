@@ -87,6 +87,10 @@ struct LoraFileRef {
   std::vector<families::LoraModule> modules;
 };
 
+/// A module as SetPatches and PutPatches carry it: parts by the suffix of each key (a key that
+/// is not "<prefix><part>" is InvalidArgument naming it), at most 8 dimensions, one part at least.
+StatusOr<families::LoraModule> LoraModuleFromWire(const wire::LoraModuleRef& m);
+
 struct RunBlocksResult {
   uint32_t blocks_run = 0;
   double compute_seconds = 0;
