@@ -1455,45 +1455,53 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       }
       Fetched f;
       const auto t0 = Clock::now();
-      auto donor = Peer(step.donor);
-      if (!donor.ok()) {
-        f.status = donor.status().WithContext("weight donor " + step.donor);
-      } else {
-        f.donor = *donor;
-        auto w = (*donor)->FetchWeights(model_name, step.block);
-        if (!w.ok()) {
-          f.status =
-              w.status().WithContext("fetching block '" + step.block + "' from " + step.donor);
-          if (w.status().code() == StatusCode::kUnavailable ||
-              w.status().code() == StatusCode::kDeadlineExceeded) {
-            DropPeer(step.donor);
-          }
+      // An exception here (a CUDA out-of-memory moving the weights to the device) must fail this
+      // RunBlocks, not reach std::terminate and take every resident block with the process.
+      try {
+        auto donor = Peer(step.donor);
+        if (!donor.ok()) {
+          f.status = donor.status().WithContext("weight donor " + step.donor);
         } else {
-          f.lease = w->lease;
-          f.bytes = w->bytes;
-          for (auto& t : w->tensors) {
-            auto weight = ReceivedWeight(t);
-            if (!weight.ok()) {
-              f.status =
-                  weight.status().WithContext("block '" + step.block + "' from " + step.donor);
-              break;
+          f.donor = *donor;
+          auto w = (*donor)->FetchWeights(model_name, step.block);
+          if (!w.ok()) {
+            f.status =
+                w.status().WithContext("fetching block '" + step.block + "' from " + step.donor);
+            if (w.status().code() == StatusCode::kUnavailable ||
+                w.status().code() == StatusCode::kDeadlineExceeded) {
+              DropPeer(step.donor);
             }
-            if (device.is_cuda()) weight->data = weight->data.to(device);
-            f.weights[t.name] = std::move(*weight);
+          } else {
+            f.lease = w->lease;
+            f.bytes = w->bytes;
+            for (auto& t : w->tensors) {
+              auto weight = ReceivedWeight(t);
+              if (!weight.ok()) {
+                f.status =
+                    weight.status().WithContext("block '" + step.block + "' from " + step.donor);
+                break;
+              }
+              if (device.is_cuda()) weight->data = weight->data.to(device);
+              f.weights[t.name] = std::move(*weight);
+            }
+            if (f.status.ok()) {
+              f.status = models::AttachScales(f.weights).WithContext("block '" + step.block +
+                                                                     "' from " + step.donor);
+            }
+            const std::string src =
+                f.donor->peer().device.empty() ? step.donor : f.donor->peer().device;
+            m->transfer_bytes.Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}})
+                .Increment(static_cast<double>(f.bytes));
+            m->transfer_duration
+                .Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}},
+                     metrics::DurationBuckets())
+                .Observe(Seconds(Clock::now() - t0));
           }
-          if (f.status.ok()) {
-            f.status = models::AttachScales(f.weights).WithContext("block '" + step.block +
-                                                                   "' from " + step.donor);
-          }
-          const std::string src =
-              f.donor->peer().device.empty() ? step.donor : f.donor->peer().device;
-          m->transfer_bytes.Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}})
-              .Increment(static_cast<double>(f.bytes));
-          m->transfer_duration
-              .Add({{"src", src}, {"dst", config.id}, {"kind", "weights"}},
-                   metrics::DurationBuckets())
-              .Observe(Seconds(Clock::now() - t0));
         }
+      } catch (const std::exception& e) {
+        f.weights.clear();
+        f.status = InternalError("fetching block '" + step.block + "' from " + step.donor + ": " +
+                                 e.what());
       }
       const bool failed = !f.status.ok();
       {
@@ -1543,6 +1551,7 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
       result.prefetch_stall_seconds += Seconds(Clock::now() - t0);
       if (!fetched.status.ok()) {
         status = fetched.status;
+        release(fetched);  // a lease taken before the failure goes back to the donor
         break;
       }
       result.streamed_bytes += fetched.bytes;
