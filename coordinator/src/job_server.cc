@@ -226,16 +226,19 @@ struct JobServer::Impl {
       }
       for (auto& [identity, frames] : ready) Send(identity, frames);
       if (items[0].revents & ZMQ_POLLIN) {
-        auto frames = transport::RecvFrames(router, std::chrono::milliseconds(0));
+        bool dropped = false;
+        auto frames = transport::RecvFrames(router, std::chrono::milliseconds(0),
+                                            limits.max_tensors + 2, &dropped);
         if (!frames.ok() || frames->size() < 2) continue;
         std::string identity(static_cast<const char*>((*frames)[0].data()), (*frames)[0].size());
         frames->erase(frames->begin());
-        Handle(identity, std::move(*frames));
+        Handle(identity, std::move(*frames), dropped);
       }
     }
   }
 
-  void Handle(const std::string& identity, Frames frames) {
+  // `too_many_frames`: the message had more frames than a request may (the rest were dropped).
+  void Handle(const std::string& identity, Frames frames, bool too_many_frames) {
     transport::AlignFrame(frames[0]);  // read in place here and by the job thread
     auto header = transport::FrameBytes(frames[0]);
     if (header.size() > limits.max_header_bytes) {
@@ -253,6 +256,14 @@ struct JobServer::Impl {
     const auto* req = flatbuffers::GetRoot<wire::JobRequest>(header.data());
     uint64_t id = req->id();
     auto type = req->body_type();
+    if (too_many_frames) {
+      Frames reply = ErrorReply(
+          id, ResourceExhaustedError(std::string(TypeName(type)) + " came with more than " +
+                                     std::to_string(limits.max_tensors) +
+                                     " data frames; the rest were dropped unread"));
+      Count(TypeName(type), "rejected");
+      return Send(identity, reply);
+    }
     if (type == wire::JobRequestBody::Hello) return HandleHello(identity, id, req->body_as_Hello());
     if (!Greeted(identity)) {
       Frames reply = ErrorReply(id, FailedPreconditionError("send Hello first on a new connection"));
@@ -551,6 +562,7 @@ StatusOr<std::unique_ptr<JobServer>> JobServer::Start(Coordinator* coordinator, 
   so.max_message_bytes = impl->limits.max_message_bytes;
   so.curve = curve;
   so.server = true;
+  so.rcvhwm = transport::kRouterRcvHwm;
   FLEET_RETURN_IF_ERROR(transport::ConfigureSocket(impl->router, so));
   FLEET_ASSIGN_OR_RETURN(impl->endpoint, transport::Bind(impl->router, listen));
   impl->wake_endpoint = "inproc://fleet-jobs-wake-" + std::to_string(reinterpret_cast<uintptr_t>(impl.get()));

@@ -476,7 +476,8 @@ struct WorkerServer::Impl {
   void HandlerLoop();
   void HeartbeatLoop();
   void IoLoop();
-  void OnRequest(Frames frames);
+  // `too_many_frames`: the message had more frames than a request may (the rest were dropped).
+  void OnRequest(Frames frames, bool too_many_frames);
   void SendError(zmq::message_t& rid, uint64_t id, const Status& status);
 };
 
@@ -492,7 +493,7 @@ void WorkerServer::Impl::SendError(zmq::message_t& rid, uint64_t id, const Statu
   transport::SendFrames(router, out).IgnoreError();
 }
 
-void WorkerServer::Impl::OnRequest(Frames frames) {
+void WorkerServer::Impl::OnRequest(Frames frames, bool too_many_frames) {
   if (frames.size() < 2) {
     m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}})
         .Increment();
@@ -507,13 +508,24 @@ void WorkerServer::Impl::OnRequest(Frames frames) {
   if (!request.ok()) {
     m->requests.Add({{"device", config.id}, {"type", "Unknown"}, {"outcome", "rejected"}})
         .Increment();
-    FLEET_LOG(WARNING, "worker") << "rejected a message from '" << conns[rid_key].peer.peer_name
+    auto known = conns.find(rid_key);
+    FLEET_LOG(WARNING, "worker") << "rejected a message from '"
+                                 << (known != conns.end() ? known->second.peer.peer_name : "?")
                                  << "': " << request.status();
     SendError(frames[0], 0, request.status());
     return;
   }
   const auto type = (*request)->body_type();
   const std::string type_name(protocol::RequestTypeName(type));
+  if (too_many_frames) {
+    m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}})
+        .Increment();
+    SendError(frames[0], (*request)->id(),
+              ResourceExhaustedError(type_name + " came with more than " +
+                                     std::to_string(limits.max_tensors) +
+                                     " data frames; the rest were dropped unread"));
+    return;
+  }
   Conn& conn = conns[rid_key];
   if (type == wire::WorkerRequestBody::Hello) {
     protocol::HelloInfo peer = protocol::ReadHello(*(*request)->body_as_Hello());
@@ -620,8 +632,10 @@ void WorkerServer::Impl::IoLoop() {
       }
     }
     if (accepting && (items[2].revents & ZMQ_POLLIN)) {
-      auto frames = transport::RecvFrames(router, std::chrono::milliseconds(0));
-      if (frames.ok()) OnRequest(std::move(*frames));
+      bool dropped = false;
+      auto frames = transport::RecvFrames(router, std::chrono::milliseconds(0),
+                                          limits.max_tensors + 2, &dropped);
+      if (frames.ok()) OnRequest(std::move(*frames), dropped);
     }
   }
 }
@@ -1992,6 +2006,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
   so.curve = &config.curve;
   so.server = true;
   so.max_message_bytes = config.max_message_bytes;
+  so.rcvhwm = transport::kRouterRcvHwm;
   FLEET_RETURN_IF_ERROR(transport::ConfigureSocket(impl->router, so));
   if (config.curve.enabled()) {
     const std::string monitor_endpoint =

@@ -1,5 +1,7 @@
 #include "fleet/transport/zmq_util.h"
 
+#include <limits>
+
 #include <cstring>
 
 namespace fleet::transport {
@@ -77,6 +79,13 @@ Status SendFrames(zmq::socket_t& socket, Frames& frames) {
 }
 
 StatusOr<Frames> RecvFrames(zmq::socket_t& socket, std::chrono::milliseconds timeout) {
+  bool dropped = false;
+  return RecvFrames(socket, timeout, std::numeric_limits<size_t>::max(), &dropped);
+}
+
+StatusOr<Frames> RecvFrames(zmq::socket_t& socket, std::chrono::milliseconds timeout,
+                            size_t max_frames, bool* dropped) {
+  *dropped = false;
   try {
     if (timeout.count() >= 0) {
       zmq::pollitem_t item{socket.handle(), 0, ZMQ_POLLIN, 0};
@@ -85,11 +94,17 @@ StatusOr<Frames> RecvFrames(zmq::socket_t& socket, std::chrono::milliseconds tim
       }
     }
     Frames frames;
-    do {
+    bool more = true;
+    while (more) {
       zmq::message_t m;
       if (!socket.recv(m, zmq::recv_flags::none)) return UnavailableError("receive interrupted");
-      frames.push_back(std::move(m));
-    } while (frames.back().more());
+      more = m.more();
+      if (frames.size() < max_frames) {
+        frames.push_back(std::move(m));
+      } else {
+        *dropped = true;  // `m` goes now
+      }
+    }
     return frames;
   } catch (const zmq::error_t& e) {
     return ZmqError("receive", e);

@@ -679,6 +679,23 @@ TEST(Worker, SurvivesGarbageAndKeepsServing) {
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
     EXPECT_NE(s.message().find("data frame 3"), std::string_view::npos) << s;
   }
+  // More data frames than a request may have: the worker keeps the first ones only, drops the
+  // rest as they arrive and says so (a million empty frames would otherwise be a million
+  // allocations held until the message is complete).
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    auto body = wire::CreatePutTensorsRequest(fbb, fbb.CreateString("j"));
+    protocol::FinishRequest(fbb, 8, wire::WorkerRequestBody::PutTensorsRequest, body.Union());
+    transport::Frames f;
+    f.emplace_back(fbb.GetBufferPointer(), fbb.GetSize());
+    for (int i = 0; i < 70000; ++i) f.emplace_back();  // max_tensors is 65536
+    auto reply = garbage->TEST_RawCall(std::move(f));
+    ASSERT_TRUE(reply.ok());
+    Status s = error_reply(*reply);
+    EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s;
+    EXPECT_NE(s.message().find("more than 65536 data frames"), std::string_view::npos) << s;
+  }
+  healthy();
   // A shm reservation this client was never granted.
   {
     flatbuffers::FlatBufferBuilder fbb;

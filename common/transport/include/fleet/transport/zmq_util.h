@@ -34,6 +34,11 @@ struct CurveConfig {
   bool enabled() const { return !secret_key.empty(); }
 };
 
+/// The receive high-water mark of server sockets, in messages per connection: a client has one
+/// request in flight (a Cancel, a progress poll beside it), so a peer that queues more is pushed
+/// back by TCP instead of filling the server's memory (0 would be unlimited).
+inline constexpr int kRouterRcvHwm = 16;
+
 struct SocketOptions {
   /// ZMQ_MAXMSGSIZE: a peer sending a larger frame is disconnected. 0 = no limit.
   uint64_t max_message_bytes = 0;
@@ -57,6 +62,10 @@ Status Connect(zmq::socket_t& socket, const std::string& endpoint);
 Status SendFrames(zmq::socket_t& socket, Frames& frames);
 /// Receives one multipart message; DeadlineExceeded after `timeout` (negative = wait forever).
 StatusOr<Frames> RecvFrames(zmq::socket_t& socket, std::chrono::milliseconds timeout);
+/// RecvFrames keeping at most `max_frames` frames: the parts past them are received and dropped
+/// one at a time (a peer cannot make a server hold millions of frames), and `*dropped` says so.
+StatusOr<Frames> RecvFrames(zmq::socket_t& socket, std::chrono::milliseconds timeout,
+                            size_t max_frames, bool* dropped);
 
 /// A frame that owns a finished FlatBuffer without copying it.
 zmq::message_t MessageFromBuffer(flatbuffers::DetachedBuffer buffer);
