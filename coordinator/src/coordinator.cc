@@ -1,11 +1,12 @@
 #include "fleet/coordinator/coordinator.h"
 
+#include <condition_variable>
 #include <filesystem>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
-#include <condition_variable>
 #include <thread>
 
 #include "fleet/config/bytes.h"
@@ -273,14 +274,7 @@ struct Coordinator::Impl {
     const std::string id = Fnv1aHex(key);
     {
       std::lock_guard lock(mu);
-      auto it = std::find_if(m.patch_sets.begin(), m.patch_sets.end(),
-                             [&](const auto& e) { return e.id == id; });
-      if (it != m.patch_sets.end()) {
-        LoadedModel::PatchSetEntry e = *it;
-        m.patch_sets.erase(it);
-        m.patch_sets.push_back(e);
-        return e;
-      }
+      if (auto held = TouchPatchSetLocked(m, id)) return *held;
     }
     const families::WeightShapes shapes = WeightShapes(m);
     auto refs = std::make_shared<std::vector<worker::LoraFileRef>>();
@@ -306,6 +300,8 @@ struct Coordinator::Impl {
   // Adds `set` as the model's most recent patch set, dropping the least recent past
   // kMaxPatchSetsPerModel (from the workers too, with their next SetPatches). REQUIRES: mu.
   LoadedModel::PatchSetEntry KeepPatchSetLocked(LoadedModel& m, LoadedModel::PatchSetEntry set) {
+    // Two Forwards may have mapped the same new set at once: keep the first.
+    if (auto held = TouchPatchSetLocked(m, set.id)) return *held;
     m.patch_sets.push_back(std::move(set));
     while (m.patch_sets.size() > kMaxPatchSetsPerModel) {
       const std::string old = m.patch_sets.front().id;
@@ -317,19 +313,25 @@ struct Coordinator::Impl {
     return m.patch_sets.back();
   }
 
-  // The model's patch set `id` (PutPatches'), made the most recent.
-  StatusOr<LoadedModel::PatchSetEntry> FindPatchSet(LoadedModel& m, const std::string& id) {
-    std::lock_guard lock(mu);
+  // The model's patch set `id`, made the most recent; nullopt when the model has none.
+  // REQUIRES: mu.
+  std::optional<LoadedModel::PatchSetEntry> TouchPatchSetLocked(LoadedModel& m,
+                                                                const std::string& id) {
     auto it = std::find_if(m.patch_sets.begin(), m.patch_sets.end(),
                            [&](const auto& e) { return e.id == id; });
-    if (it == m.patch_sets.end()) {
-      return NotFoundError("patch set '" + id + "' of model '" + m.name +
-                           "' is not on this coordinator (PutPatches first)");
-    }
+    if (it == m.patch_sets.end()) return std::nullopt;
     LoadedModel::PatchSetEntry e = *it;
     m.patch_sets.erase(it);
     m.patch_sets.push_back(e);
     return e;
+  }
+
+  // The model's patch set `id` (PutPatches'), made the most recent.
+  StatusOr<LoadedModel::PatchSetEntry> FindPatchSet(LoadedModel& m, const std::string& id) {
+    std::lock_guard lock(mu);
+    if (auto held = TouchPatchSetLocked(m, id)) return *held;
+    return NotFoundError("patch set '" + id + "' of model '" + m.name +
+                         "' is not on this coordinator (PutPatches first)");
   }
 
   // The model's weight shapes by name without the file prefix (quantisation parameters left
