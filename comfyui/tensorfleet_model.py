@@ -24,6 +24,7 @@ that another load evicted is loaded again at its next step, with the cost logged
 Thread safety: ComfyUI runs one prompt at a time; the proxy's client serialises its requests.
 """
 
+import collections
 import hashlib
 import json
 import logging
@@ -543,8 +544,9 @@ class _Runner:
         self.constant_inputs = tuple(constant_inputs)
         self.reloads = 0            # times the model was loaded again at a step
         self.reload_seconds = 0.0   # time those loads took (the cost of a swap)
-        self._patches_put = set()   # (client, patch set id) the coordinator was given
-        self._converted = None      # (patches_uuid, PatchSet) of the last patches seen
+        # (client, patch set id) the coordinator was given, most recent last; the coordinator
+        # keeps 4 sets per model, so remembering more than a few only costs a NotFound retry.
+        self._patches_put = collections.OrderedDict()
 
     def forward(self, inputs, patcher=None):
         """One step; `patcher`'s weight patches (LoRA) go to the coordinator once per patch set
@@ -560,7 +562,9 @@ class _Runner:
                 if patches is not None and (client, patches.id) not in self._patches_put:
                     client.put_patches(self.model_name, patches.id, patches.groups,
                                        patches.tensors)
-                    self._patches_put.add((client, patches.id))
+                    self._patches_put[(client, patches.id)] = True
+                    while len(self._patches_put) > 16:
+                        self._patches_put.popitem(last=False)
                 out = client.forward(self.model_name, inputs, run_id=run_id,
                                      constant_inputs=consts,
                                      should_cancel=mm.processing_interrupted,
@@ -579,16 +583,13 @@ class _Runner:
                     self._reload(client, mm)
         raise AssertionError("unreachable")
 
-    def _patch_set(self, patcher):
-        """The patcher's weight patches as a tensorfleet_patches.PatchSet (None without any),
-        converted once per ComfyUI patches_uuid."""
-        patches = getattr(patcher, "patches", None) if patcher is not None else None
-        if not patches:
+    @staticmethod
+    def _patch_set(patcher):
+        """The patcher's weight patches as a tensorfleet_patches.PatchSet (None without any)."""
+        if patcher is None:
             return None
-        uuid = getattr(patcher, "patches_uuid", None)
-        if uuid is None or self._converted is None or self._converted[0] != uuid:
-            self._converted = (uuid, tensorfleet_patches.patch_set(patches, uuid))
-        return self._converted[1]
+        return tensorfleet_patches.patch_set(getattr(patcher, "patches", None),
+                                             getattr(patcher, "patches_uuid", None))
 
     def _reload(self, client, mm):
         """The coordinator restarted or evicted the model (another model's load needed its

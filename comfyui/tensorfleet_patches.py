@@ -8,7 +8,9 @@ arithmetic (docs/models.md, "LoRA and weight patches"). This module turns that l
 the coordinator's PutPatches takes: groups of modules of one strength, each module naming its
 parts among a dict of tensors, in ComfyUI's stacking order.
 """
+import collections
 import hashlib
+import threading
 
 from .tensorfleet_client import PatchModule, UnimplementedError
 
@@ -88,7 +90,31 @@ def _parts(key, value):
     _refuse(key, "a '%s' patch" % kind)
 
 
+# Conversions by ComfyUI patches_uuid, most recent last: the sampling pre-run check and every
+# step ask for the same patches, and WAN 2.2's two experts alternate. Few: each keeps its LoRA's
+# tensors alive.
+_CACHE_SIZE = 4
+_cache = collections.OrderedDict()
+_cache_lock = threading.Lock()
+
+
 def patch_set(patches, patches_uuid=None):
+    """patches_to_set, converted once per `patches_uuid` (each time when there is none)."""
+    if not patches or patches_uuid is None:
+        return patches_to_set(patches, patches_uuid)
+    with _cache_lock:
+        if patches_uuid in _cache:
+            _cache.move_to_end(patches_uuid)
+            return _cache[patches_uuid]
+    result = patches_to_set(patches, patches_uuid)
+    with _cache_lock:
+        _cache[patches_uuid] = result
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return result
+
+
+def patches_to_set(patches, patches_uuid=None):
     """The PatchSet of a ModelPatcher's `patches` ({key: [(strength_patch, value,
     strength_model, offset, function), ...]}), or None when there are none. Keys must be the
     diffusion model's ("diffusion_model.<weight>"). Raises UnimplementedError naming the key for

@@ -42,16 +42,23 @@ def _expected(path, inputs, tmp_path, loras, tag, sigma):
     return inputs["x"] - ref.float() * sigma.view(1, 1, 1, 1)  # CONST.calculate_denoised
 
 
-@pytest.fixture
-def flux(cluster, tmp_path):
-    name, path = _model(cluster, "lora-node.safetensors", "--preset", "tiny", "--seed", 23,
-                        "--dtype", "f32", "--guidance", "true")
+def _folders(cluster, tmp_path):
+    """ComfyUI's diffusion_models folder is the cluster's model root; its loras folder a new one
+    (returned)."""
     folder_paths.folder_names_and_paths["diffusion_models"] = ([cluster.model_root],
                                                                {".safetensors"})
     loras = tmp_path / "loras"
     loras.mkdir()
     folder_paths.folder_names_and_paths["loras"] = ([str(loras)], {".safetensors"})
     mm.interrupt_current_processing(False)
+    return loras
+
+
+@pytest.fixture
+def flux(cluster, tmp_path):
+    name, path = _model(cluster, "lora-node.safetensors", "--preset", "tiny", "--seed", 23,
+                        "--dtype", "f32", "--guidance", "true")
+    loras = _folders(cluster, tmp_path)
     base, _ = load_safetensors(path)
     files = {}
     for fmt, adapter, seed in [("kohya", "lora", 1), ("diffusers", "loha", 2),
@@ -117,12 +124,7 @@ def test_wan_lora_loaders_equal_run_local(cluster, tmp_path):
     one with bias diffs (the lightning LoRAs' form): each step equals run-local --lora."""
     from test_node_wan import REF_SIZES, _write_model, rand  # noqa: PLC0415
 
-    folder_paths.folder_names_and_paths["diffusion_models"] = ([cluster.model_root],
-                                                               {".safetensors"})
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], {".safetensors"})
-    mm.interrupt_current_processing(False)
+    loras = _folders(cluster, tmp_path)
     name = _write_model(cluster.model_root, "lora-node-wan.safetensors", "t2v", 13,
                         **REF_SIZES["t2v"])
     path = os.path.join(cluster.model_root, name)

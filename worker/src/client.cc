@@ -512,6 +512,13 @@ StatusOr<families::LoraModule> LoraModuleFromWire(const wire::LoraModuleRef& m) 
     return InvalidArgumentError("module '" + module.prefix +
                                 "' names no tensors or a shape of more than 8 dimensions");
   }
+  int64_t numel = 1;
+  for (int64_t d : module.shape) {
+    if (d < 0 || __builtin_mul_overflow(numel, d, &numel)) {
+      return InvalidArgumentError("module '" + module.prefix +
+                                  "': a negative dimension or a shape whose size overflows");
+    }
+  }
   return module;
 }
 

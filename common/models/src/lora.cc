@@ -11,18 +11,13 @@
 #include <cstdlib>
 #include <limits>
 
+#include "block_util.h"
 #include "fleet/tensor/torch_view.h"
 
 namespace fleet::models {
 namespace {
 
 using families::LoraModule;
-
-std::string ShapeText(at::IntArrayRef shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
 
 int64_t Numel(const std::vector<int64_t>& shape) {
   int64_t n = 1;
@@ -77,7 +72,7 @@ StatusOr<std::vector<int64_t>> SliceShape(const LoraModule& m) {
     return InvalidArgumentError("its slice [" + std::to_string(m.offset_start) + ", " +
                                 std::to_string(m.offset_start + m.offset_length) + ") of dim " +
                                 std::to_string(m.offset_dim) + " is outside weight '" + m.target +
-                                "' of shape " + ShapeText(shape));
+                                "' of shape " + internal::ShapeString(shape));
   }
   shape[m.offset_dim] = m.offset_length;
   return shape;
@@ -88,7 +83,7 @@ Status CheckSize(const LoraModule& m, const std::vector<int64_t>& slice, int64_t
   if (numel != Numel(slice)) {
     return InvalidArgumentError(what + " has " + std::to_string(numel) + " values but weight '" +
                                 m.target + "'" + (m.offset_length >= 0 ? " (its slice)" : "") +
-                                " has shape " + ShapeText(slice));
+                                " has shape " + internal::ShapeString(slice));
   }
   return Status::OK();
 }
@@ -96,7 +91,8 @@ Status CheckSize(const LoraModule& m, const std::vector<int64_t>& slice, int64_t
 Status NeedMatrix(const at::Tensor* t, std::string_view suffix) {
   if (t == nullptr) return InvalidArgumentError("'" + std::string(suffix) + "' is missing");
   if (t->dim() < 2) {
-    return InvalidArgumentError("'" + std::string(suffix) + "' has shape " + ShapeText(t->sizes()) +
+    return InvalidArgumentError("'" + std::string(suffix) + "' has shape " +
+                                internal::ShapeString(t->sizes()) +
                                 ", expected at least 2 dimensions");
   }
   return Status::OK();
@@ -111,8 +107,8 @@ Status CheckAdapter(const LoraModule& m, const Adapter& a, const std::vector<int
       const at::Tensor& t = a.parts.begin()->second;
       if (t.sizes().vec() != slice) {
         return InvalidArgumentError("'" + a.parts.begin()->first + "' has shape " +
-                                    ShapeText(t.sizes()) + " but weight '" + m.target + "' has " +
-                                    ShapeText(slice));
+                                    internal::ShapeString(t.sizes()) + " but weight '" + m.target +
+                                    "' has " + internal::ShapeString(slice));
       }
       return Status::OK();
     }
@@ -124,18 +120,18 @@ Status CheckAdapter(const LoraModule& m, const Adapter& a, const std::vector<int
       int64_t in = down->numel() / std::max<int64_t>(rank, 1);
       if (const at::Tensor* mid = Part(a, ".lora_mid.weight")) {
         if (mid->dim() != 4 || down->dim() != 4 || mid->size(1) != rank) {
-          return InvalidArgumentError("'.lora_mid.weight' of shape " + ShapeText(mid->sizes()) +
-                                      " does not fit a conv down of shape " +
-                                      ShapeText(down->sizes()) +
-                                      " (LoCon's mid is [rank, rank, kh, kw])");
+          return InvalidArgumentError(
+              "'.lora_mid.weight' of shape " + internal::ShapeString(mid->sizes()) +
+              " does not fit a conv down of shape " + internal::ShapeString(down->sizes()) +
+              " (LoCon's mid is [rank, rank, kh, kw])");
         }
         rank = mid->size(0);
         in = down->size(1) * mid->size(2) * mid->size(3);
       }
       const int64_t up_rank = up->numel() / up->size(0);
       if (rank < 1 || up_rank != rank) {
-        return InvalidArgumentError("its up of shape " + ShapeText(up->sizes()) +
-                                    " and down of shape " + ShapeText(down->sizes()) +
+        return InvalidArgumentError("its up of shape " + internal::ShapeString(up->sizes()) +
+                                    " and down of shape " + internal::ShapeString(down->sizes()) +
                                     " have different ranks (" + std::to_string(up_rank) + " and " +
                                     std::to_string(rank) + ")");
       }
@@ -156,9 +152,10 @@ Status CheckAdapter(const LoraModule& m, const Adapter& a, const std::vector<int
       if (w1a.dim() != 2 || w1b.dim() != 2 || w2a.dim() != 2 || w2b.dim() != 2 ||
           w1a.size(1) != w1b.size(0) || w2a.size(1) != w2b.size(0) || w1a.size(0) != w2a.size(0) ||
           w1b.size(1) != w2b.size(1)) {
-        return InvalidArgumentError("LoHa parts of shapes " + ShapeText(w1a.sizes()) + " x " +
-                                    ShapeText(w1b.sizes()) + " and " + ShapeText(w2a.sizes()) +
-                                    " x " + ShapeText(w2b.sizes()) + " do not fit together");
+        return InvalidArgumentError("LoHa parts of shapes " + internal::ShapeString(w1a.sizes()) +
+                                    " x " + internal::ShapeString(w1b.sizes()) + " and " +
+                                    internal::ShapeString(w2a.sizes()) + " x " +
+                                    internal::ShapeString(w2b.sizes()) + " do not fit together");
       }
       return CheckSize(m, slice, w1a.size(0) * w1b.size(1), "its LoHa product");
     }
@@ -183,8 +180,9 @@ Status CheckAdapter(const LoraModule& m, const Adapter& a, const std::vector<int
         }
         if (wa->dim() != 2 || wb->dim() != 2 || wa->size(1) != wb->size(0)) {
           return InvalidArgumentError("'" + std::string(fa) + "' of shape " +
-                                      ShapeText(wa->sizes()) + " and '" + fb + "' of shape " +
-                                      ShapeText(wb->sizes()) + " have different ranks");
+                                      internal::ShapeString(wa->sizes()) + " and '" + fb +
+                                      "' of shape " + internal::ShapeString(wb->sizes()) +
+                                      " have different ranks");
         }
         *numel = wa->size(0) * wb->size(1);
         return Status::OK();
@@ -408,8 +406,8 @@ Status AddLoraPatches(std::string_view source, const PartReader& read,
             d.dim() >= 1 && !slice->empty() &&
             (d.size(0) == (*slice)[0] || (slice->size() > 1 && d.numel() == (*slice)[1]));
         if (!fits) {
-          return InvalidArgumentError("'.dora_scale' of shape " + ShapeText(d.sizes()) +
-                                      " fits neither axis of " + ShapeText(*slice))
+          return InvalidArgumentError("'.dora_scale' of shape " + internal::ShapeString(d.sizes()) +
+                                      " fits neither axis of " + internal::ShapeString(*slice))
               .WithContext(where);
         }
       }
@@ -442,6 +440,15 @@ StatusOr<at::Tensor> ApplyPatches(std::string_view name, const at::Tensor& base,
                          ? weight.narrow(p.offset_dim, p.offset_start, p.offset_length)
                          : weight;
       const Adapter& a = *p.adapter;
+      // The parts were checked against the shape the module named; a weight of another shape
+      // (a module sent with a wrong shape) must fail here, not broadcast.
+      if ((a.kind == Adapter::Kind::kSet || a.kind == Adapter::Kind::kDiff) &&
+          a.parts.begin()->second.sizes() != w.sizes()) {
+        return InvalidArgumentError("patching weight '" + std::string(name) + "': '" +
+                                    a.parts.begin()->first + "' has shape " +
+                                    internal::ShapeString(a.parts.begin()->second.sizes()) +
+                                    ", the weight " + internal::ShapeString(w.sizes()));
+      }
       switch (a.kind) {
         case Adapter::Kind::kSet:
           w.copy_(a.parts.begin()->second);

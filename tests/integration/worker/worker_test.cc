@@ -352,6 +352,26 @@ TEST(Worker, PatchedCopiesAreKeptWhileThereIsRoomAndGivenBackToLoads) {
   EXPECT_NE(bad.message().find("p0"), std::string_view::npos) << bad;
   EXPECT_EQ(c->RunBlocks("j7", "toy", {{m.Block(0), ""}}, 1, "", "s2").status().code(),
             StatusCode::kFailedPrecondition);
+
+  // A module that claims another shape than its weight has fails when it applies; a diff of
+  // one row must not broadcast over the whole weight.
+  families::LoraModule row;
+  row.prefix = "q0";
+  row.target = m.Block(0) + ".weight";
+  row.shape = {1, kDim};
+  row.parts = {{".diff", "q0.diff"}};
+  const std::vector<float> diff(kDim, 0.5f);
+  ASSERT_TRUE(c->SetPatches("toy", "s3", {{"", 1.0, {row}}},
+                            {HostTensor::Copy("q0.diff", wire::DType::F32, {1, kDim}, diff.data(),
+                                              diff.size() * 4)},
+                            {})
+                  .ok());
+  std::vector<double> x8;
+  ASSERT_TRUE(c->PutTensors("j8", {Input(3, &x8)}).ok());
+  auto lied = c->RunBlocks("j8", "toy", {{m.Block(0), ""}}, 1, "", "s3");
+  EXPECT_EQ(lied.status().code(), StatusCode::kInvalidArgument) << lied.status();
+  EXPECT_NE(lied.status().message().find(m.Block(0) + ".weight"), std::string_view::npos)
+      << lied.status();
   EXPECT_EQ(w->Terminate(), 0);
 }
 
