@@ -1298,7 +1298,10 @@ StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request
       }
     }
     FLEET_ASSIGN_OR_RETURN(auto last, impl_->Link(here));
-    auto outputs = last->GetTensors(job, {"out"});
+    const families::Family* family = families::FindFamily(m->layout.family);
+    std::vector<std::string> names =
+        family ? family->OutputNames(m->layout.config_json) : std::vector<std::string>{"out"};
+    auto outputs = last->GetTensors(job, names);
     if (!outputs.ok()) return fail(outputs.status(), here);
     result.outputs = std::move(*outputs);
     mark("get " + here);

@@ -2,9 +2,11 @@
 //
 //   fleet-run-local MODEL --inputs IN.safetensors --out OUT.safetensors
 //       [--dtype float32|bfloat16|float16] [--threads N] [--trace TRACE.safetensors] [--device D]
-//       [--lora FILE[:STRENGTH]]... [--dump-weights WEIGHTS.safetensors]
+//       [--lora FILE[:STRENGTH]]... [--dump-weights WEIGHTS.safetensors] [--layer N]
 #include <ATen/Parallel.h>
+#include <ATen/ops/full.h>
 
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -33,8 +35,10 @@ int main(int argc, char** argv) {
   config::OptionSet set("fleet-run-local",
                         "Run a whole model in one process: fleet-run-local MODEL --inputs IN "
                         "--out OUT");
-  set.Add("inputs", &inputs, "Input tensors (x, timestep, context, y, guidance) as safetensors");
-  set.Add("out", &out, "Where to write the output tensor 'out' (safetensors)");
+  set.Add("inputs", &inputs, "Input tensors as safetensors (x, timestep, context, y, guidance; text encoders: tokens, attention_mask)");
+  set.Add("out", &out,
+          "Where to write the outputs (safetensors): 'out', plus 'pooled' (and "
+          "'pooled_projected') for CLIP text encoders");
   set.Add("dtype", &dtype_text, "Compute dtype: float32, bfloat16 or float16 (default: stored)");
   set.Add("weight_dtype", &weight_dtype,
           "ComfyUI's weight_dtype: default, fp8_e4m3fn, fp8_e4m3fn_fast or fp8_e5m2 (keep the "
@@ -48,6 +52,10 @@ int main(int argc, char** argv) {
   set.Add("dump_weights", &dump_weights,
           "Write every weight as the blocks see it (patched, compute dtype) to this safetensors "
           "file; --inputs and --out are then optional");
+  std::string layer;
+  set.Add("layer", &layer,
+          "Text encoders: return the hidden state after this layer instead of the last (negative "
+          "counts from the end, as ComfyUI's CLIPSetLastLayer); the input 'layer'");
   set.Add("threads", &threads, "libtorch intra-op threads");
   set.Add("device", &device, "Where to run: cpu or cuda:N (CUDA needs a CUDA build of libtorch)");
   set.Add("trace", &trace_path, "Also write the state after every block ('<block>/<name>')");
@@ -113,6 +121,16 @@ int main(int argc, char** argv) {
   auto input = run_local::ReadTensors(inputs);
   if (!input.ok()) return Fail(input.status(), 2);
 
+  if (!layer.empty()) {
+    int64_t n = 0;
+    auto [end, ec] = std::from_chars(layer.data(), layer.data() + layer.size(), n);
+    if (ec != std::errc() || end != layer.data() + layer.size()) {
+      std::fprintf(stderr, "fleet-run-local: --layer '%s': expected an integer\n", layer.c_str());
+      return 2;
+    }
+    (*input)["layer"] = at::full({1}, n, at::TensorOptions().dtype(at::kLong));
+  }
+
   models::TensorMap trace;
   models::TensorMap state;
   for (int64_t r = 0; r < repeat; ++r) {
@@ -124,10 +142,9 @@ int main(int argc, char** argv) {
     if (!s.ok()) return Fail(s.WithContext(inputs), 2);
     if (repeat > 1) std::printf("forward_ms %.3f\n", ms);
   }
-  models::TensorMap result;
+  // What the last block leaves is the output: "out", plus "pooled" for CLIP.
   if (!state.count("out")) return Fail(InternalError("the model produced no 'out'"), 1);
-  result["out"] = state.at("out");
-  Status s = run_local::WriteTensors(result, out);
+  Status s = run_local::WriteTensors(state, out);
   if (s.ok() && !trace_path.empty()) s = run_local::WriteTensors(trace, trace_path);
   if (!s.ok()) return Fail(s, 1);
   return 0;

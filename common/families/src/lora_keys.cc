@@ -34,6 +34,10 @@ bool EndsWith(std::string_view s, std::string_view suffix) {
   return s.size() > suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
+bool StartsWith(std::string_view s, std::string_view prefix) {
+  return s.substr(0, prefix.size()) == prefix;
+}
+
 std::string Underscored(std::string_view s) {
   std::string out(s);
   std::replace(out.begin(), out.end(), '.', '_');
@@ -194,6 +198,29 @@ void AddWan(const WeightShapes& weights, Aliases& aliases) {
   }
 }
 
+// ComfyUI's model_lora_keys_clip for one text encoder: its generic `text_encoders.<encoder>.`
+// names, kohya's lora_te[N]_ names (CLIP-L is te or te1; T5 is te1, te2 or te3 depending on
+// the encoders beside it, so every index is accepted: the module names tell CLIP's layers from
+// T5's blocks) and diffusers' text_encoder.text_model names.
+void AddTextEncoder(const WeightShapes& weights, Aliases& aliases) {
+  for (const auto& [w, shape] : weights) {
+    if (!EndsWith(w, ".weight")) continue;
+    const std::string stem = w.substr(0, w.size() - 7);
+    const bool clip = StartsWith(stem, "text_model.") || stem == "text_projection";
+    const std::vector<std::string_view> encoders =
+        clip ? std::vector<std::string_view>{"clip_l", "clip_g"}
+             : std::vector<std::string_view>{"t5xxl", "umt5xxl"};
+    for (std::string_view encoder : encoders) {
+      aliases.emplace("text_encoders." + std::string(encoder) + ".transformer." + stem, Target{w});
+    }
+    const std::vector<std::string_view> kohya =
+        clip ? std::vector<std::string_view>{"lora_te_", "lora_te1_"}
+             : std::vector<std::string_view>{"lora_te1_", "lora_te2_", "lora_te3_"};
+    for (std::string_view te : kohya) aliases.emplace(std::string(te) + Underscored(stem), Target{w});
+    if (clip) aliases.emplace("text_encoder." + stem, Target{w});
+  }
+}
+
 bool IsTextEncoderModule(std::string_view prefix) {
   return prefix.rfind("lora_te", 0) == 0 || prefix.rfind("text_encoders.", 0) == 0 ||
          prefix.rfind("text_encoder.", 0) == 0 || prefix.rfind("text_encoder_2.", 0) == 0;
@@ -242,6 +269,8 @@ StatusOr<LoraMapping> MapLoraKeys(std::string_view family, std::string_view conf
             aliases);
   } else if (family == "wan") {
     AddWan(weights, aliases);
+  } else if (family == "text-encoder") {
+    AddTextEncoder(weights, aliases);
   }
 
   LoraMapping mapping;

@@ -237,11 +237,13 @@ at::Tensor ConvertWeight(const at::Tensor& stored, at::ScalarType dtype) {
 namespace fleet::models {
 
 at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              int64_t max_rows) {
+                              int64_t max_rows, const at::Tensor& mask) {
   const int64_t b = q.size(0), h = q.size(1), tq = q.size(2), tk = k.size(2), d = q.size(3);
 #if FLEET_HAS_SDPA
   if (q.is_cuda()) {
-    return at::scaled_dot_product_attention(q, k, v).permute({0, 2, 1, 3}).reshape({b, tq, -1});
+    return at::scaled_dot_product_attention(q, k, v, mask.defined() ? mask.to(q.scalar_type()) : mask)
+        .permute({0, 2, 1, 3})
+        .reshape({b, tq, -1});
   }
 #endif
   const int64_t rows =
@@ -252,6 +254,7 @@ at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at
   for (int64_t r0 = 0; r0 < tq; r0 += rows) {
     const int64_t n = std::min(rows, tq - r0);
     at::Tensor sim = at::matmul(q.narrow(2, r0, n).to(at::kFloat), kt) * scale;
+    if (mask.defined()) sim = sim + (mask.size(-2) == 1 ? mask : mask.narrow(-2, r0, n));
     at::Tensor p = at::softmax(sim, -1).to(v.scalar_type());
     out.narrow(1, r0, n).copy_(internal::Matmul(p, v).permute({0, 2, 1, 3}));  // [B, n, H, d]
   }

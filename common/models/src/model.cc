@@ -5,6 +5,7 @@
 #include "block_util.h"
 #include "flux.h"
 #include "linear.h"
+#include "text_encoder.h"
 #include "wan.h"
 
 namespace fleet::models {
@@ -20,6 +21,7 @@ constexpr Implementation kImplementations[] = {
     {"flux", internal::CreateFluxModel},
     {"linear", internal::CreateLinearModel},
     {"wan", internal::CreateWanModel},
+    {"text-encoder", internal::CreateTextEncoderModel},
 };
 
 }  // namespace

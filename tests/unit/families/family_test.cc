@@ -126,6 +126,155 @@ TEST(WanFamilyTest, ConfigNamesTheHeadCountOfNarrowHeads) {
   EXPECT_EQ(Config(*i2v)["in_dim"], 36);
 }
 
+// The full-size text encoders' key tables, as ComfyUI's files have them (clip_l.safetensors,
+// t5xxl_fp16.safetensors, umt5_xxl_fp16.safetensors), in F16.
+std::vector<formats::TensorInfo> TextEncoderKeys(const std::string& kind,
+                                                 const std::string& prefix = "") {
+  std::vector<formats::TensorInfo> out;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    formats::TensorInfo t;
+    t.name = prefix + name;
+    t.dtype = "F16";
+    t.shape = std::move(shape);
+    t.nbytes = static_cast<uint64_t>(t.numel()) * 2;
+    out.push_back(t);
+  };
+  if (kind == "clip") {
+    add("text_model.embeddings.token_embedding.weight", {49408, 768});
+    add("text_model.embeddings.position_embedding.weight", {77, 768});
+    for (int i = 0; i < 12; ++i) {
+      const std::string p = "text_model.encoder.layers." + std::to_string(i) + ".";
+      for (const char* n : {"layer_norm1", "layer_norm2"}) {
+        add(p + n + ".weight", {768});
+        add(p + n + ".bias", {768});
+      }
+      for (const char* n : {"q_proj", "k_proj", "v_proj", "out_proj"}) {
+        add(p + "self_attn." + n + ".weight", {768, 768});
+        add(p + "self_attn." + n + ".bias", {768});
+      }
+      add(p + "mlp.fc1.weight", {3072, 768});
+      add(p + "mlp.fc1.bias", {3072});
+      add(p + "mlp.fc2.weight", {768, 3072});
+      add(p + "mlp.fc2.bias", {768});
+    }
+    add("text_model.final_layer_norm.weight", {768});
+    add("text_model.final_layer_norm.bias", {768});
+    add("text_projection.weight", {768, 768});
+    return out;
+  }
+  const bool umt5 = kind == "umt5";
+  add("shared.weight", {umt5 ? 256384 : 32128, 4096});
+  for (int i = 0; i < 24; ++i) {
+    const std::string p = "encoder.block." + std::to_string(i) + ".layer.";
+    for (const char* n : {"q", "k", "v"}) add(p + "0.SelfAttention." + n + ".weight", {4096, 4096});
+    add(p + "0.SelfAttention.o.weight", {4096, 4096});
+    if (umt5 || i == 0) add(p + "0.SelfAttention.relative_attention_bias.weight", {32, 64});
+    add(p + "0.layer_norm.weight", {4096});
+    add(p + "1.DenseReluDense.wi_0.weight", {10240, 4096});
+    add(p + "1.DenseReluDense.wi_1.weight", {10240, 4096});
+    add(p + "1.DenseReluDense.wo.weight", {4096, 10240});
+    add(p + "1.layer_norm.weight", {4096});
+  }
+  add("encoder.final_layer_norm.weight", {4096});
+  return out;
+}
+
+TEST(TextEncoderFamilyTest, ClipT5AndUmt5AreToldApartByTheirKeys) {
+  auto clip = DetectLayout(TextEncoderKeys("clip"), {}, "clip_l.safetensors");
+  ASSERT_TRUE(clip.ok()) << clip.status();
+  EXPECT_EQ(clip->family, "text-encoder");
+  EXPECT_EQ(Config(*clip),
+            nlohmann::json::parse(R"({"model_type":"clip","dim":768,"ffn_dim":3072,
+                "num_heads":12,"num_layers":12,"vocab_size":49408,"max_positions":77,
+                "activation":"quick_gelu","eps":1e-5,"eos_token_id":49407,"projection":true})"));
+  ASSERT_EQ(clip->units.size(), 14u);
+  EXPECT_EQ(clip->units[0].name, "embeddings");
+  EXPECT_TRUE(clip->units[0].pinned);
+  EXPECT_EQ(clip->units[12].name, "encoder.layers.11");
+  EXPECT_EQ(clip->units[13].name, "final");
+  EXPECT_FALSE(clip->units[13].pinned);
+  EXPECT_NEAR(static_cast<double>(clip->total_bytes()), 246e6, 2e6);  // 123 M parameters
+
+  auto t5 = DetectLayout(TextEncoderKeys("t5"), {}, "t5xxl_fp16.safetensors");
+  ASSERT_TRUE(t5.ok()) << t5.status();
+  EXPECT_EQ(Config(*t5), nlohmann::json::parse(R"({"model_type":"t5","dim":4096,
+      "ffn_dim":10240,"num_heads":64,"head_dim":64,"num_layers":24,"vocab_size":32128,
+      "activation":"gelu_pytorch_tanh","gated":true,"eps":1e-6,"embedding":"shared.weight"})"));
+  ASSERT_EQ(t5->units.size(), 26u);
+  EXPECT_EQ(t5->units[0].name, "shared");
+  EXPECT_TRUE(t5->units[0].pinned);
+  EXPECT_EQ(t5->units[25].name, "encoder.final_layer_norm");
+  EXPECT_NEAR(static_cast<double>(t5->total_bytes()), 9.52e9, 0.02e9);  // 4.76 B parameters
+
+  auto umt5 = DetectLayout(TextEncoderKeys("umt5", "text_encoders.umt5xxl."), {}, "umt5");
+  ASSERT_TRUE(umt5.ok()) << umt5.status();
+  EXPECT_EQ(umt5->prefix, "text_encoders.umt5xxl.");
+  EXPECT_EQ(Config(*umt5)["model_type"], "umt5");
+  EXPECT_EQ(Config(*umt5)["vocab_size"], 256384);
+  EXPECT_NEAR(static_cast<double>(umt5->units[0].bytes), 2.1e9, 0.01e9) << "the embedding";
+
+  const Family* te = FindFamily("t5");
+  EXPECT_EQ(te->OutputNames(clip->config_json),
+            (std::vector<std::string>{"out", "pooled", "pooled_projected"}));
+  EXPECT_EQ(te->OutputNames(t5->config_json), std::vector<std::string>{"out"});
+  EXPECT_EQ(FindFamily("wan")->OutputNames("{}"), std::vector<std::string>{"out"});
+}
+
+TEST(TextEncoderFamilyTest, MetadataConfigIsComfysAndMustAgreeWithTheShapes) {
+  auto t5 = TextEncoderKeys("t5");
+  auto ok = DetectLayout(t5, {{"config", R"({"d_model": 4096, "num_heads": 64, "d_kv": 64,
+      "model_type": "t5", "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": true,
+      "vocab_size": 32128, "relative_attention_num_buckets": 32})"}},
+                         "t5");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_THAT(Error(DetectLayout(t5, {{"config", R"({"model_type": "umt5"})"}}, "t5")),
+              HasSubstr("model_type \"umt5\" contradicts the tensors: encoder.block.1 has no "
+                        "relative_attention_bias"));
+  EXPECT_THAT(Error(DetectLayout(t5, {{"config", R"({"num_heads": 32})"}}, "t5")),
+              HasSubstr("num_heads = 32 contradicts the tensors"));
+  EXPECT_THAT(Error(DetectLayout(t5, {{"config", R"({"relative_attention_max_distance": 64})"}},
+                                 "t5")),
+              HasSubstr("relative_attention_max_distance 64 is not 128"));
+  EXPECT_THAT(Error(DetectLayout(t5, {{"config", R"({"hidden_size": 4096})"}}, "t5")),
+              HasSubstr("has key 'hidden_size', which t5 does not know"));
+  auto clip = TextEncoderKeys("clip");
+  EXPECT_THAT(Error(DetectLayout(clip, {{"config", R"({"hidden_act": "silu"})"}}, "c")),
+              HasSubstr("hidden_act \"silu\" is not one of"));
+  clip.push_back(clip.back());
+  clip.back().name = "text_model.pooler.weight";
+  EXPECT_THAT(Error(DetectLayout(clip, {}, "c")),
+              HasSubstr("1 tensor(s) match no text-encoder unit (prefix ''): "
+                        "'text_model.pooler.weight'"));
+  auto missing = TextEncoderKeys("t5");
+  std::erase_if(missing, [](const formats::TensorInfo& t) {
+    return t.name == "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
+  });
+  EXPECT_THAT(Error(DetectLayout(missing, {}, "t5")),
+              HasSubstr("relative_attention_bias.weight' is missing"));
+}
+
+TEST(TextEncoderFamilyTest, ActivationsGrowWithTheTokensAndComeFromTheTokenShape) {
+  const Family* te = FindFamily("text-encoder");
+  auto t5 = DetectLayout(TextEncoderKeys("t5"), {}, "t5");
+  ASSERT_TRUE(t5.ok());
+  InputSizes s = te->DefaultSizes();
+  EXPECT_EQ(s.text_tokens, 512);
+  auto at512 = te->ActivationBytes(t5->config_json, s);
+  s.text_tokens = 77;
+  auto at77 = te->ActivationBytes(t5->config_json, s);
+  ASSERT_TRUE(at512.ok() && at77.ok());
+  EXPECT_GT(*at512, 6 * *at77);
+  // 512 tokens: the gated FFN and the hidden states (~58 MB), the position bias (2 x 64 MiB),
+  // one attention chunk (up to 128 MiB).
+  EXPECT_GT(*at512, 180u << 20);
+  EXPECT_LT(*at512, 400u << 20);
+  auto sizes = te->SizesOf(t5->config_json, {{"tokens", {3, 256}}});
+  ASSERT_TRUE(sizes.has_value());
+  EXPECT_EQ(sizes->batch, 3);
+  EXPECT_EQ(sizes->text_tokens, 256);
+  EXPECT_FALSE(te->SizesOf(t5->config_json, {{"x", {1, 16, 64, 64}}}).has_value());
+}
+
 TEST(LinearFamilyTest, TheToyFamilyIsDetectedFromItsFiles) {
   auto t = ToyKeys(3, 8);
   auto layout = DetectLayout(t, {}, "toy.safetensors");
@@ -152,6 +301,7 @@ TEST(PinRuleTest, EachFamilyNamesItsOwnStem) {
   EXPECT_TRUE(wan->Pin("stem") && wan->Pin("time_projection") && wan->Pin("img_emb"));
   EXPECT_FALSE(wan->Pin("blocks.3") || wan->Pin("head") || wan->Pin("img_in"));
   EXPECT_TRUE(te->Pin("text_model.embeddings")->upstream);
+  EXPECT_TRUE(te->Pin("embeddings")->upstream);
   EXPECT_FALSE(te->Pin("shared")->upstream) << "DisTorch2 misses T5's token embedding";
   EXPECT_FALSE(te->Pin("encoder.block.0"));
   EXPECT_FALSE(FindFamily("linear")->Pin("linear_blocks.0"));

@@ -119,6 +119,35 @@ TEST(LoraKeysTest, WanNativeKohyaAndDiffusersNames) {
   EXPECT_EQ(targets["diffusion_model.blocks.4.modulation"], "blocks.4.modulation");
 }
 
+TEST(LoraKeysTest, TextEncoderModulesLandOnClipAndT5Weights) {
+  WeightShapes clip = {{"text_model.encoder.layers.3.self_attn.q_proj.weight", {768, 768}},
+                       {"text_model.encoder.layers.3.mlp.fc1.weight", {3072, 768}}};
+  auto mapping = MapLoraKeys(
+      "text-encoder", "{}", clip,
+      {"lora_te1_text_model_encoder_layers_3_self_attn_q_proj.lora_up.weight",
+       "lora_te_text_model_encoder_layers_3_mlp_fc1.lora_up.weight",
+       "text_encoders.clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.lora_down.weight",
+       "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"},
+      "flux_lora.safetensors");
+  ASSERT_TRUE(mapping.ok()) << mapping.status();
+  ASSERT_EQ(mapping->modules.size(), 3u);
+  EXPECT_EQ(Find(*mapping, "lora_te1_text_model_encoder_layers_3_self_attn_q_proj")->target,
+            "text_model.encoder.layers.3.self_attn.q_proj.weight");
+  EXPECT_EQ(Find(*mapping, "text_encoders.clip_l.transformer.text_model.encoder.layers.3.mlp.fc1")
+                ->target,
+            "text_model.encoder.layers.3.mlp.fc1.weight");
+  EXPECT_EQ(mapping->text_encoder.size(), 1u) << "the T5 module matches no CLIP weight";
+  WeightShapes t5 = {{"encoder.block.0.layer.0.SelfAttention.q.weight", {4096, 4096}}};
+  mapping = MapLoraKeys("text-encoder", "{}", t5,
+                        {"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight",
+                         "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"},
+                        "flux_lora.safetensors");
+  ASSERT_TRUE(mapping.ok()) << mapping.status();
+  ASSERT_EQ(mapping->modules.size(), 1u);
+  EXPECT_EQ(mapping->modules[0].target, "encoder.block.0.layer.0.SelfAttention.q.weight");
+  EXPECT_EQ(mapping->unmatched.size(), 1u) << "the diffusion model's module";
+}
+
 TEST(LoraKeysTest, AFileThatMatchesNothingSaysWhatItHas) {
   Model flux = Load("flux-dev.tsv");
   auto mapping = MapLoraKeys(

@@ -98,6 +98,13 @@ class Family {
   /// \param config_json the configuration Detect produced.
   virtual std::optional<InputSizes> SizesOf(std::string_view config_json,
                                             const InputShapes& shapes) const = 0;
+
+  /// The state entries a forward returns (what the last block leaves): "out" for every family,
+  /// plus "pooled" for a CLIP text encoder.
+  /// \param config_json the configuration Detect produced.
+  virtual std::vector<std::string> OutputNames(std::string_view /*config_json*/) const {
+    return {"out"};
+  }
 };
 
 /// Every registered family, in the order layout detection tries them.

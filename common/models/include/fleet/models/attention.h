@@ -14,7 +14,9 @@ namespace fleet::models {
 /// against every key, so the softmax of each row is exact and memory stays under the budget
 /// the activation estimates count. On CUDA, with a libtorch that has
 /// scaled_dot_product_attention, that kernel computes it instead.
+/// \param mask when defined, a float32 additive mask broadcastable to [B, H, Tq, Tk] (text
+/// encoders' padding and causal masks, T5's position bias), added to the scaled logits.
 at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              int64_t max_rows = 0);
+                              int64_t max_rows = 0, const at::Tensor& mask = {});
 
 }  // namespace fleet::models
