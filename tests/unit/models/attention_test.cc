@@ -10,9 +10,11 @@
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/softmax.h>
+#include <ATen/ops/zeros.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 
 #include "fleet/families/attention.h"
 
@@ -37,6 +39,31 @@ TEST(Attention, EveryChunkSizeGivesTheWholeRowsResult) {
     EXPECT_TRUE(at::equal(ScaledDotAttention(q, k, v, rows), chunked)) << rows;
   }
   EXPECT_TRUE(at::equal(ScaledDotAttention(q, k, v), whole));  // the budget: one chunk here
+}
+
+TEST(Attention, AnAdditiveMaskIsAddedToEveryChunksLogits) {
+  at::Tensor q = at::randn({2, 3, 9, 8}), k = at::randn({2, 3, 9, 8}), v = at::randn({2, 3, 9, 8});
+  // A padding mask per sample (the last 4 keys of sample 1) broadcast over heads, plus a
+  // per-head bias, as the text encoders build them.
+  at::Tensor mask = at::zeros({2, 1, 9, 9});
+  mask.select(0, 1).narrow(-1, 5, 4).fill_(-std::numeric_limits<float>::max());
+  at::Tensor bias = at::randn({1, 3, 9, 9});
+  at::Tensor whole = ScaledDotAttention(q, k, v, /*max_rows=*/9, mask + bias);
+  at::Tensor p = at::softmax(at::matmul(q, k.transpose(-1, -2)) / std::sqrt(8.0) + mask + bias, -1);
+  EXPECT_TRUE(at::allclose(whole, at::matmul(p, v).permute({0, 2, 1, 3}).reshape({2, 9, -1}),
+                           1e-5, 1e-6));
+  for (int64_t rows : {1, 4}) {
+    EXPECT_TRUE(at::allclose(ScaledDotAttention(q, k, v, rows, mask + bias), whole, 1e-6, 1e-6));
+  }
+  // Masked keys get no weight: sample 1 does not depend on its last 4 values.
+  at::Tensor v2 = v.clone();
+  v2.select(0, 1).narrow(-2, 5, 4).fill_(1e3);
+  EXPECT_TRUE(at::equal(ScaledDotAttention(q, k, v2, 9, mask).select(0, 1),
+                        ScaledDotAttention(q, k, v, 9, mask).select(0, 1)));
+  // A mask of one row broadcasts over the queries.
+  EXPECT_TRUE(at::allclose(ScaledDotAttention(q, k, v, 4, bias.narrow(-2, 0, 1)),
+                           ScaledDotAttention(q, k, v, 9, bias.narrow(-2, 0, 1).expand({1, 3, 9, 9})),
+                           1e-6, 1e-6));
 }
 
 TEST(Attention, KeepsTheValuesDtype) {

@@ -18,12 +18,25 @@ TEST(FamilyRegistry, EveryImplementationHasADescriptor) {
     ASSERT_NE(f, nullptr) << name << " has blocks but no descriptor";
     EXPECT_EQ(f->name(), name);
   }
+  auto unknown = CreateModel("qwen-image", "{}", at::kFloat);
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.status().message().find(
+                "unknown model family 'qwen-image' (known: flux, linear, wan, text-encoder)"),
+            std::string_view::npos)
+      << unknown.status();
   auto encoder = CreateModel("text-encoder", "{}", at::kFloat);
-  ASSERT_FALSE(encoder.ok()) << "the text encoders have a descriptor but no blocks yet";
-  EXPECT_NE(encoder.status().message().find(
-                "unknown model family 'text-encoder' (known: flux, linear, wan)"),
+  ASSERT_FALSE(encoder.ok());
+  EXPECT_NE(encoder.status().message().find("missing string field 'model_type'"),
             std::string_view::npos)
       << encoder.status();
+  auto t5 = CreateModel("text-encoder",
+                        R"({"model_type":"t5","dim":64,"ffn_dim":96,"num_heads":4,"head_dim":16,
+                            "num_layers":2,"vocab_size":100,"activation":"gelu_pytorch_tanh"})",
+                        at::kBFloat16);
+  ASSERT_TRUE(t5.ok()) << t5.status();
+  EXPECT_EQ((*t5)->block_names(),
+            (std::vector<std::string>{"shared", "encoder.block.0", "encoder.block.1",
+                                      "encoder.final_layer_norm"}));
 }
 
 TEST(FamilyRegistry, BlocksAreTheDescriptorsUnitsInOrder) {
