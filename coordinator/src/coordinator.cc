@@ -334,14 +334,13 @@ struct Coordinator::Impl {
                          "' is not on this coordinator (PutPatches first)");
   }
 
-  // The model's weight shapes by name without the file prefix (quantisation parameters left
-  // out): what LoRA modules target.
+  // The model's weight shapes by name (quantisation parameters left out): what LoRA modules
+  // target.
   static families::WeightShapes WeightShapes(const LoadedModel& m) {
     families::WeightShapes shapes;
     for (const auto& [unit, tensors] : m.unit_tensors) {
       for (const auto& t : tensors) {
-        const std::string name = t.name.substr(m.layout.prefix.size());
-        if (!formats::IsQuantParameter(name)) shapes[name] = t.shape;
+        if (!formats::IsQuantParameter(t.name)) shapes[t.name] = t.shape;
       }
     }
     return shapes;
@@ -925,13 +924,15 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
     auto& refs = model->unit_tensors[u.name];
     for (const auto& tn : u.tensors) {
       const formats::TensorInfo* t = p.file->Find(tn);
+      // Workers key weights as blocks ask for them: by name without the file's prefix.
+      const std::string name = tn.substr(p.layout.prefix.size());
       if (formats::IsBlockQuantised(t->dtype)) {  // dequantised by the worker that loads it
-        refs.push_back({tn, *protocol::ParseDType(p.compute_dtype), t->shape, t->offset, t->nbytes, "", t->dtype});
+        refs.push_back({name, *protocol::ParseDType(p.compute_dtype), t->shape, t->offset, t->nbytes, "", t->dtype});
         continue;
       }
       auto wire_dtype = protocol::ParseDType(t->dtype);
       if (!wire_dtype.ok()) return wire_dtype.status().WithContext(spec.path + ": tensor '" + tn + "'");
-      refs.push_back({tn, *wire_dtype, t->shape, t->offset, t->nbytes, "", ""});
+      refs.push_back({name, *wire_dtype, t->shape, t->offset, t->nbytes, "", ""});
     }
   }
 

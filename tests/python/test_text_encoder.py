@@ -257,3 +257,22 @@ def test_inspect_shows_units_config_and_pins(cluster):
     out = run_fleet("inspect", _model(cluster.model_root, "umt5"))
     assert "text-encoder" in out and "umt5" in out
     assert "encoder.block.2" in out and "shared" in out
+
+
+def test_prefixed_files_run_in_the_cluster_as_run_local(cluster, tmp_path):
+    """A container prefix (ComfyUI's checkpoints save `text_encoders.t5xxl.transformer.`) is
+    stripped the same way in one process and on the workers."""
+    w = MODELS["t5"]()
+    path = os.path.join(cluster.model_root, "te-t5-prefixed.safetensors")
+    save_safetensors({"text_encoders.t5xxl.transformer." + k: v for k, v in w.items()}, path)
+    x = {"tokens": _tokens("t5", 1, 9, 31)[0]}
+    want = _run_local(model=path, inputs=x, tmp_path=tmp_path)
+    plain = _run_local(_model(cluster.model_root, "t5"), x, tmp_path)
+    assert _same_bits(want["out"], plain["out"])
+    with tf.Client(cluster.address) as c:
+        for mode in ("stream", "pipeline"):
+            info = c.load_model(tf.ModelSpec(
+                os.path.basename(path), compute_device="cuda:0", mode=mode,
+                expert_mode_allocations="cuda:0,30%;cuda:1,40%;cpu,*", eject_models=False))
+            assert _same_bits(torch.as_tensor(c.forward(info.name, x)["out"]), want["out"]), mode
+            c.unload_model(info.name)
