@@ -925,7 +925,7 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
     for (const auto& tn : u.tensors) {
       const formats::TensorInfo* t = p.file->Find(tn);
       // Workers key weights as blocks ask for them: by name without the file's prefix.
-      const std::string name = tn.substr(p.layout.prefix.size());
+      const std::string name = p.layout.WeightName(tn);
       if (formats::IsBlockQuantised(t->dtype)) {  // dequantised by the worker that loads it
         refs.push_back({name, *protocol::ParseDType(p.compute_dtype), t->shape, t->offset, t->nbytes, "", t->dtype});
         continue;

@@ -276,3 +276,72 @@ def test_prefixed_files_run_in_the_cluster_as_run_local(cluster, tmp_path):
                 expert_mode_allocations="cuda:0,30%;cuda:1,40%;cpu,*", eject_models=False))
             assert _same_bits(torch.as_tensor(c.forward(info.name, x)["out"]), want["out"]), mode
             c.unload_model(info.name)
+
+
+_LLAMA_CPP_T5 = [  # ComfyUI-GGUF's T5_SD_MAP, read backwards: our names -> llama.cpp's
+    ("encoder.final_layer_norm", "enc.output_norm"), ("shared", "token_embd"),
+    ("layer.0.SelfAttention.relative_attention_bias", "attn_rel_b"),
+    ("layer.0.SelfAttention.q", "attn_q"), ("layer.0.SelfAttention.k", "attn_k"),
+    ("layer.0.SelfAttention.v", "attn_v"), ("layer.0.SelfAttention.o", "attn_o"),
+    ("layer.0.layer_norm", "attn_norm"), ("layer.1.DenseReluDense.wi_1", "ffn_up"),
+    ("layer.1.DenseReluDense.wo", "ffn_down"), ("layer.1.DenseReluDense.wi_0", "ffn_gate"),
+    ("layer.1.layer_norm", "ffn_norm"), ("encoder.block.", "enc.blk."),
+]
+
+
+def _llama_cpp_name(name):
+    for ours, theirs in _LLAMA_CPP_T5:
+        name = name.replace(ours, theirs)
+    return name
+
+
+@pytest.mark.parametrize("name", ["t5", "umt5"])
+def test_gguf_t5_with_llama_cpp_names_runs_as_comfyui_gguf_reads_it(cluster, tmp_path, name):
+    """A T5 / UMT5 GGUF as llama.cpp's converter writes one (enc.blk.N.attn_q, token_embd, ...;
+    general.architecture t5encoder): the names are translated as ComfyUI-GGUF's CLIP loader
+    does. All-F32 it computes exactly what the safetensors file computes; with its 2-D weights
+    in Q8_0 (quantised by ggml itself) the cluster is bit-identical to run-local."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit", "formats"))
+    import ggml_oracle as go
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    if not os.path.exists(os.path.join(repo, go.LIB)):
+        pytest.skip("SKIPPED: ggml's library %s is not installed (npm ci)" % go.LIB)
+    ggml = go.Ggml(repo)
+    source = _model(cluster.model_root, name)
+    tensors = load_safetensors(source)[0]
+    tokens, mask = _tokens(name, 2, 24, 41, [24, 10])
+    x = {"tokens": tokens}
+    if name == "umt5":
+        x["attention_mask"] = mask
+    want = _run_local(source, x, tmp_path, "--dtype", "float32")["out"]
+    for quantise in (False, True):
+        entries = []
+        for key, t in sorted(tensors.items()):
+            a = t.to(torch.float32).numpy()
+            ne = list(reversed(a.shape))
+            if quantise and a.ndim == 2 and a.shape[1] % 32 == 0:
+                entries.append((_llama_cpp_name(key), 8, ne, ggml.quantize(8, a, a.shape[0],
+                                                                              a.shape[1])))
+            else:
+                entries.append((_llama_cpp_name(key), 0, ne, a.tobytes()))
+        assert any(e[0] == "enc.blk.0.attn_rel_b.weight" for e in entries)
+        path = os.path.join(cluster.model_root, "%s-%s.gguf" % (name, "Q8_0" if quantise else "F32"))
+        go.write_gguf(path, [("general.architecture", go.T_STR, "t5encoder")], entries)
+        out = run_fleet("inspect", path)
+        assert "text-encoder" in out and ('"model_type":"%s"' % name) in out, out
+        local = _run_local(path, x, tmp_path, "--dtype", "float32")["out"]
+        if not quantise:
+            assert _same_bits(local, want), "an all-F32 GGUF is the same model"
+            continue
+        rel = float(torch.linalg.norm(local - want) / torch.linalg.norm(want))
+        assert rel < 0.05, rel  # Q8_0 is close to the model
+        with tf.Client(cluster.address) as c:
+            for mode in ("stream", "pipeline"):
+                info = c.load_model(tf.ModelSpec(
+                    os.path.basename(path), compute_device="cuda:0", mode=mode, dtype="float32",
+                    expert_mode_allocations="cuda:0,30%;cuda:1,40%;cpu,*", eject_models=False))
+                assert info.bytes_total <= os.path.getsize(path)  # resident as stored
+                got = c.forward(info.name, x)["out"]
+                assert _same_bits(torch.as_tensor(got), local), mode
+                c.unload_model(info.name)

@@ -145,7 +145,7 @@ StatusOr<std::unique_ptr<LocalRunner>> LocalRunner::Create(const std::string& mo
       }
       for (const std::string& full : it->second->tensors) {
         const formats::TensorInfo* info = r->file_->Find(full);
-        const std::string name = full.substr(layout.prefix.size());
+        const std::string name = layout.WeightName(full);
         models::WeightStore& store = r->blocks_[i];
         if (formats::IsBlockQuantised(info->dtype)) {  // kept quantised, expanded at use
           FLEET_ASSIGN_OR_RETURN(at::Tensor bytes, RawBytes(*r->file_, *info));

@@ -78,7 +78,7 @@ class Flux final : public Family {
 
   StatusOr<Layout> Detect(const LayoutInput& in) const override {
     Builder b(in, "flux");
-    Layout layout{"flux", in.prefix, "", {}};
+    Layout layout{"flux", in.prefix, "", {}, {}};
     auto classify = [](const std::string& n) -> std::string {
       const std::string first = FirstComponent(n);
       if (n.size() <= first.size()) return "";

@@ -36,7 +36,7 @@ class Linear final : public Family {
 
   StatusOr<Layout> Detect(const LayoutInput& in) const override {
     Builder b(in, "linear");
-    Layout layout{"linear", in.prefix, "", {}};
+    Layout layout{"linear", in.prefix, "", {}, {}};
     auto classify = [](const std::string& n) -> std::string {
       const int64_t i = BlockIndex(n, "linear_blocks");
       return i >= 0 ? "linear_blocks." + std::to_string(i) : "";

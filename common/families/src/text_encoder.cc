@@ -169,7 +169,7 @@ class TextEncoder final : public Family {
 
  private:
   static StatusOr<Layout> DetectClip(const LayoutInput& in, const Builder& b) {
-    Layout layout{"text-encoder", in.prefix, "", {}};
+    Layout layout{"text-encoder", in.prefix, "", {}, {}};
     auto classify = [](const std::string& n) -> std::string {
       if (n.rfind("text_model.embeddings.", 0) == 0) return "embeddings";
       const int64_t i = BlockIndex(n, "text_model.encoder.layers");
@@ -250,7 +250,7 @@ class TextEncoder final : public Family {
   }
 
   static StatusOr<Layout> DetectT5(const LayoutInput& in, const Builder& b) {
-    Layout layout{"text-encoder", in.prefix, "", {}};
+    Layout layout{"text-encoder", in.prefix, "", {}, {}};
     auto classify = [](const std::string& n) -> std::string {
       if (n == "shared.weight" || n == "encoder.embed_tokens.weight") return "shared";
       const int64_t i = BlockIndex(n, "encoder.block");

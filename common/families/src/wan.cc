@@ -65,7 +65,7 @@ class Wan final : public Family {
 
   StatusOr<Layout> Detect(const LayoutInput& in) const override {
     Builder b(in, "wan");
-    Layout layout{"wan", in.prefix, "", {}};
+    Layout layout{"wan", in.prefix, "", {}, {}};
     auto classify = [](const std::string& n) -> std::string {
       const std::string first = FirstComponent(n);
       if (n.size() <= first.size()) return "";

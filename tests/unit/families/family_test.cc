@@ -220,6 +220,50 @@ TEST(TextEncoderFamilyTest, ClipT5AndUmt5AreToldApartByTheirKeys) {
   EXPECT_EQ(FindFamily("wan")->OutputNames("{}"), std::vector<std::string>{"out"});
 }
 
+TEST(TextEncoderFamilyTest, LlamaCppT5NamesAreTranslatedAsComfyUIGGUFDoes) {
+  // llama.cpp's T5 converter names: enc.blk.N.{attn_q,attn_k,attn_v,attn_o,attn_rel_b,attn_norm,
+  // ffn_gate,ffn_up,ffn_down,ffn_norm}.weight, enc.output_norm.weight, token_embd.weight.
+  auto keys = TextEncoderKeys("umt5");
+  const std::vector<std::pair<std::string, std::string>> back = {
+      {"encoder.final_layer_norm", "enc.output_norm"},
+      {"shared", "token_embd"},
+      {"layer.0.SelfAttention.relative_attention_bias", "attn_rel_b"},
+      {"layer.0.SelfAttention.q", "attn_q"},
+      {"layer.0.SelfAttention.k", "attn_k"},
+      {"layer.0.SelfAttention.v", "attn_v"},
+      {"layer.0.SelfAttention.o", "attn_o"},
+      {"layer.0.layer_norm", "attn_norm"},
+      {"layer.1.DenseReluDense.wi_1", "ffn_up"},
+      {"layer.1.DenseReluDense.wo", "ffn_down"},
+      {"layer.1.DenseReluDense.wi_0", "ffn_gate"},
+      {"layer.1.layer_norm", "ffn_norm"},
+      {"encoder.block.", "enc.blk."}};
+  for (auto& t : keys) {
+    for (const auto& [ours, theirs] : back) {
+      if (auto at = t.name.find(ours); at != std::string::npos) t.name.replace(at, ours.size(), theirs);
+    }
+  }
+  auto layout = DetectLayout(keys, {{"general.architecture", "t5encoder"}}, "umt5-Q8_0.gguf");
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  EXPECT_EQ(Config(*layout)["model_type"], "umt5");
+  EXPECT_EQ(layout->units[0].name, "shared");
+  EXPECT_EQ(layout->units[0].tensors, std::vector<std::string>{"token_embd.weight"});
+  EXPECT_EQ(layout->WeightName("token_embd.weight"), "shared.weight");
+  EXPECT_EQ(layout->WeightName("enc.blk.7.attn_rel_b.weight"),
+            "encoder.block.7.layer.0.SelfAttention.relative_attention_bias.weight");
+  EXPECT_EQ(layout->WeightName("enc.blk.23.ffn_gate.weight"),
+            "encoder.block.23.layer.1.DenseReluDense.wi_0.weight");
+  EXPECT_EQ(layout->WeightName("enc.output_norm.weight"), "encoder.final_layer_norm.weight");
+  EXPECT_EQ(layout->units[1].name, "encoder.block.0");
+  EXPECT_EQ(layout->units[1].tensors.front().rfind("enc.blk.0.", 0), 0u) << "file names";
+  // Other files: the name without the prefix.
+  auto clip = DetectLayout(TextEncoderKeys("clip", "cond_stage_model.transformer."), {}, "c");
+  ASSERT_TRUE(clip.ok()) << clip.status();
+  EXPECT_TRUE(clip->renamed.empty());
+  EXPECT_EQ(clip->WeightName("cond_stage_model.transformer.text_projection.weight"),
+            "text_projection.weight");
+}
+
 TEST(TextEncoderFamilyTest, MetadataConfigIsComfysAndMustAgreeWithTheShapes) {
   auto t5 = TextEncoderKeys("t5");
   auto ok = DetectLayout(t5, {{"config", R"({"d_model": 4096, "num_heads": 64, "d_kv": 64,

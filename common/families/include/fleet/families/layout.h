@@ -33,8 +33,16 @@ struct Layout {
   std::string prefix;       // stripped from every name, e.g. "model.diffusion_model." or ""
   std::string config_json;  // family configuration (keys in docs/models.md); "{}" for unknown
   std::vector<Unit> units;  // in model execution order
+  // File name -> weight name for files whose names are translated (llama.cpp's T5 GGUF names,
+  // "enc.blk.0.attn_q.weight" -> "encoder.block.0.layer.0.SelfAttention.q.weight", as
+  // ComfyUI-GGUF's CLIP loader maps them); empty for every other file.
+  std::map<std::string, std::string> renamed;
 
   uint64_t total_bytes() const;
+
+  /// The name blocks ask for the file's tensor `file_name` by: translated, or without the
+  /// prefix.
+  std::string WeightName(const std::string& file_name) const;
 };
 
 /// Detects the layout of `file`'s tensors (shapes and metadata only; no data is read).
