@@ -345,3 +345,60 @@ def test_gguf_t5_with_llama_cpp_names_runs_as_comfyui_gguf_reads_it(cluster, tmp
                 got = c.forward(info.name, x)["out"]
                 assert _same_bits(torch.as_tensor(got), local), mode
                 c.unload_model(info.name)
+
+
+@pytest.fixture(scope="module")
+def small_cluster(tmp_path_factory):
+    """A cluster whose devices hold 64 MiB each: a text encoder with a 31 MB embedding and a
+    WAN model planned for a 256 x 256 x 17 video do not fit on cuda:0 together."""
+    import conftest_client
+    import shutil
+    _, missing = cluster_binaries()
+    if missing:
+        pytest.skip("end-to-end tests need %s (build them first)" % ", ".join(missing))
+    root = str(tmp_path_factory.mktemp("te-small"))
+    c = conftest_client.Cluster(root, capacity="64mb")
+    yield c
+    c.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_text_encoder_and_a_diffusion_model_share_the_cluster_like_any_models(small_cluster,
+                                                                               tmp_path):
+    """Capacity and eviction treat a text encoder as a model like any other: loading a WAN model
+    that does not fit beside it evicts it (least recently used, eject_models), and with
+    eject_models off a text encoder kept loaded stays and the load is refused."""
+    import wan_reference
+    c = small_cluster
+    t5 = os.path.join(c.model_root, "t5-wide-vocab.safetensors")
+    save_safetensors(ref.t5_weights(dim=64, heads=4, head_dim=16, ffn=96, layers=2,
+                                    vocab=120000, seed=8), t5)
+    wan = os.path.join(c.model_root, "wan-small.safetensors")
+    save_safetensors(wan_reference.random_weights("t2v", dim=128, ffn_dim=256, num_layers=3,
+                                                  text_dim=96, seed=7), wan,
+                     {"config": json.dumps({"num_heads": 2})})
+    everything_on_cuda0 = dict(compute_device="cuda:0", expert_mode_allocations="cuda:0,*")
+    tokens = {"tokens": torch.randint(0, 120000, (1, 16))}
+
+    def ready(client):
+        return [m.name for m in client.list_models() if m.state == "ready"]
+
+    with tf.Client(c.address) as client:
+        encoder = client.load_model(tf.ModelSpec(os.path.basename(t5), **everything_on_cuda0))
+        want = client.forward(encoder.name, tokens)["out"]
+        with pytest.raises(tf.ResourceExhaustedError):
+            client.load_model(tf.ModelSpec(os.path.basename(wan), eject_models=False, width=256,
+                                           height=256, frames=17, **everything_on_cuda0))
+        assert ready(client) == [encoder.name]
+        video = client.load_model(tf.ModelSpec(os.path.basename(wan), width=256, height=256,
+                                               frames=17, **everything_on_cuda0))
+        assert ready(client) == [video.name], "the encoder was evicted"
+        x = {"x": torch.randn(1, 16, 2, 4, 4), "timestep": torch.tensor([500.0]),
+             "context": torch.randn(1, 5, 96)}
+        assert client.forward(video.name, x)["out"].shape == (1, 16, 2, 4, 4)
+        # And back: the encoder (29.6 MiB + 20.9 MiB of activations) fits beside the idle WAN
+        # model's weights, so nothing is evicted, and it computes what it computed before.
+        encoder = client.load_model(tf.ModelSpec(os.path.basename(t5), **everything_on_cuda0))
+        assert sorted(ready(client)) == sorted([encoder.name, video.name])
+        assert _same_bits(torch.as_tensor(client.forward(encoder.name, tokens)["out"]),
+                          torch.as_tensor(want))
