@@ -100,6 +100,11 @@ int main(int argc, char** argv) {
   c.shm_staging_bytes = o.shm_staging_bytes.value;
   c.shm_copy_threads = static_cast<int>(o.shm_copy_threads);
   c.max_message_bytes = o.max_message_bytes.value;
+  if (o.max_connections < 1) {
+    std::fprintf(stderr, "fleet-worker: --max-connections must be at least 1\n");
+    return 2;
+  }
+  c.max_connections = static_cast<size_t>(o.max_connections);
   c.threads = static_cast<int>(o.threads);
   c.compute_threads = static_cast<int>(o.compute_threads);
   auto curve = fleet::transport::LoadCurveConfig(o.curve_secret_key_file, o.curve_server_key_file);

@@ -253,6 +253,7 @@ struct WorkerServer::Impl {
     bool hello = false;
     protocol::HelloInfo peer;
     uint64_t caps = 0;
+    int fd = -1;  // the connection's socket (ZMQ_SRCFD), to forget it when it closes
   };
   struct Task {
     zmq::message_t rid;
@@ -275,10 +276,14 @@ struct WorkerServer::Impl {
 
   zmq::socket_t router;
   zmq::socket_t replies_pull;
-  zmq::socket_t monitor;  // handshake failures of the router (CURVE), when CURVE is on
+  // Events of the router: closed connections, and handshake failures when CURVE is on.
+  zmq::socket_t monitor;
   std::string endpoint;
   std::string replies_endpoint;
-  std::unordered_map<std::string, Conn> conns;  // IO thread only
+  // Greeted connections by routing id, and their sockets: a closed connection's entry goes when
+  // the monitor reports the close, so the table holds live connections only. IO thread only.
+  std::unordered_map<std::string, Conn> conns;
+  std::unordered_map<int, std::string> conn_by_fd;
 
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> in_flight{0};
@@ -478,6 +483,9 @@ struct WorkerServer::Impl {
   void IoLoop();
   // `too_many_frames`: the message had more frames than a request may (the rest were dropped).
   void OnRequest(Frames frames, bool too_many_frames);
+  // Handles every monitor event queued (closed connections leave `conns`).
+  void DrainMonitor();
+  void ForgetConn(const std::string& rid_key);
   void SendError(zmq::message_t& rid, uint64_t id, const Status& status);
 };
 
@@ -535,13 +543,34 @@ void WorkerServer::Impl::OnRequest(Frames frames, bool too_many_frames) {
           .Increment();
       FLEET_LOG(WARNING, "worker")
           << "refused Hello from '" << peer.peer_name << "': " << caps.status();
-      conns.erase(rid_key);
+      ForgetConn(rid_key);
       SendError(frames[0], (*request)->id(), caps.status());
+      return;
+    }
+    if (!conn.hello && conns.size() > config.max_connections) {
+      m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}})
+          .Increment();
+      ForgetConn(rid_key);
+      SendError(frames[0], (*request)->id(),
+                ResourceExhaustedError("this worker has " +
+                                       std::to_string(config.max_connections) +
+                                       " connections open (--max-connections); close one first"));
       return;
     }
     conn.hello = true;
     conn.peer = peer;
     conn.caps = *caps;
+    const int fd = zmq_msg_get(frames[1].handle(), ZMQ_SRCFD);
+    if (fd >= 0 && fd != conn.fd) {
+      // A socket number is reused only after its connection closed; drop what it named.
+      if (auto old = conn_by_fd.find(fd); old != conn_by_fd.end() && old->second != rid_key) {
+        conns.erase(old->second);
+      }
+      if (conn.fd >= 0) conn_by_fd.erase(conn.fd);
+      conn.fd = fd;
+      conn_by_fd[fd] = rid_key;
+    }
+    m->connections.Add({{"device", config.id}}).Set(static_cast<double>(conns.size()));
     protocol::HelloInfo reply = hello;
     reply.capabilities = *caps;
     flatbuffers::FlatBufferBuilder fbb;
@@ -552,14 +581,12 @@ void WorkerServer::Impl::OnRequest(Frames frames, bool too_many_frames) {
     out.push_back(transport::MessageFromBuffer(fbb.Release()));
     transport::SendFrames(router, out).IgnoreError();
     m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "ok"}}).Increment();
-    // Bound the connection table: forget the oldest half when a client storm fills it.
-    if (conns.size() > 100000) conns.clear();
     return;
   }
   if (!conn.hello) {
     m->requests.Add({{"device", config.id}, {"type", type_name}, {"outcome", "rejected"}})
         .Increment();
-    conns.erase(rid_key);
+    ForgetConn(rid_key);
     SendError(frames[0], (*request)->id(),
               FailedPreconditionError(type_name + " before Hello: the first message on a "
                                                   "connection must be Hello"));
@@ -615,28 +642,49 @@ void WorkerServer::Impl::IoLoop() {
         --in_flight;
       }
     }
-    if (items[1].revents & ZMQ_POLLIN) {
-      // Monitor event: [uint16 event, uint32 value][peer address].
-      auto event = transport::RecvFrames(monitor, std::chrono::milliseconds(0));
-      if (event.ok() && event->size() == 2 && (*event)[0].size() >= 6) {
-        uint16_t id = 0;
-        uint32_t value = 0;
-        std::memcpy(&id, (*event)[0].data(), 2);
-        std::memcpy(&value, static_cast<const uint8_t*>((*event)[0].data()) + 2, 4);
-        FLEET_LOG(WARNING, "worker")
-            << "refused a connection from " << (*event)[1].to_string() << ": "
-            << (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH ? "authentication failed"
-                                                      : "CURVE handshake failed")
-            << " (event 0x" << std::hex << id << ", code 0x" << value << std::dec
-            << "; wrong or missing CURVE keys?)";
-      }
-    }
+    if (items[1].revents & ZMQ_POLLIN) DrainMonitor();
     if (accepting && (items[2].revents & ZMQ_POLLIN)) {
+      // Closes reported before this message was read are handled first, so a socket number
+      // reused by a new connection never finds its predecessor's entry.
+      DrainMonitor();
       bool dropped = false;
       auto frames = transport::RecvFrames(router, std::chrono::milliseconds(0),
                                           limits.max_tensors + 2, &dropped);
       if (frames.ok()) OnRequest(std::move(*frames), dropped);
     }
+  }
+}
+
+void WorkerServer::Impl::ForgetConn(const std::string& rid_key) {
+  auto it = conns.find(rid_key);
+  if (it == conns.end()) return;
+  if (it->second.fd >= 0) conn_by_fd.erase(it->second.fd);
+  conns.erase(it);
+  m->connections.Add({{"device", config.id}}).Set(static_cast<double>(conns.size()));
+}
+
+void WorkerServer::Impl::DrainMonitor() {
+  while (true) {
+    // Monitor event: [uint16 event, uint32 value][peer address].
+    auto event = transport::RecvFrames(monitor, std::chrono::milliseconds(0));
+    if (!event.ok() || event->empty()) return;
+    if (event->size() != 2 || (*event)[0].size() < 6) continue;
+    uint16_t id = 0;
+    uint32_t value = 0;
+    std::memcpy(&id, (*event)[0].data(), 2);
+    std::memcpy(&value, static_cast<const uint8_t*>((*event)[0].data()) + 2, 4);
+    if (id == ZMQ_EVENT_DISCONNECTED) {
+      auto it = conn_by_fd.find(static_cast<int>(value));
+      if (it != conn_by_fd.end()) ForgetConn(std::string(it->second));
+      continue;
+    }
+    FLEET_LOG(WARNING, "worker") << "refused a connection from " << (*event)[1].to_string()
+                                 << ": "
+                                 << (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
+                                         ? "authentication failed"
+                                         : "CURVE handshake failed")
+                                 << " (event 0x" << std::hex << id << ", code 0x" << value
+                                 << std::dec << "; wrong or missing CURVE keys?)";
   }
 }
 
@@ -2008,21 +2056,20 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
   so.max_message_bytes = config.max_message_bytes;
   so.rcvhwm = transport::kRouterRcvHwm;
   FLEET_RETURN_IF_ERROR(transport::ConfigureSocket(impl->router, so));
-  if (config.curve.enabled()) {
+  {
     const std::string monitor_endpoint =
         "inproc://fleet-worker-monitor-" + std::to_string(reinterpret_cast<uintptr_t>(impl.get()));
-    if (zmq_socket_monitor(impl->router.handle(), monitor_endpoint.c_str(),
-                           ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
-                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
-                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
+    int events = ZMQ_EVENT_DISCONNECTED;
+    if (config.curve.enabled()) {
+      events |= ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
+    }
+    if (zmq_socket_monitor(impl->router.handle(), monitor_endpoint.c_str(), events) != 0) {
       return InternalError("cannot monitor the request socket");
     }
     impl->monitor = zmq::socket_t(transport::Context(), zmq::socket_type::pair);
     impl->monitor.set(zmq::sockopt::linger, 0);
     impl->monitor.connect(monitor_endpoint);
-  } else {
-    // An unconnected PAIR keeps the poll set uniform.
-    impl->monitor = zmq::socket_t(transport::Context(), zmq::socket_type::pair);
   }
   FLEET_ASSIGN_OR_RETURN(impl->endpoint, transport::Bind(impl->router, config.listen));
   impl->replies_pull = zmq::socket_t(transport::Context(), zmq::socket_type::pull);
@@ -2050,6 +2097,7 @@ StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(WorkerConfig config
   impl->m->shm_arena_bytes.Add({{"device", config.id}})
       .Set(impl->arena ? static_cast<double>(impl->arena->size()) : 0);
   impl->m->activation_bytes.Add({{"device", config.id}}).Set(0);
+  impl->m->connections.Add({{"device", config.id}}).Set(0);
   if (!config.metrics_listen.empty()) {
     FLEET_ASSIGN_OR_RETURN(impl->metrics_server,
                            metrics::MetricsServer::Start(config.metrics_listen, impl->registry));

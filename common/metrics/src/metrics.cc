@@ -75,6 +75,10 @@ WorkerMetrics::WorkerMetrics(prometheus::Registry& r)
                           .Name("fleet_worker_shm_arena_bytes")
                           .Help("Size of this worker's shared-memory arena")
                           .Register(r)),
+      connections(BuildGauge()
+                      .Name("fleet_worker_connections")
+                      .Help("Greeted client connections open (closed ones leave the table)")
+                      .Register(r)),
       transfer_bytes(BuildCounter()
                          .Name("fleet_worker_transfer_bytes_total")
                          .Help("Bytes received by this worker, by source, destination and kind")
@@ -183,6 +187,7 @@ std::vector<std::pair<std::string, std::string>> WorkerMetrics::Describe() const
           Entry(activation_bytes),
           Entry(patched_bytes),
           Entry(shm_arena_bytes),
+          Entry(connections),
           Entry(transfer_bytes),
           Entry(transfer_duration),
           Entry(block_compute_duration),

@@ -632,6 +632,52 @@ TEST(Worker, RunConstantInputsAreCachedUntilEndRun) {
 }
 
 // Garbage of every kind; after each the worker still answers a well-behaved client.
+// Closed connections leave the worker's table of greeted connections (it used to forget every
+// connection, the coordinator's included, once a Hello storm filled it), and a Hello past
+// --max-connections is refused while established clients keep working.
+TEST(Worker, ClosedConnectionsLeaveTheTableAndEstablishedOnesStay) {
+  auto w = StartWorker({"--id", "cuda:3", "--capacity", "1mb", "--max-connections", "8"});
+  ASSERT_TRUE(w);
+  auto established = ConnectTo(*w);
+  ASSERT_TRUE(established);
+  auto connections = [&] {
+    auto text = HttpGet(w->metrics(), "/metrics");
+    EXPECT_TRUE(text.ok());
+    const std::string key = "fleet_worker_connections{device=\"cuda:3\"} ";
+    const auto at = text->find(key);
+    return at == std::string::npos ? -1.0 : std::stod(text->substr(at + key.size()));
+  };
+  auto settles_at = [&](double want) {
+    for (int i = 0; i < 100 && connections() != want; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return connections();
+  };
+  for (int i = 0; i < 40; ++i) {  // five times the table's size, one connection at a time
+    auto churn = ConnectTo(*w);
+    ASSERT_TRUE(churn) << i;
+  }
+  EXPECT_EQ(settles_at(1), 1) << "every closed connection left the table";
+  auto stats = established->Stats();
+  EXPECT_TRUE(stats.ok()) << stats.status();
+
+  std::vector<std::unique_ptr<WorkerClient>> open;
+  for (int i = 0; i < 7; ++i) {
+    open.push_back(ConnectTo(*w));
+    ASSERT_TRUE(open.back()) << i;
+  }
+  EXPECT_EQ(connections(), 8);
+  auto refused = WorkerClient::Connect(w->endpoint(), {});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("--max-connections"), std::string_view::npos);
+  stats = established->Stats();
+  EXPECT_TRUE(stats.ok()) << stats.status();
+  open.clear();
+  EXPECT_EQ(settles_at(1), 1);
+  EXPECT_TRUE(ConnectTo(*w)) << "room again once connections closed";
+}
+
 TEST(Worker, SurvivesGarbageAndKeepsServing) {
   auto w = StartWorker({"--id", "cuda:3", "--capacity", "1mb", "--max-message-bytes", "1mb"});
   ASSERT_TRUE(w);

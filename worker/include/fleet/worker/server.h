@@ -45,6 +45,7 @@ struct WorkerConfig {
   transport::CurveConfig curve;            // disabled = plain
   std::set<std::string> curve_authorized;  // empty with CURVE on = {curve.public_key}
   uint64_t max_message_bytes = 8ull << 30;
+  size_t max_connections = 100000;  // greeted connections kept; closed ones leave the table
   int threads = 4;
   int compute_threads = 2;
 };

@@ -41,6 +41,7 @@ struct WorkerMetrics {
   prometheus::Family<prometheus::Gauge>& activation_bytes;            // device
   prometheus::Family<prometheus::Gauge>& patched_bytes;               // device, model
   prometheus::Family<prometheus::Gauge>& shm_arena_bytes;             // device
+  prometheus::Family<prometheus::Gauge>& connections;                 // device
   prometheus::Family<prometheus::Counter>& transfer_bytes;            // src, dst, kind
   prometheus::Family<prometheus::Histogram>& transfer_duration;       // src, dst, kind
   prometheus::Family<prometheus::Histogram>& block_compute_duration;  // device, model, block
