@@ -536,12 +536,18 @@ class _Runner:
     logged and counted here)."""
 
     def __init__(self, client_for, address, spec, model_name,
-                 constant_inputs=FLUX_CONSTANT_INPUTS):
+                 constant_inputs=FLUX_CONSTANT_INPUTS,
+                 patch_prefix=tensorfleet_patches.DIFFUSION_PREFIX,
+                 patch_what="the diffusion model"):
         self._client_for = client_for
         self.address = address
         self.spec = spec
         self.model_name = model_name
         self.constant_inputs = tuple(constant_inputs)
+        # Where the patcher's keys name this model's weights: "diffusion_model." for a MODEL,
+        # "<encoder>.transformer." for one text encoder of a CLIP (tensorfleet_clip).
+        self.patch_prefix = patch_prefix
+        self.patch_what = patch_what
         self.reloads = 0            # times the model was loaded again at a step
         self.reload_seconds = 0.0   # time those loads took (the cost of a swap)
         # (client, patch set id) the coordinator was given, most recent last; the coordinator
@@ -550,11 +556,17 @@ class _Runner:
 
     def forward(self, inputs, patcher=None):
         """One step; `patcher`'s weight patches (LoRA) go to the coordinator once per patch set
-        (PutPatches) and the step names them."""
+        (PutPatches) and the step names them. Returns the output "out"."""
+        return self.forward_outputs(inputs, patcher)["out"]
+
+    def forward_outputs(self, inputs, patcher=None):
+        """forward, returning every output ({name: tensor}). A runner without constant inputs
+        (a text encoder) sends no run id: there is nothing for the coordinator to keep."""
         import comfy.model_management as mm  # noqa: PLC0415 - only inside ComfyUI
 
         consts = [n for n in self.constant_inputs if n in inputs]
-        run_id = run_id_for(self.model_name, {n: inputs[n] for n in consts})
+        run_id = run_id_for(self.model_name, {n: inputs[n] for n in consts}) \
+            if self.constant_inputs else ""
         client = self._client_for(self.address)
         patches = self._patch_set(patcher)
         for attempt in (0, 1):
@@ -569,7 +581,7 @@ class _Runner:
                                      constant_inputs=consts,
                                      should_cancel=mm.processing_interrupted,
                                      patches=patches.id if patches is not None else "")
-                return out["out"]
+                return out
             except CancelledError:
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException()
@@ -583,13 +595,16 @@ class _Runner:
                     self._reload(client, mm)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _patch_set(patcher):
-        """The patcher's weight patches as a tensorfleet_patches.PatchSet (None without any)."""
+    def _patch_set(self, patcher):
+        """The patcher's weight patches on this model (keys under patch_prefix) as a
+        tensorfleet_patches.PatchSet (None without any)."""
         if patcher is None:
             return None
-        return tensorfleet_patches.patch_set(getattr(patcher, "patches", None),
-                                             getattr(patcher, "patches_uuid", None))
+        patches = getattr(patcher, "patches", None)
+        if patches and self.patch_prefix != tensorfleet_patches.DIFFUSION_PREFIX:
+            patches = {k: v for k, v in patches.items() if k.startswith(self.patch_prefix)}
+        return tensorfleet_patches.patch_set(patches, getattr(patcher, "patches_uuid", None),
+                                             self.patch_prefix, self.patch_what)
 
     def _reload(self, client, mm):
         """The coordinator restarted or evicted the model (another model's load needed its

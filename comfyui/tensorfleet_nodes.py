@@ -19,6 +19,8 @@ eject_models included; the coordinator decides what stays loaded: a model that f
 loaded ones evicts nothing (WAN 2.2's two experts stay loaded together), one that does not
 evicts idle models least recently used first, only as far as needed (keep_loaded ones only
 with eject_models). The loader logs what its plan says the load evicts, then the load's time.
+The text-encoder loaders (`CLIPLoaderTensorfleet`, `DualCLIPLoaderTensorfleet`) live in
+tensorfleet_clip and are registered here.
 `TensorfleetPlan` shows the plan (tables, the equivalent expert string, the models a load would
 evict: the coordinator's "loading it evicts" line, and a picture) without loading.
 
@@ -162,13 +164,15 @@ def check_devices(address, compute_device, donor_device, virtual_vram_gb, expert
                 "cluster has %s" % (name, device, address, ", ".join(have)), "Plan")
 
 
-def _diffusion_models(gguf_only=False):
-    """Model files under ComfyUI's diffusion_models folders, GGUF included: ComfyUI lists no
-    .gguf there (ComfyUI-GGUF adds a folder kind of its own); the cluster runs them."""
+def _diffusion_models(gguf_only=False, folder="diffusion_models"):
+    """Model files under ComfyUI's `folder` folders (diffusion_models; text_encoders for the
+    CLIP loaders), GGUF included: ComfyUI lists no .gguf there (ComfyUI-GGUF adds a folder kind
+    of its own); the cluster runs GGUF diffusion models (GGUF text encoders are refused when
+    loaded, by name)."""
     import folder_paths  # noqa: PLC0415 - ComfyUI module
 
-    names = set() if gguf_only else set(folder_paths.get_filename_list("diffusion_models"))
-    for base in folder_paths.folder_names_and_paths.get("diffusion_models", ([], None))[0]:
+    names = set() if gguf_only else set(folder_paths.get_filename_list(folder))
+    for base in folder_paths.folder_names_and_paths.get(folder, ([], None))[0]:
         seen = set()  # real paths: a symlink cycle is walked once, not until paths get too long
         for root, dirs, files in os.walk(base, followlinks=True):
             real = os.path.realpath(root)
@@ -219,8 +223,9 @@ def _distorch_inputs():
     }
 
 
-def _extra_inputs(compute_dtype=True):
-    """Tensorfleet's own inputs, after upstream's."""
+def _extra_inputs(compute_dtype=True, sizes=True):
+    """Tensorfleet's own inputs, after upstream's; `sizes`: the image size inputs (not for
+    text encoders)."""
     extra = {}
     if compute_dtype:
         extra["compute_dtype"] = (COMPUTE_DTYPES, {
@@ -236,6 +241,8 @@ def _extra_inputs(compute_dtype=True):
                                    "tooltip": "Coordinator job endpoint; empty: "
                                               "$TENSORFLEET_COORDINATOR or " + DEFAULT_ADDRESS}),
     })
+    if not sizes:
+        return extra
     # The workflow's latent size: the plan keeps room for its activations on the compute device.
     size_tip = (" of the images or video this model will make, for the activation memory the "
                 "plan keeps free on the compute device; 0: the model family's default. A "
@@ -278,6 +285,16 @@ def _explain(e, what, unet_name, address):
 def _load(unet_name, coordinator=None, **inputs):
     """What every loader does: check, plan, load with progress and cancel, wrap as a MODEL.
     `inputs` are _spec's keyword arguments."""
+    address, spec, info = load_on_cluster(unet_name, coordinator, **inputs)
+    model = tensorfleet_model.build_model_patcher(client_for, address, spec, info,
+                                                  _local_path(unet_name))
+    return (model,)
+
+
+def load_on_cluster(unet_name, coordinator=None, **inputs):
+    """Check, plan and load a file on the cluster with ComfyUI's progress bar and Cancel; the
+    plan's notes and evictions and the load's time are logged. Returns (coordinator address,
+    wire ModelSpec, ModelInfo). `inputs` are _spec's keyword arguments."""
     import comfy.model_management as mm  # noqa: PLC0415 - ComfyUI module
     import comfy.utils  # noqa: PLC0415
 
@@ -329,9 +346,7 @@ def _load(unet_name, coordinator=None, **inputs):
     log.info("tensorfleet: loading '%s' took %.2f s for %s%s", info.name, seconds,
              tensorfleet_model.format_bytes(info.bytes_total),
              tensorfleet_model.evicts_text(evicts))
-    model = tensorfleet_model.build_model_patcher(client_for, address, spec, info,
-                                                  _local_path(unet_name))
-    return (model,)
+    return address, spec, info
 
 
 def _log_plan_notes(plan):
@@ -469,3 +484,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UnetLoaderGGUFAdvancedTensorfleet": "Unet Loader GGUF Advanced (Tensorfleet)",
     "TensorfleetPlan": "Tensorfleet Plan",
 }
+
+# The text-encoder loaders (tensorfleet_clip imports this module: registered after it is whole).
+from . import tensorfleet_clip  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(tensorfleet_clip.NODE_CLASS_MAPPINGS)
+NODE_DISPLAY_NAME_MAPPINGS.update(tensorfleet_clip.NODE_DISPLAY_NAME_MAPPINGS)

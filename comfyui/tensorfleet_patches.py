@@ -98,26 +98,31 @@ _cache = collections.OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def patch_set(patches, patches_uuid=None):
-    """patches_to_set, converted once per `patches_uuid` (each time when there is none)."""
+def patch_set(patches, patches_uuid=None, prefix=DIFFUSION_PREFIX, what="the diffusion model"):
+    """patches_to_set, converted once per (`patches_uuid`, `prefix`) (each time when there is no
+    uuid)."""
     if not patches or patches_uuid is None:
-        return patches_to_set(patches, patches_uuid)
+        return patches_to_set(patches, patches_uuid, prefix, what)
+    key = (patches_uuid, prefix)
     with _cache_lock:
-        if patches_uuid in _cache:
-            _cache.move_to_end(patches_uuid)
-            return _cache[patches_uuid]
-    result = patches_to_set(patches, patches_uuid)
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    result = patches_to_set(patches, patches_uuid, prefix, what)
     with _cache_lock:
-        _cache[patches_uuid] = result
+        _cache[key] = result
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return result
 
 
-def patches_to_set(patches, patches_uuid=None):
+def patches_to_set(patches, patches_uuid=None, prefix=DIFFUSION_PREFIX,
+                   what="the diffusion model"):
     """The PatchSet of a ModelPatcher's `patches` ({key: [(strength_patch, value,
-    strength_model, offset, function), ...]}), or None when there are none. Keys must be the
-    diffusion model's ("diffusion_model.<weight>"). Raises UnimplementedError naming the key for
+    strength_model, offset, function), ...]}), or None when there are none. Keys must be
+    `prefix` + the weight's name in the model file: the diffusion model's
+    ("diffusion_model.<weight>"), or a text encoder's (a CLIP patcher's
+    "clip_l.transformer.<weight>", `what` naming it in errors). Raises UnimplementedError naming the key for
     what the cluster does not apply (GLoRA, OFT, BOFT, reshape_weight, strength_model other than
     1, a function other than diffusers' swap_scale_shift, model_as_lora)."""
     if not patches:
@@ -129,9 +134,9 @@ def patches_to_set(patches, patches_uuid=None):
     digest = hashlib.blake2b(digest_size=12)
     n = 0
     for key in sorted(patches):
-        if not key.startswith(DIFFUSION_PREFIX):
-            _refuse(key, "not a weight of the diffusion model")
-        target = key[len(DIFFUSION_PREFIX):]
+        if not key.startswith(prefix):
+            _refuse(key, "not a weight of %s" % what)
+        target = key[len(prefix):]
         for position, patch in enumerate(patches[key]):
             strength, value, strength_model, offset, function = (tuple(patch) + (None,) * 5)[:5]
             if strength_model not in (None, 1.0):
@@ -141,14 +146,14 @@ def patches_to_set(patches, patches_uuid=None):
                 if getattr(function, "__name__", "") != "swap_scale_shift":
                     _refuse(key, "a patch function %r" % getattr(function, "__name__", function))
                 swap = True
-            prefix = "p%d" % n
+            tag = "p%d" % n
             n += 1
             parts = _parts(key, value)
             keys = []
             for suffix, t in parts.items():
-                tensors[prefix + suffix] = t.detach().cpu().contiguous()
-                keys.append(prefix + suffix)
-            module = PatchModule(prefix=prefix, target=target, keys=keys,
+                tensors[tag + suffix] = t.detach().cpu().contiguous()
+                keys.append(tag + suffix)
+            module = PatchModule(prefix=tag, target=target, keys=keys,
                                  offset=tuple(offset) if offset is not None else None,
                                  swap_halves=swap)
             groups.setdefault((position, float(strength)), []).append(module)
@@ -157,7 +162,7 @@ def patches_to_set(patches, patches_uuid=None):
             for suffix, t in sorted(parts.items()):
                 digest.update(("%s%s%s" % (suffix, tuple(t.shape), t.dtype)).encode())
                 if patches_uuid is None:  # no patcher id: the bytes themselves
-                    digest.update(tensors[prefix + suffix].view(-1).view(torch.uint8).numpy())
+                    digest.update(tensors[tag + suffix].view(-1).view(torch.uint8).numpy())
     if patches_uuid is not None:
         digest.update(str(patches_uuid).encode())
     ordered = sorted(groups.items(), key=lambda item: item[0][0])  # stable: first seen first

@@ -14,8 +14,16 @@ Both workflow formats are handled:
   [node id, slot]}}}, optionally wrapped as {"prompt": {...}}.
 
 Nothing else changes: node ids, links, positions, titles and every other node stay as they
-were. Nodes without a counterpart (text encoders and VAEs on the cluster are future work) stay
-unconverted and are listed in the report; so is every value that behaves differently.
+were. Nodes without a counterpart (VAEs, CLIP-G / triple / quadruple text encoders on the
+cluster are future work) stay unconverted and are listed in the report; so is every value that
+behaves differently.
+
+Text encoders: CLIPLoader / DualCLIPLoader DisTorch2 loaders (and their ComfyUI-GGUF variants,
+whose inputs are the same names) become CLIPLoaderTensorfleet / DualCLIPLoaderTensorfleet; their
+DisTorch2 device input is named `device` (it takes over the core node's own), eject_models
+defaults to False. T5 GGUF files run as ComfyUI-GGUF reads them; a UMT5 GGUF file name
+("umt5" in it) is kept and noted: the node cannot read the tokenizer such a file stores in its
+GGUF metadata, so it refuses it when it runs.
 
 Upstream facts (ComfyUI-MultiGPU 2.x `wrappers.py` and `__init__.py`, ComfyUI `nodes.py`,
 ComfyUI-GGUF `nodes.py`): DisTorch2 loaders append the optional inputs compute_device (default
@@ -36,6 +44,9 @@ import sys
 DISTORCH = ["compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations",
             "eject_models"]
 
+# DisTorch2's CLIP loaders name the compute device `device` (the core node's own input).
+CLIP_DISTORCH = ["device"] + DISTORCH[1:]
+
 # Tensorfleet's loaders: widget inputs in order (upstream's first, extras after) and defaults.
 # tests/python/test_workflow_convert.py checks these against the nodes' INPUT_TYPES.
 SIZES = ["width", "height", "frames", "batch"]  # 0: the model family's default
@@ -49,12 +60,17 @@ TARGETS = {
                                            "patch_on_device"] + DISTORCH
                                           + ["compute_dtype", "keep_loaded", "mode",
                                              "coordinator"] + SIZES),
+    "CLIPLoaderTensorfleet": (["clip_name", "type"] + CLIP_DISTORCH
+                              + ["compute_dtype", "keep_loaded", "mode", "coordinator"]),
+    "DualCLIPLoaderTensorfleet": (["clip_name1", "clip_name2", "type"] + CLIP_DISTORCH
+                                  + ["compute_dtype", "keep_loaded", "mode", "coordinator"]),
 }
 DEFAULTS = {
     "weight_dtype": "default", "dequant_dtype": "default", "patch_dtype": "default",
     "patch_on_device": False, "compute_device": "cuda:0", "virtual_vram_gb": 4.0,
     "donor_device": "cpu", "expert_mode_allocations": "", "eject_models": True,
     "compute_dtype": "default", "keep_loaded": True, "mode": "auto",
+    "device": "cuda:0",
     "coordinator": "",  # empty: the node uses TENSORFLEET_COORDINATOR or tcp://127.0.0.1:7770
     "width": 0, "height": 0, "frames": 0, "batch": 0,
 }
@@ -79,8 +95,21 @@ CONVERTIBLE = {
         ["unet_name", "dequant_dtype", "patch_dtype", "patch_on_device", "device"],
         "UnetLoaderGGUFAdvancedTensorfleet", {"device": "compute_device"}, _WHOLE_ON_DEVICE),
 }
+# CLIP loaders (DisTorch2's, plain *MultiGPU and their ComfyUI-GGUF variants: same inputs).
+for _gguf in ("", "GGUF"):
+    CONVERTIBLE["CLIPLoader%sDisTorch2MultiGPU" % _gguf] = (
+        ["clip_name", "type"] + CLIP_DISTORCH, "CLIPLoaderTensorfleet", {}, {})
+    CONVERTIBLE["DualCLIPLoader%sDisTorch2MultiGPU" % _gguf] = (
+        ["clip_name1", "clip_name2", "type"] + CLIP_DISTORCH, "DualCLIPLoaderTensorfleet", {},
+        {})
+    CONVERTIBLE["CLIPLoader%sMultiGPU" % _gguf] = (
+        ["clip_name", "type", "device"], "CLIPLoaderTensorfleet", {}, _WHOLE_ON_DEVICE)
+    CONVERTIBLE["DualCLIPLoader%sMultiGPU" % _gguf] = (
+        ["clip_name1", "clip_name2", "type", "device"], "DualCLIPLoaderTensorfleet", {},
+        _WHOLE_ON_DEVICE)
 
-_NOT_YET_TEXT = "text encoders on the cluster are future work: it keeps running in ComfyUI"
+_NOT_YET_TEXT = ("this text encoder loader has no Tensorfleet counterpart yet (CLIPLoader and "
+                 "DualCLIPLoader do): it keeps running in ComfyUI")
 _NOT_YET_VAE = "VAEs on the cluster are future work: it keeps running in ComfyUI"
 # Upstream nodes with no counterpart yet, and why. Any other *MultiGPU node is listed too.
 NOT_CONVERTED = {}
@@ -88,7 +117,12 @@ for _n in ("CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoa
            "CLIPLoaderGGUF", "DualCLIPLoaderGGUF", "TripleCLIPLoaderGGUF",
            "QuadrupleCLIPLoaderGGUF"):
     for _suffix in ("DisTorch2MultiGPU", "DisTorchMultiGPU", "MultiGPU"):
-        NOT_CONVERTED[_n + _suffix] = _NOT_YET_TEXT
+        if _n + _suffix in CONVERTIBLE:
+            continue
+        NOT_CONVERTED[_n + _suffix] = (
+            "legacy DisTorch (V1) loader: its virtual VRAM has other semantics "
+            "(use_other_vram); replace it by hand" if _suffix == "DisTorchMultiGPU"
+            else _NOT_YET_TEXT)
 for _n in ("VAELoaderDisTorch2MultiGPU", "VAELoaderMultiGPU"):
     NOT_CONVERTED[_n] = _NOT_YET_VAE
 NOT_CONVERTED["CLIPVisionLoaderDisTorch2MultiGPU"] = "CLIP vision on the cluster is future work"
@@ -112,6 +146,12 @@ def _notes(target, values):
     if values.get("weight_dtype") == "fp8_e4m3fn_fast":
         notes.append("weight_dtype fp8_e4m3fn_fast behaves as fp8_e4m3fn: the weights are kept "
                      "as fp8 and expanded for the matmul (no fp8 matmul here)")
+    for k in ("clip_name", "clip_name1", "clip_name2"):
+        name = values.get(k)
+        if isinstance(name, str) and name.lower().endswith(".gguf") and "umt5" in name.lower():
+            notes.append("%s '%s' looks like a UMT5 GGUF text encoder: the node cannot read the "
+                         "tokenizer it stores in GGUF metadata yet (it refuses the file); pick "
+                         "the .safetensors UMT5" % (k, name))
     if values.get("patch_dtype", "default") != "default" or values.get("patch_on_device"):
         notes.append("patch_dtype/patch_on_device have no effect: LoRA patches are refused on "
                      "Tensorfleet models for now")

@@ -80,7 +80,9 @@ def test_node_surface_mirrors_distorch2(models_dir):
         "UNETLoaderTensorfleet": "Load Diffusion Model (Tensorfleet)",
         "UnetLoaderGGUFTensorfleet": "Unet Loader GGUF (Tensorfleet)",
         "UnetLoaderGGUFAdvancedTensorfleet": "Unet Loader GGUF Advanced (Tensorfleet)",
-        "TensorfleetPlan": "Tensorfleet Plan"}
+        "TensorfleetPlan": "Tensorfleet Plan",
+        "CLIPLoaderTensorfleet": "Load CLIP (Tensorfleet)",
+        "DualCLIPLoaderTensorfleet": "DualCLIPLoader (Tensorfleet)"}
     for cls in PKG.NODE_CLASS_MAPPINGS.values():
         assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY == "tensorfleet"
     assert Loader.RETURN_TYPES == ("MODEL",)
@@ -380,7 +382,7 @@ def test_example_workflows_match_the_nodes(models_dir, fname):
         widgets = _widget_inputs(PKG.NODE_CLASS_MAPPINGS[n["type"]])
         assert len(n["widgets_values"]) == len(widgets), n["type"]
         for (name, spec), value in zip(widgets, n["widgets_values"]):
-            if name == "unet_name":
+            if name in ("unet_name", "clip_name", "clip_name1", "clip_name2"):
                 assert value.endswith(".safetensors")
             elif isinstance(spec[0], list):
                 assert value in spec[0], (name, value)
@@ -410,7 +412,7 @@ def test_example_workflows_match_the_nodes(models_dir, fname):
         return node["id"]
 
     sources = [model_source(n) for n in samplers]
-    loaders = {n["id"] for n in ours if n["type"] != "TensorfleetPlan"}
+    loaders = {n["id"] for n in ours if "MODEL" in PKG.NODE_CLASS_MAPPINGS[n["type"]].RETURN_TYPES}
     assert set(sources) == loaders
     if len(loaders) > 1:
         assert len(sources) == len(set(sources))

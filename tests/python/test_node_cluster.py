@@ -54,8 +54,9 @@ def _workers(cluster, since=None):
 def test_device_lists_are_the_clusters(control):
     for cls in PKG.NODE_CLASS_MAPPINGS.values():
         opt = cls.INPUT_TYPES()["optional"]
-        assert opt["compute_device"][0] == ["cpu", "cuda:0", "cuda:1"]
-        assert opt["compute_device"][1]["default"] == "cuda:0"
+        device = "device" if "device" in opt else "compute_device"  # CLIP loaders: `device`
+        assert opt[device][0] == ["cpu", "cuda:0", "cuda:1"]
+        assert opt[device][1]["default"] == "cuda:0"
         assert opt["donor_device"][0] == ["cpu", "cuda:0", "cuda:1"]
 
 

@@ -442,7 +442,8 @@ def test_wan22_example_workflows_are_two_experts_split_by_step(wan_peer, tmp_pat
     """comfyui/example_workflows/wan22_{t2v,i2v}_tensorfleet.json: two Tensorfleet loaders (the
     high- and low-noise experts), each through ModelSamplingSD3 (shift 8, as ComfyUI's WAN
     config) into its own KSamplerAdvanced; the first adds noise and stops at the switch step
-    with the leftover noise, the second continues from there; umt5 as CLIPLoader type wan, the
+    with the leftover noise, the second continues from there; umt5 as a Tensorfleet CLIPLoader
+    type wan, the
     WAN 2.1 VAE; for I2V, WanImageToVideo's conditioning and latent. Their loaders validate as
     ComfyUI would and load through the node."""
     import execution  # noqa: PLC0415  (comfy_standin)
@@ -484,8 +485,10 @@ def test_wan22_example_workflows_are_two_experts_split_by_step(wan_peer, tmp_pat
     assert "high_noise" in experts[0]["widgets_values"][0]
     assert "low_noise" in experts[1]["widgets_values"][0]
     assert ("_%s_" % kind) in experts[0]["widgets_values"][0]
-    clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoader")
+    clip = next(n for n in wf["nodes"] if n["type"] == "CLIPLoaderTensorfleet")
     assert clip["widgets_values"][:2] == ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan"]
+    assert source(source(first, "positive")[0], "clip")[0] is clip \
+        if kind == "t2v" else True
     vae = next(n for n in wf["nodes"] if n["type"] == "VAELoader")
     assert vae["widgets_values"] == ["wan_2.1_vae.safetensors"]
     if kind == "i2v":

@@ -60,8 +60,8 @@ def test_archive_unpacks_into_custom_nodes_and_imports(tmp_path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     assert sorted(module.NODE_CLASS_MAPPINGS) == [
-        "TensorfleetPlan", "UNETLoaderTensorfleet", "UnetLoaderGGUFAdvancedTensorfleet",
-        "UnetLoaderGGUFTensorfleet"]
+        "CLIPLoaderTensorfleet", "DualCLIPLoaderTensorfleet", "TensorfleetPlan",
+        "UNETLoaderTensorfleet", "UnetLoaderGGUFAdvancedTensorfleet", "UnetLoaderGGUFTensorfleet"]
     assert (target / module.WEB_DIRECTORY / "tensorfleet.js").is_file()
     assert module.tensorfleet_routes.CONVERT_ROUTE == "/tensorfleet/convert-workflow"
     # The converter runs from the unpacked archive alone, as `fleet convert-workflow` runs it.

@@ -278,23 +278,6 @@ def test_prefixed_files_run_in_the_cluster_as_run_local(cluster, tmp_path):
             c.unload_model(info.name)
 
 
-_LLAMA_CPP_T5 = [  # ComfyUI-GGUF's T5_SD_MAP, read backwards: our names -> llama.cpp's
-    ("encoder.final_layer_norm", "enc.output_norm"), ("shared", "token_embd"),
-    ("layer.0.SelfAttention.relative_attention_bias", "attn_rel_b"),
-    ("layer.0.SelfAttention.q", "attn_q"), ("layer.0.SelfAttention.k", "attn_k"),
-    ("layer.0.SelfAttention.v", "attn_v"), ("layer.0.SelfAttention.o", "attn_o"),
-    ("layer.0.layer_norm", "attn_norm"), ("layer.1.DenseReluDense.wi_1", "ffn_up"),
-    ("layer.1.DenseReluDense.wo", "ffn_down"), ("layer.1.DenseReluDense.wi_0", "ffn_gate"),
-    ("layer.1.layer_norm", "ffn_norm"), ("encoder.block.", "enc.blk."),
-]
-
-
-def _llama_cpp_name(name):
-    for ours, theirs in _LLAMA_CPP_T5:
-        name = name.replace(ours, theirs)
-    return name
-
-
 @pytest.mark.parametrize("name", ["t5", "umt5"])
 def test_gguf_t5_with_llama_cpp_names_runs_as_comfyui_gguf_reads_it(cluster, tmp_path, name):
     """A T5 / UMT5 GGUF as llama.cpp's converter writes one (enc.blk.N.attn_q, token_embd, ...;
@@ -321,10 +304,10 @@ def test_gguf_t5_with_llama_cpp_names_runs_as_comfyui_gguf_reads_it(cluster, tmp
             a = t.to(torch.float32).numpy()
             ne = list(reversed(a.shape))
             if quantise and a.ndim == 2 and a.shape[1] % 32 == 0:
-                entries.append((_llama_cpp_name(key), 8, ne, ggml.quantize(8, a, a.shape[0],
+                entries.append((ref.llama_cpp_name(key), 8, ne, ggml.quantize(8, a, a.shape[0],
                                                                               a.shape[1])))
             else:
-                entries.append((_llama_cpp_name(key), 0, ne, a.tobytes()))
+                entries.append((ref.llama_cpp_name(key), 0, ne, a.tobytes()))
         assert any(e[0] == "enc.blk.0.attn_rel_b.weight" for e in entries)
         path = os.path.join(cluster.model_root, "%s-%s.gguf" % (name, "Q8_0" if quantise else "F32"))
         go.write_gguf(path, [("general.architecture", go.T_STR, "t5encoder")], entries)
@@ -402,3 +385,27 @@ def test_a_text_encoder_and_a_diffusion_model_share_the_cluster_like_any_models(
         assert sorted(ready(client)) == sorted([encoder.name, video.name])
         assert _same_bits(torch.as_tensor(client.forward(encoder.name, tokens)["out"]),
                           torch.as_tensor(want))
+
+
+@pytest.mark.parametrize("name", ["clip", "t5", "umt5"])
+def test_scaled_fp8_text_encoders_run_scaled_and_bit_identical_in_a_cluster(cluster, tmp_path,
+                                                                             name):
+    """ComfyUI's scaled-fp8 text encoders (t5xxl_fp8_e4m3fn_scaled, umt5_xxl_fp8_e4m3fn_scaled):
+    e4m3fn weights with a `scale_weight` per layer after a `scaled_fp8` marker. run-local is
+    close to the float model (the scales are applied) and the cluster equals it bit for bit."""
+    from test_scaled_fp8 import _scaled
+    source = _model(cluster.model_root, name)
+    path = os.path.join(cluster.model_root, "te-%s-fp8-scaled.safetensors" % name)
+    _scaled(source, path)
+    length = 77 if name == "clip" else 40
+    x = {"tokens": _tokens(name, 1, length, 51)[0]}
+    base = _run_local(source, x, tmp_path, "--dtype", "float32")["out"]
+    want = _run_local(path, x, tmp_path, "--dtype", "float32")["out"]
+    rel = float(torch.linalg.norm(want - base) / torch.linalg.norm(base))
+    assert 0 < rel < 0.1, rel
+    with tf.Client(cluster.address) as c:
+        info = c.load_model(tf.ModelSpec(
+            os.path.basename(path), compute_device="cuda:0", mode="pipeline", dtype="float32",
+            expert_mode_allocations="cuda:0,30%;cuda:1,40%;cpu,*", eject_models=False))
+        assert _same_bits(torch.as_tensor(c.forward(info.name, x)["out"]), want)
+        c.unload_model(info.name)

@@ -52,9 +52,16 @@ EXPECTED = {
     16: ("UnetLoaderGGUFTensorfleet", {
         "unet_name": "flux1-schnell-Q8_0.gguf", "compute_device": "cuda:0",
         "virtual_vram_gb": 0.0}),
+    2: ("DualCLIPLoaderTensorfleet", {
+        "clip_name1": "t5xxl_fp16.safetensors", "clip_name2": "clip_l.safetensors",
+        "type": "flux", "device": "cuda:1", "virtual_vram_gb": 0, "donor_device": "cpu",
+        "expert_mode_allocations": "", "eject_models": False}),
+    15: ("CLIPLoaderTensorfleet", {
+        "clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "cuda:0",
+        "virtual_vram_gb": 0, "eject_models": False}),
 }
-NOT_CONVERTED = {2: "DualCLIPLoaderDisTorch2MultiGPU", 8: "VAELoaderDisTorch2MultiGPU",
-                 15: "CLIPLoaderDisTorch2MultiGPU"}
+NOT_CONVERTED = {8: "VAELoaderDisTorch2MultiGPU"}
+CLIP_NODES = {2, 15}  # converted, but they load text encoders (test_node_clip.py runs those)
 
 
 def _load(path):
@@ -122,7 +129,7 @@ def test_ui_workflow_converts_keeping_values_links_and_the_rest(flux_models):
     # weight_dtype is applied (fp8 storage), so it needs no note.
     assert not any("weight_dtype" in n for n in by_node[13]["notes"])
     text = wc.format_report(report)
-    assert "converted 5 node(s), left 3 unconverted" in text
+    assert "converted 7 node(s), left 1 unconverted" in text
     assert "node 8 (VAELoaderDisTorch2MultiGPU): VAELoaderDisTorch2MultiGPU NOT converted" in text
 
 
@@ -130,7 +137,7 @@ def test_converted_ui_workflow_loads_and_runs_through_the_nodes(peer, flux_model
     after, _ = wc.convert(_load(UI))
     inputs = {}
     for n in after["nodes"]:
-        if n["id"] not in EXPECTED:
+        if n["id"] not in EXPECTED or n["id"] in CLIP_NODES:
             continue
         cls = PKG.NODE_CLASS_MAPPINGS[n["type"]]
         kwargs = dict(zip(wc.TARGETS[n["type"]], n["widgets_values"]))
@@ -175,6 +182,8 @@ def test_api_workflow_converts_and_runs_through_the_nodes(peer, flux_models):
         cls = PKG.NODE_CLASS_MAPPINGS[target]
         for k, v in meant.items():
             assert node["inputs"][k] == v, (nid, k)
+        if int(nid) in CLIP_NODES:
+            continue
         assert execution.validate_inputs(cls, node["inputs"]) == [], nid
         getattr(cls(), cls.FUNCTION)(**dict(node["inputs"], coordinator=peer.endpoint))
     # Links between nodes ([id, slot]) are untouched.
@@ -224,7 +233,7 @@ def test_fleet_convert_workflow_writes_what_the_module_computes(fleet_bin, tmp_p
     r = _fleet(fleet_bin, fixture, out)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text()) == wc.convert(_load(fixture))[0]
-    assert "converted 5 node(s), left 3 unconverted" in r.stdout
+    assert "converted 7 node(s), left 1 unconverted" in r.stdout
     r = _fleet(fleet_bin, fixture, out, "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == wc.convert(_load(fixture))[1]
 
@@ -325,3 +334,42 @@ def test_web_extension_is_served_and_calls_the_route():
     r = subprocess.run([node, "--input-type=module", "--check"], stdin=open(js),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_clip_loaders_and_their_gguf_variants_convert(tmp_path):
+    wf = {"nodes": [
+        {"id": 1, "type": "CLIPLoaderGGUFDisTorch2MultiGPU",
+         "widgets_values": ["umt5-xxl-Q8_0.gguf", "wan", "cuda:1", 2.0, "cpu", "", False]},
+        {"id": 2, "type": "DualCLIPLoaderGGUFDisTorch2MultiGPU",
+         "widgets_values": ["clip_l.safetensors", "t5-v1_1-xxl-Q8_0.gguf", "flux", "cuda:0",
+                            4.0, "cpu", "", True]},
+        {"id": 3, "type": "CLIPLoaderMultiGPU",
+         "widgets_values": ["umt5_xxl_fp16.safetensors", "wan", "cuda:1"]},
+        {"id": 4, "type": "TripleCLIPLoaderDisTorch2MultiGPU", "widgets_values": []}],
+        "links": []}
+    after, report = wc.convert(wf)
+    nodes = {n["id"]: n for n in after["nodes"]}
+    assert nodes[1]["type"] == "CLIPLoaderTensorfleet"
+    assert dict(zip(wc.TARGETS["CLIPLoaderTensorfleet"], nodes[1]["widgets_values"])) == {
+        "clip_name": "umt5-xxl-Q8_0.gguf", "type": "wan", "device": "cuda:1",
+        "virtual_vram_gb": 2.0, "donor_device": "cpu", "expert_mode_allocations": "",
+        "eject_models": False, "compute_dtype": "default", "keep_loaded": True, "mode": "auto",
+        "coordinator": ""}
+    assert nodes[2]["type"] == "DualCLIPLoaderTensorfleet"
+    assert dict(zip(wc.TARGETS["DualCLIPLoaderTensorfleet"],
+                    nodes[2]["widgets_values"]))["eject_models"] is True
+    plain = dict(zip(wc.TARGETS["CLIPLoaderTensorfleet"], nodes[3]["widgets_values"]))
+    assert (plain["device"], plain["virtual_vram_gb"]) == ("cuda:1", 0.0)
+    by_node = {e["node"]: e for e in report}
+    assert any("UMT5 GGUF text encoder" in n for n in by_node[1]["notes"])
+    assert not any("GGUF" in n for n in by_node[2]["notes"]), "T5 GGUFs run"
+    assert by_node[4]["to"] is None and "no Tensorfleet counterpart yet" in by_node[4]["reason"]
+    # The converted values pass ComfyUI's validation of the Tensorfleet node's inputs.
+    for name in ("umt5-xxl-Q8_0.gguf", "umt5_xxl_fp16.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    folder_paths.folder_names_and_paths["text_encoders"] = (
+        [str(tmp_path)], folder_paths.supported_pt_extensions)
+    cls = PKG.NODE_CLASS_MAPPINGS["CLIPLoaderTensorfleet"]
+    for nid in (1, 3):
+        kwargs = dict(zip(wc.TARGETS["CLIPLoaderTensorfleet"], nodes[nid]["widgets_values"]))
+        assert execution.validate_inputs(cls, kwargs) == [], nid

@@ -88,6 +88,24 @@ def t5_weights(*, umt5=False, dim=64, heads=4, head_dim=16, ffn=96, layers=3, vo
     return out
 
 
+_LLAMA_CPP_T5 = [  # ComfyUI-GGUF's T5_SD_MAP read backwards: our names -> llama.cpp's
+    ("encoder.final_layer_norm", "enc.output_norm"), ("shared", "token_embd"),
+    ("layer.0.SelfAttention.relative_attention_bias", "attn_rel_b"),
+    ("layer.0.SelfAttention.q", "attn_q"), ("layer.0.SelfAttention.k", "attn_k"),
+    ("layer.0.SelfAttention.v", "attn_v"), ("layer.0.SelfAttention.o", "attn_o"),
+    ("layer.0.layer_norm", "attn_norm"), ("layer.1.DenseReluDense.wi_1", "ffn_up"),
+    ("layer.1.DenseReluDense.wo", "ffn_down"), ("layer.1.DenseReluDense.wi_0", "ffn_gate"),
+    ("layer.1.layer_norm", "ffn_norm"), ("encoder.block.", "enc.blk."),
+]
+
+
+def llama_cpp_name(name):
+    """A T5 weight's name as llama.cpp's converter writes it ("enc.blk.0.attn_q.weight")."""
+    for ours, theirs in _LLAMA_CPP_T5:
+        name = name.replace(ours, theirs)
+    return name
+
+
 # ---- shared pieces ----
 
 def _w(weights, name):

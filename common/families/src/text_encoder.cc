@@ -174,7 +174,8 @@ class TextEncoder final : public Family {
       if (n.rfind("text_model.embeddings.", 0) == 0) return "embeddings";
       const int64_t i = BlockIndex(n, "text_model.encoder.layers");
       if (i >= 0) return "encoder.layers." + std::to_string(i);
-      if (n.rfind("text_model.final_layer_norm.", 0) == 0 || n == "text_projection.weight" ||
+      // (Prefix matches: a scaled-fp8 file adds `<layer>.scale_weight` beside each weight.)
+      if (n.rfind("text_model.final_layer_norm.", 0) == 0 || n.rfind("text_projection.", 0) == 0 ||
           n == "logit_scale") {
         return "final";
       }
@@ -252,10 +253,10 @@ class TextEncoder final : public Family {
   static StatusOr<Layout> DetectT5(const LayoutInput& in, const Builder& b) {
     Layout layout{"text-encoder", in.prefix, "", {}, {}};
     auto classify = [](const std::string& n) -> std::string {
-      if (n == "shared.weight" || n == "encoder.embed_tokens.weight") return "shared";
+      if (n.rfind("shared.", 0) == 0 || n.rfind("encoder.embed_tokens.", 0) == 0) return "shared";
       const int64_t i = BlockIndex(n, "encoder.block");
       if (i >= 0) return "encoder.block." + std::to_string(i);
-      if (n == "encoder.final_layer_norm.weight") return "encoder.final_layer_norm";
+      if (n.rfind("encoder.final_layer_norm.", 0) == 0) return "encoder.final_layer_norm";
       return "";
     };
     auto rank = [](const std::string& u) -> RankKey {

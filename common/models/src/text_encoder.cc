@@ -19,6 +19,7 @@
 #include <ATen/ops/log.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/minimum.h>
+#include <ATen/ops/nan_to_num.h>
 #include <ATen/ops/pow.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/rsqrt.h>
@@ -311,7 +312,9 @@ class TextEncoderModel final : public Model {
     } else {
       BlockWeights w(weights, "", dtype_, device);
       FLEET_ASSIGN_OR_RETURN(at::Tensor table, w.Get(c_.embedding, {c_.vocab, c_.dim}));
-      x = Embed(table, tokens);
+      // ComfyUI cleans an fp8 T5's embeddings (fp8 e4m3fn has NaN codes): NaN -> 0. Done for
+      // every T5 here; a float file with NaN in its embedding is the only case that differs.
+      x = at::nan_to_num(Embed(table, tokens));
     }
     for (const char* input : {"tokens", "attention_mask", "num_tokens", "layer"}) {
       state.erase(input);

@@ -1,8 +1,9 @@
 """Stand-in for ComfyUI's folder_paths.py: model folders by kind.
 
 Upstream: folder_paths.py (folder_names_and_paths, get_filename_list, get_full_path,
-get_full_path_or_raise). Tests point folder_names_and_paths["diffusion_models"] (and "loras",
-which LoraLoader reads) at a temp folder.
+get_full_path_or_raise, get_folder_paths). Tests point folder_names_and_paths["diffusion_models"]
+(and "loras", which LoraLoader reads, and "text_encoders", which the CLIP loaders read) at a
+temp folder.
 """
 
 import os
@@ -11,7 +12,13 @@ import os
 supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 
 folder_names_and_paths = {"diffusion_models": ([], supported_pt_extensions),
-                          "loras": ([], supported_pt_extensions)}
+                          "loras": ([], supported_pt_extensions),
+                          "text_encoders": ([], supported_pt_extensions),
+                          "embeddings": ([], supported_pt_extensions)}
+
+
+def get_folder_paths(folder_name):
+    return folder_names_and_paths[folder_name][0][:]
 
 
 def get_filename_list(folder_name):

@@ -20,8 +20,12 @@ of comfy.weight_adapter.adapters in order (a later match replaces an earlier one
 Left out: calculate_weight and the weight arithmetic (the cluster applies patches), the SD1/SDXL
 UNet diffusers mapping (comfy.utils.unet_to_diffusers: empty for a config without
 num_res_blocks, as Flux's and WAN's), the mappings of model classes the stand-in does not have
-(SD3, AuraFlow, HunyuanVideo, QwenImage, ...), and the CLIP mapping (model_lora_keys_clip
-returns key_map unchanged: the stand-in has no text encoders).
+(SD3, AuraFlow, HunyuanVideo, QwenImage, ...). model_lora_keys_clip maps, from the CLIP's
+cond_stage_model state dict: "text_encoders.<key without .weight>" for every weight; for
+clip_l's layers (LORA_CLIP_MAP) "lora_te_text_model_encoder_layers_N_<part>", "lora_te1_..."
+and diffusers' "text_encoder.text_model.encoder.layers.N.<part>"; for t5xxl's weights
+"lora_te{1,2,3}_<name with _>" (the index after the CLIPs present, OneTrainer); and
+"lora_te1_text_projection". Left out: the clip_g / clip_h / HunyuanDiT keys.
 """
 
 import logging
@@ -81,7 +85,54 @@ def load_lora(lora, to_load, log_missing=True):
     return patch_dict
 
 
+LORA_CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
 def model_lora_keys_clip(model, key_map={}):
+    sdk = model.state_dict().keys()
+    for k in sdk:
+        if k.endswith(".weight"):
+            key_map["text_encoders.{}".format(k[:-len(".weight")])] = k
+
+    text_model_lora_key = "lora_te_text_model_encoder_layers_{}_{}"
+    clip_l_present = False
+    clip_g_present = False
+    for b in range(32):
+        for c in LORA_CLIP_MAP:
+            k = "clip_l.transformer.text_model.encoder.layers.{}.{}.weight".format(b, c)
+            if k in sdk:
+                key_map[text_model_lora_key.format(b, LORA_CLIP_MAP[c])] = k
+                key_map["lora_te1_text_model_encoder_layers_{}_{}".format(
+                    b, LORA_CLIP_MAP[c])] = k
+                clip_l_present = True
+                key_map["text_encoder.text_model.encoder.layers.{}.{}".format(b, c)] = k
+            k = "clip_g.transformer.text_model.encoder.layers.{}.{}.weight".format(b, c)
+            if k in sdk:
+                clip_g_present = True
+
+    for k in sdk:
+        if k.endswith(".weight") and k.startswith("t5xxl.transformer."):
+            l_key = k[len("t5xxl.transformer."):-len(".weight")]
+            t5_index = 1
+            if clip_g_present:
+                t5_index += 1
+            if clip_l_present:
+                t5_index += 1
+                if t5_index == 2:
+                    key_map["lora_te{}_{}".format(t5_index, l_key.replace(".", "_"))] = k
+                    t5_index += 1
+            key_map["lora_te{}_{}".format(t5_index, l_key.replace(".", "_"))] = k
+
+    k = "clip_l.transformer.text_projection.weight"
+    if k in sdk:
+        key_map["lora_te1_text_projection"] = k
     return key_map
 
 

@@ -35,6 +35,9 @@ class ModelPatcher:
         self.parent = None
         self.callbacks = CallbacksMP.init_callbacks()
         self.hook_patches = {}
+        self.forced_hooks = None
+        self.is_clip = False
+        self.hook_mode = None
 
     def model_size(self):
         if self.size > 0:
@@ -53,6 +56,9 @@ class ModelPatcher:
         for k, c in self.callbacks.items():
             n.callbacks[k] = {k1: c1.copy() for k1, c1 in c.items()}
         n.hook_patches = {k: dict(v) for k, v in self.hook_patches.items()}
+        n.forced_hooks = self.forced_hooks
+        n.is_clip = self.is_clip
+        n.hook_mode = self.hook_mode
         return n
 
     def set_model_patch(self, patch, name):
