@@ -34,7 +34,6 @@ diffusion models do (tensorfleet_patches, tensorfleet_model._Runner).
 """
 
 import importlib
-import json
 import logging
 import numbers
 import struct
@@ -192,26 +191,6 @@ _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def _read_file(path):
-    """(header {name: {dtype, shape, data_offsets}}, data start) of a safetensors file, or
-    None when it is not readable as one."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                return None
-            (n,) = struct.unpack("<Q", raw)
-            if n > 256 << 20:
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    header.pop("__metadata__", None)
-    return {k: v for k, v in header.items() if isinstance(v, dict)}, 8 + n
-
-
 # ComfyUI-GGUF's T5_SD_MAP: llama.cpp's T5 names -> ComfyUI's (each replacement in order).
 _LLAMA_CPP_T5 = (("enc.", "encoder."), (".blk.", ".block."), ("token_embd", "shared"),
                  ("output_norm", "final_layer_norm"), ("attn_q", "layer.0.SelfAttention.q"),
@@ -324,7 +303,7 @@ def _describe(name):
         header = _read_gguf_names(path) if path else None
         read = None if header is None else (header, 0)
     else:
-        read = _read_file(path) if path else None
+        read = tensorfleet_model.read_safetensors_header_and_start(path) if path else None
     if read is None:
         _refuse("cannot read '%s' as a %s file in ComfyUI's %s folder (%s); the loader reads its "
                 "header to tell what kind of text encoder it is"

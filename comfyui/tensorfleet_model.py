@@ -67,6 +67,13 @@ class UnsupportedConditioningError(RuntimeError):
 
 def read_safetensors_header(path):
     """Returns {name: {"dtype", "shape"}} of a safetensors file (header only), or None."""
+    read = read_safetensors_header_and_start(path)
+    return None if read is None else read[0]
+
+
+def read_safetensors_header_and_start(path):
+    """(header {name: {dtype, shape, data_offsets}}, byte offset of the data) of a safetensors
+    file, or None when it is not readable as one."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -78,8 +85,10 @@ def read_safetensors_header(path):
             header = json.loads(f.read(n))
     except (OSError, ValueError):
         return None
+    if not isinstance(header, dict):
+        return None
     header.pop("__metadata__", None)
-    return {k: v for k, v in header.items() if isinstance(v, dict)}
+    return {k: v for k, v in header.items() if isinstance(v, dict)}, 8 + n
 
 
 def _find_key(value, key):

@@ -70,15 +70,25 @@ json ModelMetadata(const ModelInfo& m) {
       const bool clip = c.value("model_type", "") == "clip";
       const int64_t dim = c.value("dim", -1);
       inputs.push_back({{"name", "tokens"}, {"datatype", "INT64"}, {"shape", {-1, -1}}});
-      inputs.push_back({{"name", "attention_mask"}, {"datatype", "INT64"}, {"shape", {-1, -1}}, {"optional", true}});
-      if (clip) inputs.push_back({{"name", "num_tokens"}, {"datatype", "INT64"}, {"shape", {-1}}, {"optional", true}});
-      inputs.push_back({{"name", "layer"}, {"datatype", "INT64"}, {"shape", {1}}, {"optional", true}});
-      inputs.push_back({{"name", "layer_norm_hidden_state"}, {"datatype", "INT64"}, {"shape", {1}}, {"optional", true}});
+      inputs.push_back({{"name", "attention_mask"},
+                        {"datatype", "INT64"},
+                        {"shape", {-1, -1}},
+                        {"optional", true}});
+      if (clip)
+        inputs.push_back(
+            {{"name", "num_tokens"}, {"datatype", "INT64"}, {"shape", {-1}}, {"optional", true}});
+      inputs.push_back(
+          {{"name", "layer"}, {"datatype", "INT64"}, {"shape", {1}}, {"optional", true}});
+      inputs.push_back({{"name", "layer_norm_hidden_state"},
+                        {"datatype", "INT64"},
+                        {"shape", {1}},
+                        {"optional", true}});
       outputs.push_back({{"name", "out"}, {"datatype", "FP32"}, {"shape", {-1, -1, dim}}});
       if (clip) {
         outputs.push_back({{"name", "pooled"}, {"datatype", "FP32"}, {"shape", {-1, dim}}});
         if (c.value("projection", false)) {
-          outputs.push_back({{"name", "pooled_projected"}, {"datatype", "FP32"}, {"shape", {-1, dim}}});
+          outputs.push_back(
+              {{"name", "pooled_projected"}, {"datatype", "FP32"}, {"shape", {-1, dim}}});
         }
       }
     }

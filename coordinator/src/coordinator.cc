@@ -927,7 +927,8 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
       // Workers key weights as blocks ask for them: by name without the file's prefix.
       const std::string name = p.layout.WeightName(tn);
       if (formats::IsBlockQuantised(t->dtype)) {  // dequantised by the worker that loads it
-        refs.push_back({name, *protocol::ParseDType(p.compute_dtype), t->shape, t->offset, t->nbytes, "", t->dtype});
+        refs.push_back({name, *protocol::ParseDType(p.compute_dtype), t->shape, t->offset,
+                        t->nbytes, "", t->dtype});
         continue;
       }
       auto wire_dtype = protocol::ParseDType(t->dtype);

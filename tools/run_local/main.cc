@@ -35,7 +35,9 @@ int main(int argc, char** argv) {
   config::OptionSet set("fleet-run-local",
                         "Run a whole model in one process: fleet-run-local MODEL --inputs IN "
                         "--out OUT");
-  set.Add("inputs", &inputs, "Input tensors as safetensors (x, timestep, context, y, guidance; text encoders: tokens, attention_mask)");
+  set.Add("inputs", &inputs,
+          "Input tensors as safetensors (x, timestep, context, y, guidance; text encoders: tokens, "
+          "attention_mask)");
   set.Add("out", &out,
           "Where to write the outputs (safetensors): 'out', plus 'pooled' (and "
           "'pooled_projected') for CLIP text encoders");

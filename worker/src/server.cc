@@ -552,8 +552,7 @@ void WorkerServer::Impl::OnRequest(Frames frames, bool too_many_frames) {
           .Increment();
       ForgetConn(rid_key);
       SendError(frames[0], (*request)->id(),
-                ResourceExhaustedError("this worker has " +
-                                       std::to_string(config.max_connections) +
+                ResourceExhaustedError("this worker has " + std::to_string(config.max_connections) +
                                        " connections open (--max-connections); close one first"));
       return;
     }
@@ -678,8 +677,7 @@ void WorkerServer::Impl::DrainMonitor() {
       if (it != conn_by_fd.end()) ForgetConn(std::string(it->second));
       continue;
     }
-    FLEET_LOG(WARNING, "worker") << "refused a connection from " << (*event)[1].to_string()
-                                 << ": "
+    FLEET_LOG(WARNING, "worker") << "refused a connection from " << (*event)[1].to_string() << ": "
                                  << (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
                                          ? "authentication failed"
                                          : "CURVE handshake failed")

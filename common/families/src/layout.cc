@@ -52,7 +52,8 @@ constexpr std::pair<std::string_view, std::string_view> kLlamaCppT5[] = {
 
 std::string TranslateLlamaCppT5(std::string name) {
   for (const auto& [from, to] : kLlamaCppT5) {
-    for (size_t at = name.find(from); at != std::string::npos; at = name.find(from, at + to.size())) {
+    for (size_t at = name.find(from); at != std::string::npos;
+         at = name.find(from, at + to.size())) {
       name.replace(at, from.size(), to);
     }
   }
@@ -93,8 +94,9 @@ StatusOr<Layout> DetectLayout(const std::vector<formats::TensorInfo>& tensors,
     }
     FLEET_ASSIGN_OR_RETURN(Layout layout, DetectLayout(translated, metadata, where));
     if (layout.family != "text-encoder" || !layout.prefix.empty()) {
-      return InvalidArgumentError(where + ": llama.cpp T5 tensor names (enc.blk.N) that do not "
-                                          "make a T5 encoder");
+      return InvalidArgumentError(where +
+                                  ": llama.cpp T5 tensor names (enc.blk.N) that do not "
+                                  "make a T5 encoder");
     }
     for (auto& unit : layout.units) {
       for (auto& name : unit.tensors) {

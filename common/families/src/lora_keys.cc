@@ -216,7 +216,8 @@ void AddTextEncoder(const WeightShapes& weights, Aliases& aliases) {
     const std::vector<std::string_view> kohya =
         clip ? std::vector<std::string_view>{"lora_te_", "lora_te1_"}
              : std::vector<std::string_view>{"lora_te1_", "lora_te2_", "lora_te3_"};
-    for (std::string_view te : kohya) aliases.emplace(std::string(te) + Underscored(stem), Target{w});
+    for (std::string_view te : kohya)
+      aliases.emplace(std::string(te) + Underscored(stem), Target{w});
     if (clip) aliases.emplace("text_encoder." + stem, Target{w});
   }
 }

@@ -33,12 +33,13 @@ bool HasComponent(std::string_view name, std::string_view component) {
 // comfy/text_encoders/t5_config_xxl.json, umt5_config_xxl.json), accepted in a file's metadata
 // `config`. Keys that do not change the arithmetic are accepted and ignored.
 const std::vector<std::string_view> kClipKeys = {
-    "hidden_size",    "intermediate_size",       "num_attention_heads", "num_hidden_layers",
-    "vocab_size",     "max_position_embeddings", "hidden_act",          "eos_token_id",
-    "layer_norm_eps", "projection_dim",          "model_type",          "bos_token_id",
-    "pad_token_id",   "architectures",           "_name_or_path",       "torch_dtype",
-    "dropout",        "attention_dropout",       "initializer_factor",  "initializer_range",
-    "transformers_version"};
+    "hidden_size",        "intermediate_size", "num_attention_heads",
+    "num_hidden_layers",  "vocab_size",        "max_position_embeddings",
+    "hidden_act",         "eos_token_id",      "layer_norm_eps",
+    "projection_dim",     "model_type",        "bos_token_id",
+    "pad_token_id",       "architectures",     "_name_or_path",
+    "torch_dtype",        "dropout",           "attention_dropout",
+    "initializer_factor", "initializer_range", "transformers_version"};
 const std::vector<std::string_view> kT5Keys = {"d_model",
                                                "d_ff",
                                                "d_kv",
@@ -61,9 +62,9 @@ const std::vector<std::string_view> kT5Keys = {"d_model",
                                                "output_past",
                                                "tie_word_embeddings"};
 
-constexpr int64_t kClipHeadDim = 64;   // every released CLIP text model has 64-wide heads
+constexpr int64_t kClipHeadDim = 64;  // every released CLIP text model has 64-wide heads
 constexpr int64_t kClipEndToken = 49407;
-constexpr int64_t kT5Buckets = 32;     // relative_attention_num_buckets of every T5
+constexpr int64_t kT5Buckets = 32;  // relative_attention_num_buckets of every T5
 constexpr int64_t kT5MaxDistance = 128;
 
 // The anchors: CLIP's token embedding, T5's final norm (the token embedding is `shared` or,
@@ -147,8 +148,7 @@ class TextEncoder final : public Family {
   }
 
   // tokens [batch, length].
-  std::optional<InputSizes> SizesOf(std::string_view,
-                                    const InputShapes& shapes) const override {
+  std::optional<InputSizes> SizesOf(std::string_view, const InputShapes& shapes) const override {
     auto t = shapes.find("tokens");
     if (t == shapes.end() || t->second.size() != 2) return std::nullopt;
     InputSizes s;
@@ -193,14 +193,15 @@ class TextEncoder final : public Family {
     FLEET_ASSIGN_OR_RETURN(int64_t dim, b.Dim(std::string(kClipAnchor), 2, 1));
     FLEET_ASSIGN_OR_RETURN(int64_t positions,
                            b.Dim("text_model.embeddings.position_embedding.weight", 2, 0));
-    FLEET_ASSIGN_OR_RETURN(int64_t ffn,
-                           b.Dim("text_model.encoder.layers.0.mlp.fc1.weight", 2, 0));
+    FLEET_ASSIGN_OR_RETURN(int64_t ffn, b.Dim("text_model.encoder.layers.0.mlp.fc1.weight", 2, 0));
     FLEET_RETURN_IF_ERROR(b.Dim("text_model.final_layer_norm.weight", 1, 0).status());
     const bool projection = b.Get("text_projection.weight") != nullptr;
 
     FLEET_ASSIGN_OR_RETURN(nlohmann::json cfg, MetadataConfig(in, "clip", kClipKeys));
-    FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "hidden_size", 1, &dim, dim, std::string(kClipAnchor)));
-    FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "vocab_size", 1, &vocab, vocab, std::string(kClipAnchor)));
+    FLEET_RETURN_IF_ERROR(
+        OverrideInt(cfg, in, "hidden_size", 1, &dim, dim, std::string(kClipAnchor)));
+    FLEET_RETURN_IF_ERROR(
+        OverrideInt(cfg, in, "vocab_size", 1, &vocab, vocab, std::string(kClipAnchor)));
     FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "intermediate_size", 1, &ffn, ffn,
                                       "text_model.encoder.layers.0.mlp.fc1.weight"));
     FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "num_hidden_layers", 1, &layers, layers,
@@ -273,7 +274,8 @@ class TextEncoder final : public Family {
     FLEET_ASSIGN_OR_RETURN(int64_t dim, b.Dim(embedding, 2, 1));
     const std::string q = "encoder.block.0.layer.0.SelfAttention.q.weight";
     FLEET_ASSIGN_OR_RETURN(int64_t inner, b.Dim(q, 2, 0));
-    const std::string bias0 = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
+    const std::string bias0 =
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
     FLEET_ASSIGN_OR_RETURN(int64_t buckets, b.Dim(bias0, 2, 0));
     FLEET_ASSIGN_OR_RETURN(int64_t heads, b.Dim(bias0, 2, 1));
     if (buckets != kT5Buckets) {
@@ -281,11 +283,10 @@ class TextEncoder final : public Family {
                      " buckets, expected " + std::to_string(kT5Buckets));
     }
     bool gated = b.Get("encoder.block.0.layer.1.DenseReluDense.wi_0.weight") != nullptr;
-    FLEET_ASSIGN_OR_RETURN(
-        int64_t ffn,
-        b.Dim(std::string("encoder.block.0.layer.1.DenseReluDense.") + (gated ? "wi_0" : "wi") +
-                  ".weight",
-              2, 0));
+    FLEET_ASSIGN_OR_RETURN(int64_t ffn,
+                           b.Dim(std::string("encoder.block.0.layer.1.DenseReluDense.") +
+                                     (gated ? "wi_0" : "wi") + ".weight",
+                                 2, 0));
     // UMT5 has a relative position bias in every layer, T5 in the first only.
     const bool per_layer_bias =
         layers > 1 &&
@@ -300,10 +301,10 @@ class TextEncoder final : public Family {
                                     " is not t5 or umt5");
       }
       if ((t == "umt5") != per_layer_bias) {
-        return InvalidArgumentError(
-            in.where + ": metadata 'config' model_type " + t.dump() +
-            " contradicts the tensors: encoder.block.1 " +
-            (per_layer_bias ? "has" : "has no") + " relative_attention_bias (UMT5 has one per layer)");
+        return InvalidArgumentError(in.where + ": metadata 'config' model_type " + t.dump() +
+                                    " contradicts the tensors: encoder.block.1 " +
+                                    (per_layer_bias ? "has" : "has no") +
+                                    " relative_attention_bias (UMT5 has one per layer)");
       }
       type = t.get<std::string>();
     }
@@ -311,7 +312,8 @@ class TextEncoder final : public Family {
     FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "vocab_size", 1, &vocab, vocab, embedding));
     FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "num_heads", 1, &heads, heads, bias0));
     FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "d_ff", 1, &ffn, ffn, "DenseReluDense.wi"));
-    FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "num_layers", 1, &layers, layers, "encoder.block.N"));
+    FLEET_RETURN_IF_ERROR(
+        OverrideInt(cfg, in, "num_layers", 1, &layers, layers, "encoder.block.N"));
     FLEET_RETURN_IF_ERROR(OverrideBool(cfg, in, "is_gated_act", &gated, gated,
                                        "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"));
     if (inner % heads != 0) {
@@ -320,8 +322,9 @@ class TextEncoder final : public Family {
     }
     int64_t head_dim = inner / heads;
     FLEET_RETURN_IF_ERROR(OverrideInt(cfg, in, "d_kv", 1, &head_dim, head_dim, q + " / heads"));
-    for (const auto& [key, want] : {std::pair<const char*, int64_t>{"relative_attention_num_buckets", kT5Buckets},
-                                    {"relative_attention_max_distance", kT5MaxDistance}}) {
+    for (const auto& [key, want] :
+         {std::pair<const char*, int64_t>{"relative_attention_num_buckets", kT5Buckets},
+          {"relative_attention_max_distance", kT5MaxDistance}}) {
       if (cfg.contains(key) && cfg[key] != want) {
         return InvalidArgumentError(in.where + ": metadata 'config' " + key + " " +
                                     cfg[key].dump() + " is not " + std::to_string(want) +

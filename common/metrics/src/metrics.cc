@@ -179,21 +179,11 @@ std::pair<std::string, std::string> Entry(const prometheus::Family<T>& f) {
 }  // namespace
 
 std::vector<std::pair<std::string, std::string>> WorkerMetrics::Describe() const {
-  return {Entry(info),
-          Entry(capacity_bytes),
-          Entry(total_bytes),
-          Entry(resident_bytes),
-          Entry(blocks_resident),
-          Entry(activation_bytes),
-          Entry(patched_bytes),
-          Entry(shm_arena_bytes),
-          Entry(connections),
-          Entry(transfer_bytes),
-          Entry(transfer_duration),
-          Entry(block_compute_duration),
-          Entry(prefetch_stall),
-          Entry(block_loads),
-          Entry(load_bytes),
+  return {Entry(info),           Entry(capacity_bytes),    Entry(total_bytes),
+          Entry(resident_bytes), Entry(blocks_resident),   Entry(activation_bytes),
+          Entry(patched_bytes),  Entry(shm_arena_bytes),   Entry(connections),
+          Entry(transfer_bytes), Entry(transfer_duration), Entry(block_compute_duration),
+          Entry(prefetch_stall), Entry(block_loads),       Entry(load_bytes),
           Entry(requests)};
 }
 

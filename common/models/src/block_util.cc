@@ -241,7 +241,8 @@ at::Tensor ScaledDotAttention(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t b = q.size(0), h = q.size(1), tq = q.size(2), tk = k.size(2), d = q.size(3);
 #if FLEET_HAS_SDPA
   if (q.is_cuda()) {
-    return at::scaled_dot_product_attention(q, k, v, mask.defined() ? mask.to(q.scalar_type()) : mask)
+    return at::scaled_dot_product_attention(q, k, v,
+                                            mask.defined() ? mask.to(q.scalar_type()) : mask)
         .permute({0, 2, 1, 3})
         .reshape({b, tq, -1});
   }

@@ -10,8 +10,8 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/abs.h>
-#include <ATen/ops/argmax.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/gelu.h>
@@ -38,7 +38,7 @@
 namespace fleet::models::internal {
 namespace {
 
-constexpr int64_t kBuckets = 32;      // T5's relative_attention_num_buckets
+constexpr int64_t kBuckets = 32;       // T5's relative_attention_num_buckets
 constexpr int64_t kMaxDistance = 128;  // and relative_attention_max_distance
 
 struct TextConfig {
@@ -141,27 +141,27 @@ at::Tensor RelativeBuckets(int64_t length, at::Device device) {
   const int64_t half = kBuckets / 2, exact = half / 2;
   at::Tensor buckets = rel.gt(0).to(at::kLong) * half;
   rel = at::abs(rel);
-  at::Tensor large =
-      (at::log(rel.to(at::kFloat) / static_cast<double>(exact)) /
-           std::log(static_cast<double>(kMaxDistance) / static_cast<double>(exact)) *
-           static_cast<double>(half - exact))
-          .to(at::kLong) +
-      exact;
+  at::Tensor large = (at::log(rel.to(at::kFloat) / static_cast<double>(exact)) /
+                      std::log(static_cast<double>(kMaxDistance) / static_cast<double>(exact)) *
+                      static_cast<double>(half - exact))
+                         .to(at::kLong) +
+                     exact;
   large = at::minimum(large, at::full_like(large, half - 1));
   return buckets + at::where(rel.lt(exact), rel, large);
 }
 
 class TextEncoderModel final : public Model {
  public:
-  TextEncoderModel(TextConfig config, at::ScalarType dtype)
-      : c_(std::move(config)), dtype_(dtype) {
+  TextEncoderModel(TextConfig config, at::ScalarType dtype) : c_(std::move(config)), dtype_(dtype) {
     if (c_.clip()) {
       names_.push_back("embeddings");
-      for (int64_t i = 0; i < c_.layers; ++i) names_.push_back("encoder.layers." + std::to_string(i));
+      for (int64_t i = 0; i < c_.layers; ++i)
+        names_.push_back("encoder.layers." + std::to_string(i));
       names_.push_back("final");
     } else {
       names_.push_back("shared");
-      for (int64_t i = 0; i < c_.layers; ++i) names_.push_back("encoder.block." + std::to_string(i));
+      for (int64_t i = 0; i < c_.layers; ++i)
+        names_.push_back("encoder.block." + std::to_string(i));
       names_.push_back("encoder.final_layer_norm");
     }
   }
@@ -244,10 +244,9 @@ class TextEncoderModel final : public Model {
     if (it == state.end() || !it->second.defined()) return std::optional<int64_t>();
     const at::Tensor& t = it->second;
     if (t.numel() != 1 || at::isFloatingType(t.scalar_type())) {
-      return InvalidArgumentError("state '" + std::string(name) + "' has shape " +
-                                  ShapeString(t.sizes()) + " and dtype " +
-                                  std::string(DtypeName(t.scalar_type())) +
-                                  ", expected one integer");
+      return InvalidArgumentError(
+          "state '" + std::string(name) + "' has shape " + ShapeString(t.sizes()) + " and dtype " +
+          std::string(DtypeName(t.scalar_type())) + ", expected one integer");
     }
     return std::optional<int64_t>(t.to(at::kCPU).to(at::kLong).item<int64_t>());
   }
@@ -281,9 +280,9 @@ class TextEncoderModel final : public Model {
     if (auto m = state.find("attention_mask"); m != state.end() && m->second.defined()) {
       const at::Tensor& am = m->second;
       if (am.dim() != 2 || am.size(0) != b || am.size(1) != l || am.device() != device) {
-        return InvalidArgumentError("state 'attention_mask' has shape " +
-                                    ShapeString(am.sizes()) + ", expected [" + std::to_string(b) +
-                                    ", " + std::to_string(l) + "] like 'tokens'");
+        return InvalidArgumentError("state 'attention_mask' has shape " + ShapeString(am.sizes()) +
+                                    ", expected [" + std::to_string(b) + ", " + std::to_string(l) +
+                                    "] like 'tokens'");
       }
       mask = PaddingMask(am);
     }
@@ -327,7 +326,8 @@ class TextEncoderModel final : public Model {
                                 at::TensorOptions().dtype(at::kLong));
     }
     if (norm) {
-      state["layer_norm_hidden_state"] = at::full({1}, *norm ? 1 : 0, at::TensorOptions().dtype(at::kLong));
+      state["layer_norm_hidden_state"] =
+          at::full({1}, *norm ? 1 : 0, at::TensorOptions().dtype(at::kLong));
     }
     return Status::OK();
   }
@@ -337,11 +337,10 @@ class TextEncoderModel final : public Model {
     if (!bad.any().item<bool>()) return Status::OK();
     const int64_t flat = at::argmax(bad.reshape({-1}).to(at::kInt)).item<int64_t>();
     const int64_t row = flat / tokens.size(1), col = flat % tokens.size(1);
-    return InvalidArgumentError("state 'tokens' holds id " +
-                                std::to_string(tokens[row][col].item<int64_t>()) + " at [" +
-                                std::to_string(row) + ", " + std::to_string(col) +
-                                "], outside the vocabulary of " + std::to_string(c_.vocab) +
-                                " tokens");
+    return InvalidArgumentError(
+        "state 'tokens' holds id " + std::to_string(tokens[row][col].item<int64_t>()) + " at [" +
+        std::to_string(row) + ", " + std::to_string(col) + "], outside the vocabulary of " +
+        std::to_string(c_.vocab) + " tokens");
   }
 
   // CLIP's pooled position per row: num_tokens - 1 when given (ComfyUI passes it), else the
@@ -443,8 +442,8 @@ class TextEncoderModel final : public Model {
       bias = PositionBias(table, l);
       if (c_.type == "t5") state["position_bias"] = bias;
     } else {
-      FLEET_ASSIGN_OR_RETURN(bias, FindActivation(state, "position_bias",
-                                                  {1, c_.heads, l, l}, at::kFloat));
+      FLEET_ASSIGN_OR_RETURN(
+          bias, FindActivation(state, "position_bias", {1, c_.heads, l, l}, at::kFloat));
     }
     at::Tensor attn_mask = mask.defined() ? mask + bias : bias;
 
@@ -465,8 +464,10 @@ class TextEncoderModel final : public Model {
     h = T5Norm(x, n1);
     at::Tensor f;
     if (c_.gated) {
-      FLEET_ASSIGN_OR_RETURN(at::Tensor g, Projection(w, "1.DenseReluDense.wi_0", c_.ffn, d, false, h));
-      FLEET_ASSIGN_OR_RETURN(at::Tensor u, Projection(w, "1.DenseReluDense.wi_1", c_.ffn, d, false, h));
+      FLEET_ASSIGN_OR_RETURN(at::Tensor g,
+                             Projection(w, "1.DenseReluDense.wi_0", c_.ffn, d, false, h));
+      FLEET_ASSIGN_OR_RETURN(at::Tensor u,
+                             Projection(w, "1.DenseReluDense.wi_1", c_.ffn, d, false, h));
       f = FfnActivation(g) * u;
     } else {
       FLEET_ASSIGN_OR_RETURN(f, Projection(w, "1.DenseReluDense.wi", c_.ffn, d, false, h));
@@ -516,7 +517,8 @@ class TextEncoderModel final : public Model {
     }
     at::Tensor out = x;
     if (auto it = state.find("intermediate"); it != state.end()) {
-      FLEET_ASSIGN_OR_RETURN(std::optional<int64_t> n, ScalarInput(state, "layer_norm_hidden_state"));
+      FLEET_ASSIGN_OR_RETURN(std::optional<int64_t> n,
+                             ScalarInput(state, "layer_norm_hidden_state"));
       out = n.value_or(1) ? norm(it->second) : it->second;
     }
     state.clear();

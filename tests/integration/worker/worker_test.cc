@@ -141,6 +141,15 @@ std::unique_ptr<WorkerClient> ConnectTo(const WorkerProcess& w, ClientOptions o 
   return c.ok() ? std::move(*c) : nullptr;
 }
 
+// The value of one series of the worker's /metrics (-1 when it is not there).
+double MetricValue(const WorkerProcess& w, const std::string& series) {
+  auto text = HttpGet(w.metrics(), "/metrics");
+  EXPECT_TRUE(text.ok());
+  const std::string key = series + " ";
+  const auto at = text.ok() ? text->find(key) : std::string::npos;
+  return at == std::string::npos ? -1.0 : std::stod(text->substr(at + key.size()));
+}
+
 HostTensor Input(int rows, std::vector<double>* as_double = nullptr) {
   std::vector<float> x(rows * kDim);
   std::mt19937 rng(11);
@@ -309,11 +318,7 @@ TEST(Worker, PatchedCopiesAreKeptWhileThereIsRoomAndGivenBackToLoads) {
     return std::make_pair(x, y.ok() ? *y : std::vector<float>{});
   };
   auto patched_bytes = [&] {
-    auto text = HttpGet(w->metrics(), "/metrics");
-    EXPECT_TRUE(text.ok());
-    const std::string key = "fleet_worker_patched_bytes{device=\"cuda:3\",model=\"toy\"} ";
-    const auto at = text->find(key);
-    return at == std::string::npos ? -1.0 : std::stod(text->substr(at + key.size()));
+    return MetricValue(*w, "fleet_worker_patched_bytes{device=\"cuda:3\",model=\"toy\"}");
   };
 
   const auto [x1, computed] = run("j1", "s1");
@@ -640,13 +645,7 @@ TEST(Worker, ClosedConnectionsLeaveTheTableAndEstablishedOnesStay) {
   ASSERT_TRUE(w);
   auto established = ConnectTo(*w);
   ASSERT_TRUE(established);
-  auto connections = [&] {
-    auto text = HttpGet(w->metrics(), "/metrics");
-    EXPECT_TRUE(text.ok());
-    const std::string key = "fleet_worker_connections{device=\"cuda:3\"} ";
-    const auto at = text->find(key);
-    return at == std::string::npos ? -1.0 : std::stod(text->substr(at + key.size()));
-  };
+  auto connections = [&] { return MetricValue(*w, "fleet_worker_connections{device=\"cuda:3\"}"); };
   auto settles_at = [&](double want) {
     for (int i = 0; i < 100 && connections() != want; ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));

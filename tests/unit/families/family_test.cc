@@ -183,8 +183,7 @@ TEST(TextEncoderFamilyTest, ClipT5AndUmt5AreToldApartByTheirKeys) {
   auto clip = DetectLayout(TextEncoderKeys("clip"), {}, "clip_l.safetensors");
   ASSERT_TRUE(clip.ok()) << clip.status();
   EXPECT_EQ(clip->family, "text-encoder");
-  EXPECT_EQ(Config(*clip),
-            nlohmann::json::parse(R"({"model_type":"clip","dim":768,"ffn_dim":3072,
+  EXPECT_EQ(Config(*clip), nlohmann::json::parse(R"({"model_type":"clip","dim":768,"ffn_dim":3072,
                 "num_heads":12,"num_layers":12,"vocab_size":49408,"max_positions":77,
                 "activation":"quick_gelu","eps":1e-5,"eos_token_id":49407,"projection":true})"));
   ASSERT_EQ(clip->units.size(), 14u);
@@ -240,7 +239,8 @@ TEST(TextEncoderFamilyTest, LlamaCppT5NamesAreTranslatedAsComfyUIGGUFDoes) {
       {"encoder.block.", "enc.blk."}};
   for (auto& t : keys) {
     for (const auto& [ours, theirs] : back) {
-      if (auto at = t.name.find(ours); at != std::string::npos) t.name.replace(at, ours.size(), theirs);
+      if (auto at = t.name.find(ours); at != std::string::npos)
+        t.name.replace(at, ours.size(), theirs);
     }
   }
   auto layout = DetectLayout(keys, {{"general.architecture", "t5encoder"}}, "umt5-Q8_0.gguf");
@@ -276,9 +276,9 @@ TEST(TextEncoderFamilyTest, MetadataConfigIsComfysAndMustAgreeWithTheShapes) {
                         "relative_attention_bias"));
   EXPECT_THAT(Error(DetectLayout(t5, {{"config", R"({"num_heads": 32})"}}, "t5")),
               HasSubstr("num_heads = 32 contradicts the tensors"));
-  EXPECT_THAT(Error(DetectLayout(t5, {{"config", R"({"relative_attention_max_distance": 64})"}},
-                                 "t5")),
-              HasSubstr("relative_attention_max_distance 64 is not 128"));
+  EXPECT_THAT(
+      Error(DetectLayout(t5, {{"config", R"({"relative_attention_max_distance": 64})"}}, "t5")),
+      HasSubstr("relative_attention_max_distance 64 is not 128"));
   EXPECT_THAT(Error(DetectLayout(t5, {{"config", R"({"hidden_size": 4096})"}}, "t5")),
               HasSubstr("has key 'hidden_size', which t5 does not know"));
   auto clip = TextEncoderKeys("clip");

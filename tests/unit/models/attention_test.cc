@@ -50,8 +50,8 @@ TEST(Attention, AnAdditiveMaskIsAddedToEveryChunksLogits) {
   at::Tensor bias = at::randn({1, 3, 9, 9});
   at::Tensor whole = ScaledDotAttention(q, k, v, /*max_rows=*/9, mask + bias);
   at::Tensor p = at::softmax(at::matmul(q, k.transpose(-1, -2)) / std::sqrt(8.0) + mask + bias, -1);
-  EXPECT_TRUE(at::allclose(whole, at::matmul(p, v).permute({0, 2, 1, 3}).reshape({2, 9, -1}),
-                           1e-5, 1e-6));
+  EXPECT_TRUE(
+      at::allclose(whole, at::matmul(p, v).permute({0, 2, 1, 3}).reshape({2, 9, -1}), 1e-5, 1e-6));
   for (int64_t rows : {1, 4}) {
     EXPECT_TRUE(at::allclose(ScaledDotAttention(q, k, v, rows, mask + bias), whole, 1e-6, 1e-6));
   }
@@ -61,9 +61,9 @@ TEST(Attention, AnAdditiveMaskIsAddedToEveryChunksLogits) {
   EXPECT_TRUE(at::equal(ScaledDotAttention(q, k, v2, 9, mask).select(0, 1),
                         ScaledDotAttention(q, k, v, 9, mask).select(0, 1)));
   // A mask of one row broadcasts over the queries.
-  EXPECT_TRUE(at::allclose(ScaledDotAttention(q, k, v, 4, bias.narrow(-2, 0, 1)),
-                           ScaledDotAttention(q, k, v, 9, bias.narrow(-2, 0, 1).expand({1, 3, 9, 9})),
-                           1e-6, 1e-6));
+  EXPECT_TRUE(at::allclose(
+      ScaledDotAttention(q, k, v, 4, bias.narrow(-2, 0, 1)),
+      ScaledDotAttention(q, k, v, 9, bias.narrow(-2, 0, 1).expand({1, 3, 9, 9})), 1e-6, 1e-6));
 }
 
 TEST(Attention, KeepsTheValuesDtype) {
