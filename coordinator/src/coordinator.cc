@@ -6,6 +6,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -186,6 +187,14 @@ std::string Fnv1aHex(std::string_view text) {
   return out;
 }
 
+// Eight random hex digits naming this coordinator process.
+std::string RandomInstance() {
+  std::random_device rd;
+  char out[9];
+  std::snprintf(out, sizeof(out), "%08x", static_cast<unsigned>(rd()));
+  return out;
+}
+
 struct Coordinator::Impl {
   Coordinator* self = nullptr;
   transport::CurveConfig curve;
@@ -194,6 +203,10 @@ struct Coordinator::Impl {
   mutable std::mutex mu;
   std::map<std::string, std::shared_ptr<LoadedModel>> models;  // guarded by mu
   uint64_t next_job = 1;                                        // guarded by mu
+  // Job ids are "<model>#<instance>-<n>": a restarted coordinator never names a job as its
+  // predecessor did, so workers (which refuse a dropped job's id) and stale tensors of an old
+  // job never meet a new one.
+  const std::string instance = RandomInstance();
 
   // Link cost measurements for the auto schedule, guarded by costs_mu.
   mutable std::mutex costs_mu;
@@ -1144,7 +1157,7 @@ StatusOr<ForwardResult> Coordinator::ForwardLoaded(const ForwardRequest& request
     }
     ++m->active;
     m->last_used = Clock::now();
-    job = request.model + "#" + std::to_string(impl_->next_job++);
+    job = request.model + "#" + impl_->instance + "-" + std::to_string(impl_->next_job++);
     if (!request.run_id.empty()) {
       run_cached = std::find(m->runs.begin(), m->runs.end(), request.run_id) != m->runs.end();
     }

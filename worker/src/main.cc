@@ -105,6 +105,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   c.max_connections = static_cast<size_t>(o.max_connections);
+  if (o.job_ttl.value.count() <= 0) {
+    std::fprintf(stderr, "fleet-worker: --job-ttl must be positive\n");
+    return 2;
+  }
+  c.job_ttl = o.job_ttl.value;
   c.threads = static_cast<int>(o.threads);
   c.compute_threads = static_cast<int>(o.compute_threads);
   auto curve = fleet::transport::LoadCurveConfig(o.curve_secret_key_file, o.curve_server_key_file);

@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <unordered_set>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -241,7 +242,11 @@ struct WorkerServer::Impl {
   static constexpr uint64_t kMaxLoraBytes = 16ull << 30;  // the tensors of one patch set
   struct Job {
     models::TensorMap tensors;
+    Clock::time_point touched = Clock::now();  // the last request that used it
   };
+  // Remembered dropped job ids, so a RunBlocks that finishes after DropJob (or a late
+  // PutTensors) cannot bring a job back.
+  static constexpr size_t kDroppedJobsKept = 4096;
   struct Lease {
     std::string model, block;
     Clock::time_point created;
@@ -302,6 +307,9 @@ struct WorkerServer::Impl {
   std::map<std::string, ModelEntry> models_;
   std::map<std::string, Job> jobs;
   std::map<std::string, models::TensorMap> runs;  // run id -> run-constant tensors
+  std::map<std::string, Clock::time_point> run_touched;  // run id -> its last use
+  std::unordered_set<std::string> dropped_jobs;          // the last kDroppedJobsKept dropped
+  std::deque<std::string> dropped_order;
   std::map<uint64_t, Lease> leases;
   uint64_t next_lease = 1;
   uint64_t resident = 0;
@@ -383,6 +391,39 @@ struct WorkerServer::Impl {
   void UpdateActivationGaugeLocked() {
     m->activation_bytes.Add({{"device", config.id}})
         .Set(static_cast<double>(ActivationBytesLocked()));
+  }
+  Status DroppedJobError(const std::string& job) const {
+    return FailedPreconditionError("job '" + job + "' was dropped on " + config.id +
+                                   " (DropJob); job ids are not reused");
+  }
+  // Drops jobs and run constants untouched for config.job_ttl: what a client that died
+  // mid-job, or a sampling run that never ended, left behind.
+  void ExpireIdleLocked(Clock::time_point now) {
+    size_t expired_jobs = 0, expired_runs = 0;
+    for (auto it = jobs.begin(); it != jobs.end();) {
+      if (now - it->second.touched < config.job_ttl) {
+        ++it;
+        continue;
+      }
+      it = jobs.erase(it);
+      ++expired_jobs;
+    }
+    for (auto it = run_touched.begin(); it != run_touched.end();) {
+      if (now - it->second < config.job_ttl) {
+        ++it;
+        continue;
+      }
+      runs.erase(it->first);
+      it = run_touched.erase(it);
+      ++expired_runs;
+    }
+    if (expired_jobs + expired_runs == 0) return;
+    FLEET_LOG(INFO, "worker") << "dropped " << expired_jobs << " job(s) and " << expired_runs
+                              << " run(s) untouched for "
+                              << std::chrono::duration_cast<std::chrono::seconds>(config.job_ttl)
+                                     .count()
+                              << " s (--job-ttl)";
+    UpdateActivationGaugeLocked();
   }
   // Forgets patched copies: of the weights in `names` (a block leaving), or all (names null).
   void DropPatchedLocked(const std::string& model, const models::WeightStore* names = nullptr) {
@@ -621,8 +662,14 @@ void WorkerServer::Impl::OnRequest(Frames frames, bool too_many_frames) {
 
 void WorkerServer::Impl::IoLoop() {
   bool accepting = true;
+  auto next_sweep = Clock::now();
   while (true) {
     if (stop && accepting) accepting = false;
+    if (const auto now = Clock::now(); now >= next_sweep) {
+      std::lock_guard<std::mutex> lock(mu);
+      ExpireIdleLocked(now);
+      next_sweep = now + std::chrono::seconds(1);
+    }
     if (!accepting && in_flight == 0) break;
     zmq::pollitem_t items[] = {{replies_pull.handle(), 0, ZMQ_POLLIN, 0},
                                {monitor.handle(), 0, ZMQ_POLLIN, 0},
@@ -1285,7 +1332,10 @@ Status WorkerServer::Impl::HandlePutTensors(Task& task, const wire::PutTensorsRe
   uint64_t bytes = 0;
   {
     std::lock_guard<std::mutex> lock(mu);
+    if (dropped_jobs.count(job) != 0) return DroppedJobError(job);
     Job& j = jobs[job];
+    j.touched = Clock::now();
+    if (!constant.empty()) run_touched[run_id] = j.touched;
     for (auto& [name, t] : tensors) {
       bytes += internal::TensorBytes(t);
       if (device.is_cuda()) t = t.to(device);
@@ -1440,10 +1490,12 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
     if (j == jobs.end())
       return NotFoundError("job '" + job + "' has no tensors on " + config.id +
                            " (PutTensors first)");
+    j->second.touched = Clock::now();
     state = j->second.tensors;
     if (!run_id.empty()) {
       auto run = runs.find(run_id);
       if (run != runs.end()) {
+        run_touched[run_id] = j->second.touched;
         for (const auto& [n, t] : run->second) {
           if (state.emplace(n, t).second) from_cache.insert(n);
         }
@@ -1643,7 +1695,12 @@ Status WorkerServer::Impl::HandleRunBlocks(Task& task, const wire::RunBlocksRequ
   FLEET_RETURN_IF_ERROR(status.WithContext("RunBlocks of job '" + job + "'"));
   {
     std::lock_guard<std::mutex> lock(mu);
+    if (dropped_jobs.count(job) != 0) {
+      return CancelledError("job '" + job + "' was dropped while its RunBlocks ran on " +
+                            config.id + "; the results are discarded");
+    }
     Job& j = jobs[job];
+    j.touched = Clock::now();
     for (auto& [name, t] : state) {
       if (from_cache.count(name) != 0 && runs.count(run_id) != 0) {
         auto c = runs[run_id].find(name);
@@ -1783,7 +1840,15 @@ Status WorkerServer::Impl::HandleReleaseWeights(Task& task, const wire::ReleaseW
 Status WorkerServer::Impl::HandleDropJob(Task& task, const wire::DropJobRequest& r, Frames& out) {
   {
     std::lock_guard<std::mutex> lock(mu);
-    jobs.erase(Str(r.job()));  // idempotent: dropping an unknown job is fine
+    const std::string job = Str(r.job());
+    jobs.erase(job);  // idempotent: dropping an unknown job is fine
+    if (dropped_jobs.insert(job).second) {
+      dropped_order.push_back(job);
+      if (dropped_order.size() > kDroppedJobsKept) {
+        dropped_jobs.erase(dropped_order.front());
+        dropped_order.pop_front();
+      }
+    }
     UpdateActivationGaugeLocked();
   }
   return Ack(task, out);
@@ -1793,6 +1858,7 @@ Status WorkerServer::Impl::HandleEndRun(Task& task, const wire::EndRunRequest& r
   {
     std::lock_guard<std::mutex> lock(mu);
     runs.erase(Str(r.run_id()));
+    run_touched.erase(Str(r.run_id()));
     UpdateActivationGaugeLocked();
   }
   return Ack(task, out);

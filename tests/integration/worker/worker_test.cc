@@ -677,6 +677,37 @@ TEST(Worker, ClosedConnectionsLeaveTheTableAndEstablishedOnesStay) {
   EXPECT_TRUE(ConnectTo(*w)) << "room again once connections closed";
 }
 
+// Jobs and run constants a client left behind are dropped after --job-ttl, and a dropped job's
+// id cannot be brought back (a RunBlocks finishing after DropJob used to recreate its job).
+TEST(Worker, IdleJobsExpireAndDroppedJobsStayDropped) {
+  auto w = StartWorker({"--id", "cuda:3", "--capacity", "1mb", "--job-ttl", "1s"});
+  ASSERT_TRUE(w);
+  auto c = ConnectTo(*w);
+  ASSERT_TRUE(c);
+  auto activations = [&] { return MetricValue(*w, "fleet_worker_activation_bytes{device=\"cuda:3\"}"); };
+  ASSERT_TRUE(c->PutTensors("left-behind", {Input(3)}, "run-1", {"x"}).ok());
+  EXPECT_GT(activations(), 0);
+  for (int i = 0; i < 100 && activations() != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(activations(), 0) << "the job and its run constant expired";
+  EXPECT_EQ(c->GetTensors("left-behind", {"x"}).status().code(), StatusCode::kNotFound);
+
+  // A job in use stays: every request touches it.
+  ASSERT_TRUE(c->PutTensors("busy", {Input(3)}).ok());
+  for (int i = 0; i < 6; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    ASSERT_TRUE(c->PutTensors("busy", {Input(3)}).ok()) << i;
+  }
+  EXPECT_TRUE(c->GetTensors("busy", {"x"}).ok());
+
+  ASSERT_TRUE(c->DropJob("busy").ok());
+  Status late = c->PutTensors("busy", {Input(3)});
+  EXPECT_EQ(late.code(), StatusCode::kFailedPrecondition) << late;
+  EXPECT_NE(late.message().find("was dropped"), std::string_view::npos) << late;
+  EXPECT_EQ(c->GetTensors("busy", {"x"}).status().code(), StatusCode::kNotFound);
+}
+
 TEST(Worker, SurvivesGarbageAndKeepsServing) {
   auto w = StartWorker({"--id", "cuda:3", "--capacity", "1mb", "--max-message-bytes", "1mb"});
   ASSERT_TRUE(w);

@@ -46,6 +46,7 @@ struct WorkerConfig {
   std::set<std::string> curve_authorized;  // empty with CURVE on = {curve.public_key}
   uint64_t max_message_bytes = 8ull << 30;
   size_t max_connections = 100000;  // greeted connections kept; closed ones leave the table
+  std::chrono::milliseconds job_ttl{std::chrono::minutes(10)};  // idle jobs and runs dropped
   int threads = 4;
   int compute_threads = 2;
 };
