@@ -1,5 +1,6 @@
 #include "fleet/coordinator/registry.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "fleet/log/log.h"
@@ -65,6 +66,11 @@ StatusOr<std::unique_ptr<WorkerRegistry>> WorkerRegistry::Start(const RegistryOp
     r->workers_[rec.device] = rec;
   }
   r->thread_ = std::thread([p = r.get()] { p->Loop(); });
+  if (r->probe_) {
+    for (const auto& endpoint : options.static_workers) {
+      r->probe_threads_.emplace_back([p = r.get(), endpoint] { p->ProbeLoop(endpoint); });
+    }
+  }
   return r;
 }
 
@@ -73,11 +79,12 @@ WorkerRegistry::~WorkerRegistry() { Stop(); }
 void WorkerRegistry::Stop() {
   if (stop_.exchange(true)) return;
   if (thread_.joinable()) thread_.join();
+  for (auto& t : probe_threads_) t.join();
+  probe_threads_.clear();
   socket_.reset();
 }
 
 void WorkerRegistry::Loop() {
-  auto next_poll = Clock::now();
   while (!stop_.load()) {
     if (socket_) {
       zmq::pollitem_t item{socket_->handle(), 0, ZMQ_POLLIN, 0};
@@ -96,10 +103,6 @@ void WorkerRegistry::Loop() {
       }
     } else {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    if (Clock::now() >= next_poll) {
-      PollStatic();
-      next_poll = Clock::now() + options_.poll_interval;
     }
     CheckTimeouts();
   }
@@ -209,40 +212,44 @@ void WorkerRegistry::Upsert(WorkerRecord rec, const std::string& identity) {
   if (listener_) listener_(rec);
 }
 
-void WorkerRegistry::PollStatic() {
-  if (!probe_) return;
-  std::vector<std::pair<std::string, std::string>> statics;  // key, endpoint
-  {
-    std::lock_guard lock(mu_);
-    for (const auto& [key, w] : workers_) {
-      if (!w.registered) statics.emplace_back(key, w.endpoint);
+// Each static worker is probed on a thread of its own, so neither a dead one (whose probe waits
+// out its timeout) nor a slow one delays the others' answers or the register endpoint's
+// heartbeats: either would make healthy workers look down.
+void WorkerRegistry::ProbeLoop(const std::string& endpoint) {
+  while (!stop_.load()) {
+    const auto next = Clock::now() + options_.poll_interval;
+    FileProbe(endpoint, probe_(endpoint));
+    while (!stop_.load() && Clock::now() < next) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   }
-  for (const auto& [key, endpoint] : statics) {
-    auto answer = probe_(endpoint);
-    std::unique_lock lock(mu_);
-    auto it = workers_.find(key);
-    if (it == workers_.end()) continue;
-    if (!answer.ok()) continue;  // the timeout check marks it down
-    WorkerRecord rec = *answer;
-    rec.endpoint = endpoint;
-    rec.registered = false;
-    rec.last_seen = Clock::now();
-    bool came_up = !it->second.up;
-    const bool restarted = !it->second.instance.empty() && rec.instance != it->second.instance;
-    rec.generation = it->second.generation && !restarted ? it->second.generation : next_generation_++;
-    rec.up = true;
-    if (rec.device != key) {  // first answer: file it under its real device id
-      workers_.erase(it);
-    }
-    workers_[rec.device] = rec;
-    lock.unlock();
-    changed_.notify_all();
-    if (came_up || restarted) {
-      FLEET_LOG(INFO, "registry") << "static worker " << rec.device << " at " << endpoint << " is up"
-                                  << (restarted ? " after a restart" : "");
-      if (listener_) listener_(rec);
-    }
+}
+
+void WorkerRegistry::FileProbe(const std::string& endpoint, StatusOr<WorkerRecord> answer) {
+  if (!answer.ok()) return;  // the timeout check marks it down
+  std::unique_lock lock(mu_);
+  auto it = std::find_if(workers_.begin(), workers_.end(), [&](const auto& entry) {
+    return !entry.second.registered && entry.second.endpoint == endpoint;
+  });
+  if (it == workers_.end()) return;
+  WorkerRecord rec = *answer;
+  rec.endpoint = endpoint;
+  rec.registered = false;
+  rec.last_seen = Clock::now();
+  bool came_up = !it->second.up;
+  const bool restarted = !it->second.instance.empty() && rec.instance != it->second.instance;
+  rec.generation = it->second.generation && !restarted ? it->second.generation : next_generation_++;
+  rec.up = true;
+  if (rec.device != it->first) {  // first answer: file it under its real device id
+    workers_.erase(it);
+  }
+  workers_[rec.device] = rec;
+  lock.unlock();
+  changed_.notify_all();
+  if (came_up || restarted) {
+    FLEET_LOG(INFO, "registry") << "static worker " << rec.device << " at " << endpoint << " is up"
+                                << (restarted ? " after a restart" : "");
+    if (listener_) listener_(rec);
   }
 }
 

@@ -109,5 +109,47 @@ TEST(WorkerRegistry, AStaticWorkerThatRestartedIsNoticed) {
   EXPECT_NE(GenerationOf(**registry, "cuda:2", g1), g1);
 }
 
+// A static worker that stops answering (its probe waits out a long timeout) delays neither the
+// other static workers' answers nor the registered workers' heartbeats: before, one probe after
+// another ran on the registry thread, and healthy workers were marked down meanwhile.
+TEST(WorkerRegistry, ADeadStaticWorkerDoesNotMakeHealthyOnesLookDown) {
+  RegistryOptions o;
+  o.register_listen = "tcp://127.0.0.1:*";
+  o.static_workers = {"tcp://127.0.0.1:5003", "tcp://127.0.0.1:5004"};
+  o.poll_interval = 20ms;
+  o.heartbeat_timeout = 400ms;
+  auto probe = [&](const std::string& endpoint) -> StatusOr<WorkerRecord> {
+    if (endpoint.ends_with("5003")) {  // hangs, then fails, as a stopped process does
+      std::this_thread::sleep_for(1500ms);
+      return DeadlineExceededError("no answer from " + endpoint);
+    }
+    WorkerRecord rec;
+    rec.device = "cuda:4";
+    rec.endpoint = endpoint;
+    rec.instance = "live";
+    return rec;
+  };
+  auto registry = WorkerRegistry::Start(o, probe, nullptr);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  WorkerRegistry& r = **registry;
+  FakeWorkerConnection registered(r.register_endpoint());
+  registered.Register("cuda:5", "tcp://127.0.0.1:5005", "reg");
+  ASSERT_NE(GenerationOf(r, "cuda:4"), 0u);
+  ASSERT_NE(GenerationOf(r, "cuda:5"), 0u);
+  // Two dead-probe rounds: the live static worker stays up throughout, and a registered worker
+  // re-registering (as its heartbeats do) is heard at once.
+  const auto end = std::chrono::steady_clock::now() + 3s;
+  int samples = 0;
+  while (std::chrono::steady_clock::now() < end) {
+    auto live = r.Get("cuda:4");
+    ASSERT_TRUE(live.ok()) << "after " << samples << " samples: " << live.status();
+    registered.Register("cuda:5", "tcp://127.0.0.1:5005", "reg");
+    ++samples;
+    std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_TRUE(r.Get("cuda:5").ok());
+  EXPECT_FALSE(r.Get("?tcp://127.0.0.1:5003").ok()) << "the dead one is down";
+}
+
 }  // namespace
 }  // namespace fleet::coordinator

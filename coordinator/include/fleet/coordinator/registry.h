@@ -2,7 +2,8 @@
 //
 // Workers started with --coordinator register themselves on the register endpoint (a ZeroMQ
 // ROUTER) and send heartbeats; workers named with --worker are polled instead (the registry asks
-// them for Stats at the heartbeat interval). A worker silent for longer than the heartbeat timeout
+// each for Stats at the poll interval on a thread of its own, so a dead or slow one delays
+// neither the others nor the heartbeats). A worker silent for longer than the heartbeat timeout
 // is marked down: jobs that need it fail at once with an error naming it, instead of hanging.
 // A worker that comes back (same device id) is marked up again; if it restarted, it lost its
 // blocks, which `generation` tells the model manager.
@@ -61,12 +62,14 @@ struct RegistryOptions {
 };
 
 /// How the registry asks a static worker for its state: returns a filled record (device,
-/// backing, sizes, models) or an error when the worker does not answer.
+/// backing, sizes, models) or an error when the worker does not answer. Called for every static
+/// worker on a thread of its own, so it must be thread-safe and bound its own time.
 using StatsProbe = std::function<StatusOr<WorkerRecord>(const std::string& endpoint)>;
 
 class WorkerRegistry {
  public:
-  /// Called (on the registry thread) when a worker goes down or comes back.
+  /// Called when a worker goes down or comes back: on the registry thread, or for a static
+  /// worker on the thread that probed it (so possibly concurrently).
   using Listener = std::function<void(const WorkerRecord& record)>;
 
   static StatusOr<std::unique_ptr<WorkerRegistry>> Start(const RegistryOptions& options,
@@ -93,7 +96,8 @@ class WorkerRegistry {
   void HandleEvent(const std::string& identity, transport::Frames& frames);
   void Upsert(WorkerRecord record, const std::string& identity);
   void CheckTimeouts();
-  void PollStatic();
+  void ProbeLoop(const std::string& endpoint);
+  void FileProbe(const std::string& endpoint, StatusOr<WorkerRecord> answer);
 
   const RegistryOptions options_;
   const StatsProbe probe_;
@@ -101,6 +105,7 @@ class WorkerRegistry {
   std::string register_endpoint_;
   std::unique_ptr<zmq::socket_t> socket_;  // used by the registry thread only
   std::thread thread_;
+  std::vector<std::thread> probe_threads_;  // one per static worker (ProbeLoop)
   std::atomic<bool> stop_{false};
 
   mutable std::mutex mu_;
