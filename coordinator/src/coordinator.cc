@@ -634,6 +634,31 @@ struct Coordinator::Impl {
     return i;
   }
 
+  // Evicts, from every worker up, the models this coordinator does not know: a previous
+  // coordinator process loaded them (this one restarted). Done before a load, so the room the
+  // plan counts as free really is, and a reload under the same name does not meet AlreadyExists.
+  void EvictOrphans() {
+    for (const auto& w : self->registry().Snapshot()) {
+      if (!w.up) continue;
+      auto link = Link(w.device);
+      if (!link.ok()) continue;
+      auto stats = (*link)->Stats();
+      if (!stats.ok()) continue;  // the load reports a worker that does not answer
+      for (const auto& held : stats->models) {
+        {
+          std::lock_guard lock(mu);
+          if (models.count(held.model) != 0) continue;
+        }
+        Status s = (*link)->EvictModel(held.model);
+        FLEET_LOG(INFO, "models") << "evicted '" << held.model << "' (" << held.resident_bytes
+                                  << " bytes) from " << w.device
+                                  << ": no model of this coordinator owns it (left by a previous "
+                                     "coordinator process)"
+                                  << (s.ok() ? "" : ": " + s.ToString());
+      }
+    }
+  }
+
   void EvictEverywhere(const LoadedModel& m) {
     std::set<std::string> devices;
     for (const auto& a : m.plan.assignments) devices.insert(a.device.ToString());
@@ -950,6 +975,7 @@ StatusOr<ModelInfo> Coordinator::LoadModel(const std::string& requested_name, co
     }
   }
 
+  impl_->EvictOrphans();
   std::vector<std::string> evicted;
   {
     std::unique_lock lock(impl_->mu);

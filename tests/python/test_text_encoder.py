@@ -409,3 +409,37 @@ def test_scaled_fp8_text_encoders_run_scaled_and_bit_identical_in_a_cluster(clus
             expert_mode_allocations="cuda:0,30%;cuda:1,40%;cpu,*", eject_models=False))
         assert _same_bits(torch.as_tensor(c.forward(info.name, x)["out"]), want)
         c.unload_model(info.name)
+
+
+def test_a_restarted_coordinator_reloads_what_its_predecessor_left_on_the_workers(tmp_path):
+    """The coordinator restarts while the workers keep the blocks it had loaded: the new one
+    evicts what none of its models owns before it loads, so loading the same model again
+    succeeds (it failed with AlreadyExists) and computes what it computed before."""
+    import conftest_client
+    import shutil
+    import signal
+    _, missing = cluster_binaries()
+    if missing:
+        pytest.skip("end-to-end tests need %s (build them first)" % ", ".join(missing))
+    root = str(tmp_path / "models")
+    os.makedirs(root)
+    c = conftest_client.Cluster(root)
+    try:
+        path = _model(root, "t5")
+        x = {"tokens": _tokens("t5", 1, 12, 61)[0]}
+        spec = tf.ModelSpec(os.path.basename(path), compute_device="cuda:0", mode="pipeline",
+                            expert_mode_allocations="cuda:0,30%;cuda:1,40%;cpu,*")
+        with tf.Client(c.address) as client:
+            name = client.load_model(spec).name
+            want = torch.as_tensor(client.forward(name, x)["out"])
+        c.coordinator.send_signal(signal.SIGKILL)
+        c.coordinator.wait(10)
+        c.start_coordinator(port=c.port)  # the workers stay, with the blocks
+        c.wait_ready()
+        with tf.Client(c.address) as client:
+            assert client.list_models() == []
+            assert client.load_model(spec).name == name
+            assert _same_bits(torch.as_tensor(client.forward(name, x)["out"]), want)
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
