@@ -757,8 +757,16 @@ void Coordinator::UpdateGauges() {
     if (w.device.rfind("?", 0) == 0) continue;  // a static worker that never answered
     ++workers;
     metrics_->worker_up.Add({{"worker", w.endpoint}, {"device", w.device}}).Set(w.up ? 1 : 0);
+    // At 0 from the device's first registration, so increase() sees the first conflict.
+    metrics_->register_conflicts.Add({{"device", w.device}});
   }
   metrics_->workers.Add({}).Set(workers);
+  for (const auto& [device, refused] : registry_->RegisterConflicts()) {
+    auto& counter = metrics_->register_conflicts.Add({{"device", device}});
+    if (static_cast<double>(refused) > counter.Value()) {
+      counter.Increment(static_cast<double>(refused) - counter.Value());
+    }
+  }
   std::lock_guard lock(impl_->mu);
   for (const auto& [name, m] : impl_->models) {
     metrics_->model_loaded.Add({{"model", name}}).Set(m->state == ModelState::kReady ? 1 : 0);

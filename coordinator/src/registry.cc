@@ -182,6 +182,24 @@ void WorkerRegistry::Upsert(WorkerRecord rec, const std::string& identity) {
       auto old = identity_device_.find(identity);
       restarted = old == identity_device_.end() || it->second.endpoint != rec.endpoint;
     }
+    // Another process claims a device id that is up, heard from within the heartbeat timeout,
+    // at another endpoint: two live workers with one id (two nodes' cuda:0). Taking over would
+    // fail every model on the first; refuse until the first goes quiet (a worker that really
+    // restarted on a new port is accepted at its next re-register, once the old one timed out).
+    if (restarted && it->second.up && it->second.endpoint != rec.endpoint &&
+        Clock::now() - it->second.last_seen < options_.heartbeat_timeout) {
+      const uint64_t n = ++conflicts_[rec.device];
+      const WorkerRecord held = it->second;
+      lock.unlock();
+      FLEET_LOG(ERROR, "registry")
+          << "refused a Register for device " << rec.device << " from " << rec.endpoint
+          << " (instance " << rec.instance << "): " << rec.device << " is up at " << held.endpoint
+          << " (instance " << held.instance
+          << "). Device ids must be unique in a cluster; give the workers of each node their "
+             "own ids ("
+          << n << " refused so far)";
+      return;
+    }
     if (!restarted && it->second.up) {
       // A periodic re-register of a live worker, maybe on a new connection: its heartbeats
       // come from this identity now.
@@ -251,6 +269,11 @@ void WorkerRegistry::FileProbe(const std::string& endpoint, StatusOr<WorkerRecor
                                 << (restarted ? " after a restart" : "");
     if (listener_) listener_(rec);
   }
+}
+
+std::map<std::string, uint64_t> WorkerRegistry::RegisterConflicts() const {
+  std::lock_guard lock(mu_);
+  return conflicts_;
 }
 
 void WorkerRegistry::CheckTimeouts() {

@@ -116,6 +116,11 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
                     .Register(r)),
       workers(
           BuildGauge().Name("fleet_coordinator_workers").Help("Registered workers").Register(r)),
+      register_conflicts(BuildCounter()
+                             .Name("fleet_coordinator_register_conflicts_total")
+                             .Help("Registers refused because another live worker has the "
+                                   "device id")
+                             .Register(r)),
       queue_depth(BuildGauge()
                       .Name("fleet_coordinator_queue_depth")
                       .Help("Jobs waiting in the bounded queue")
@@ -191,6 +196,7 @@ std::vector<std::pair<std::string, std::string>> CoordinatorMetrics::Describe() 
   return {Entry(info),
           Entry(worker_up),
           Entry(workers),
+          Entry(register_conflicts),
           Entry(queue_depth),
           Entry(queue_capacity),
           Entry(jobs),

@@ -77,6 +77,39 @@ TEST(WorkerRegistry, AReconnectKeepsTheGenerationARestartBumpsIt) {
   EXPECT_NE(GenerationOf(r, "cuda:1", g1), g1);
 }
 
+// Two live workers with one device id (two Kubernetes nodes' cuda:0): the second is refused
+// and counted, instead of taking the id over and failing the first one's models; once the first
+// has gone quiet, the same Register is a restart and is accepted.
+TEST(WorkerRegistry, ADeviceIdUpElsewhereIsRefusedNotTakenOver) {
+  RegistryOptions o;
+  o.register_listen = "tcp://127.0.0.1:*";
+  o.heartbeat_timeout = 600ms;
+  auto registry = WorkerRegistry::Start(o, nullptr, nullptr);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+  WorkerRegistry& r = **registry;
+  FakeWorkerConnection node_a(r.register_endpoint());
+  node_a.Register("cuda:0", "tcp://10.0.0.1:7001", "aaaa");
+  const uint64_t g1 = GenerationOf(r, "cuda:0");
+  ASSERT_NE(g1, 0u);
+
+  FakeWorkerConnection node_b(r.register_endpoint());
+  node_b.Register("cuda:0", "tcp://10.0.0.2:7001", "bbbb");
+  for (int i = 0; i < 100 && r.RegisterConflicts()["cuda:0"] == 0; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(r.RegisterConflicts()["cuda:0"], 1u);
+  auto held = r.Get("cuda:0");
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ(held->endpoint, "tcp://10.0.0.1:7001");
+  EXPECT_EQ(held->generation, g1) << "the first worker's models stay valid";
+
+  // Node A stops (no more heartbeats); after the timeout B's periodic re-register wins.
+  std::this_thread::sleep_for(800ms);
+  node_b.Register("cuda:0", "tcp://10.0.0.2:7001", "bbbb");
+  EXPECT_NE(GenerationOf(r, "cuda:0", g1), g1);
+  EXPECT_EQ(r.Get("cuda:0")->endpoint, "tcp://10.0.0.2:7001");
+}
+
 TEST(WorkerRegistry, AStaticWorkerThatRestartedIsNoticed) {
   RegistryOptions o;
   o.static_workers = {"tcp://127.0.0.1:5002"};

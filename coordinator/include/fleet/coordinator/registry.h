@@ -80,6 +80,9 @@ class WorkerRegistry {
   std::string register_endpoint() const { return register_endpoint_; }
 
   std::vector<WorkerRecord> Snapshot() const;
+  /// Registers refused so far because the device id was up under another live worker, by
+  /// device id.
+  std::map<std::string, uint64_t> RegisterConflicts() const;
   /// The record of `device`: NotFound when unknown, Unavailable when down (naming how long it has
   /// been silent).
   StatusOr<WorkerRecord> Get(const std::string& device) const;
@@ -113,6 +116,7 @@ class WorkerRegistry {
   std::map<std::string, WorkerRecord> workers_;         // by device; guarded by mu_
   std::map<std::string, std::string> identity_device_;  // ROUTER identity -> device; guarded by mu_
   uint64_t next_generation_ = 1;                        // guarded by mu_
+  std::map<std::string, uint64_t> conflicts_;           // device -> refused; guarded by mu_
 };
 
 }  // namespace fleet::coordinator

@@ -63,6 +63,7 @@ struct CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>& info;       // version
   prometheus::Family<prometheus::Gauge>& worker_up;  // worker, device
   prometheus::Family<prometheus::Gauge>& workers;
+  prometheus::Family<prometheus::Counter>& register_conflicts;  // device
   prometheus::Family<prometheus::Gauge>& queue_depth;
   prometheus::Family<prometheus::Gauge>& queue_capacity;
   prometheus::Family<prometheus::Counter>& jobs;                   // type, outcome
