@@ -629,7 +629,7 @@ class CLIPLoaderTensorfleet:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "clip_name": (nodes._diffusion_models(folder=FOLDER),),
+                "clip_name": (nodes._model_files(folder=FOLDER),),
                 "type": (CLIP_LOADER_TYPES,),
             },
             "optional": dict(_clip_distorch_inputs(), **nodes._extra_inputs(sizes=False)),
@@ -654,7 +654,7 @@ class CLIPLoaderTensorfleet:
 class DualCLIPLoaderTensorfleet:
     @classmethod
     def INPUT_TYPES(cls):
-        names = nodes._diffusion_models(folder=FOLDER)
+        names = nodes._model_files(folder=FOLDER)
         return {
             "required": {
                 "clip_name1": (names,),

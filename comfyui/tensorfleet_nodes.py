@@ -164,11 +164,10 @@ def check_devices(address, compute_device, donor_device, virtual_vram_gb, expert
                 "cluster has %s" % (name, device, address, ", ".join(have)), "Plan")
 
 
-def _diffusion_models(gguf_only=False, folder="diffusion_models"):
+def _model_files(gguf_only=False, folder="diffusion_models"):
     """Model files under ComfyUI's `folder` folders (diffusion_models; text_encoders for the
     CLIP loaders), GGUF included: ComfyUI lists no .gguf there (ComfyUI-GGUF adds a folder kind
-    of its own); the cluster runs GGUF diffusion models (GGUF text encoders are refused when
-    loaded, by name)."""
+    of its own), and the cluster runs GGUF diffusion models and T5 encoders."""
     import folder_paths  # noqa: PLC0415 - ComfyUI module
 
     names = set() if gguf_only else set(folder_paths.get_filename_list(folder))
@@ -362,7 +361,7 @@ class UNETLoaderTensorfleet:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "unet_name": (_diffusion_models(),),
+                "unet_name": (_model_files(),),
                 "weight_dtype": (WEIGHT_DTYPES,),
             },
             "optional": dict(_distorch_inputs(), **_extra_inputs()),
@@ -386,7 +385,7 @@ class UnetLoaderGGUFTensorfleet:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"unet_name": (_diffusion_models(gguf_only=True),)},
+            "required": {"unet_name": (_model_files(gguf_only=True),)},
             "optional": dict(_distorch_inputs(), **_extra_inputs()),
         }
 
@@ -409,7 +408,7 @@ class UnetLoaderGGUFAdvancedTensorfleet:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "unet_name": (_diffusion_models(gguf_only=True),),
+                "unet_name": (_model_files(gguf_only=True),),
                 "dequant_dtype": (GGUF_DTYPES, {"default": "default"}),
                 "patch_dtype": (GGUF_DTYPES, {"default": "default"}),
                 "patch_on_device": ("BOOLEAN", {"default": False}),
@@ -438,7 +437,7 @@ class TensorfleetPlan:
     @classmethod
     def INPUT_TYPES(cls):
         extra = _extra_inputs(compute_dtype=False)
-        return {"required": {"unet_name": (_diffusion_models(),)},
+        return {"required": {"unet_name": (_model_files(),)},
                 "optional": dict(_distorch_inputs(), **extra)}
 
     RETURN_TYPES = ("STRING", "STRING", "IMAGE")
