@@ -89,7 +89,10 @@ StatusOr<Layout> DetectLayout(const std::vector<formats::TensorInfo>& tensors,
     std::map<std::string, std::string> original;
     for (auto& t : translated) {
       std::string name = TranslateLlamaCppT5(t.name);
-      original[name] = t.name;
+      if (!original.emplace(name, t.name).second) {
+        return InvalidArgumentError(where + ": tensors '" + original[name] + "' and '" + t.name +
+                                    "' both translate to '" + name + "' (llama.cpp T5 names)");
+      }
       t.name = std::move(name);
     }
     FLEET_ASSIGN_OR_RETURN(Layout layout, DetectLayout(translated, metadata, where));

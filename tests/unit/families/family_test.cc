@@ -256,6 +256,12 @@ TEST(TextEncoderFamilyTest, LlamaCppT5NamesAreTranslatedAsComfyUIGGUFDoes) {
   EXPECT_EQ(layout->WeightName("enc.output_norm.weight"), "encoder.final_layer_norm.weight");
   EXPECT_EQ(layout->units[1].name, "encoder.block.0");
   EXPECT_EQ(layout->units[1].tensors.front().rfind("enc.blk.0.", 0), 0u) << "file names";
+  // Two names that translate to one weight are refused, not one of them dropped.
+  keys.push_back(keys.back());
+  keys.back().name = "enc.blk.0.layer.0.SelfAttention.q.weight";
+  keys.push_back(keys.back());
+  keys.back().name = "enc.blk.0.attn_q.weight";
+  EXPECT_THAT(Error(DetectLayout(keys, {}, "dup.gguf")), HasSubstr("both translate to"));
   // Other files: the name without the prefix.
   auto clip = DetectLayout(TextEncoderKeys("clip", "cond_stage_model.transformer."), {}, "c");
   ASSERT_TRUE(clip.ok()) << clip.status();
